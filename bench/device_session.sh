@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call: build for sm_90a, run the GPU tests, the main job and the benchmark.
+# Usage on the GPU machine, from the repo root:  bash bench/device_session.sh [bench args...]
+# Logs go to $OUT (or ./device_logs). The XLA FFI headers of the oldest supported jaxlib are
+# taken from .ffi_headers/include when present (carried with the call), so the handler that
+# is tested is the one that loads on every supported jaxlib.
+set -uo pipefail
+OUT=${OUT:-$PWD/device_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .ffi_headers/include ]; then
+  export JAX_SPARSEK_XLA_FFI_INCLUDE=$PWD/.ffi_headers/include
+fi
+export JAX_SPARSEK_CUDA_ARCHS=${JAX_SPARSEK_CUDA_ARCHS:-90a}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
+  | tee "$OUT/gpu.txt"
+start=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "build took $(( $(date +%s) - start )) s"
+grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20
+python3 -c "import jax_sparsek, json; print(jax_sparsek.__file__, json.dumps(jax_sparsek.build_info()))" 2>&1 | tail -1
+
+python3 -m pytest -q -x --durations=10 tests 2>&1 | tee "$OUT/tests.log" | tail -40
+# Outside the source tree, so that the installed package (with its kernels) is imported.
+(cd /tmp && python3 -m jax_sparsek) 2>&1 | tee "$OUT/main_job.log" | tail -20
+if [ "$#" -gt 0 ]; then
+  python3 bench/benchmark.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi

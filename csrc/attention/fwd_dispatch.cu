@@ -1,0 +1,84 @@
+// attention_fwd(): checks the parameters, then picks the kernel for the dtype and head dim.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "runtime/cuda_check.h"
+#include "runtime/debug_flags.h"
+#include "sparsek_api.h"
+
+namespace sparsek {
+
+template <int kHeadDim, typename Element>
+std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream);
+
+namespace {
+
+std::string check_params(const AttentionFwdParams& p) {
+  if (!p.q || !p.k || !p.v || !p.o || !p.lse) return "a q, k, v, o or lse pointer is null";
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0 ||
+      p.heads_kv <= 0) {
+    return "batch, sequence lengths and head counts must be positive";
+  }
+  if (p.heads_q % p.heads_kv != 0) return "heads_q must be a multiple of heads_kv";
+  if (p.heads_q > 65535) return "heads_q must be at most 65535";
+  if (p.head_dim % 8 != 0 || p.head_dim < 8 || p.head_dim > 256) {
+    return "head_dim must be a multiple of 8 between 8 and 256, got " +
+           std::to_string(p.head_dim);
+  }
+  // Positions are 32-bit inside the kernel.
+  constexpr int64_t kMaxSeqLen = (int64_t{1} << 31) - 1024;
+  if (p.seqlen_q > kMaxSeqLen || p.seqlen_k > kMaxSeqLen || p.window > kMaxSeqLen) {
+    return "sequence lengths and window must be below 2^31 - 1024";
+  }
+  if (p.window < 0) return "window must be >= 0";
+  return {};
+}
+
+bool is_contiguous(const AttentionFwdParams& p) {
+  return p.o_head_stride == p.head_dim && p.o_row_stride == p.heads_q * p.head_dim &&
+         p.o_batch_stride == p.seqlen_q * p.o_row_stride;
+}
+
+// Fills O and LSE with NaN bytes so that tests can tell an element the kernel did not write.
+std::string poison_outputs(const AttentionFwdParams& p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
+  if (is_contiguous(p)) {
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.o, 0xFF, rows * p.head_dim * 2, stream));
+  }
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.lse, 0xFF, rows * sizeof(float), stream));
+  return {};
+}
+
+template <typename Element>
+std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) {
+  if (p.head_dim <= 64) return run_attention_fwd<64, Element>(p, stream);
+  if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
+  return run_attention_fwd<256, Element>(p, stream);
+}
+
+}  // namespace
+
+std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {
+  if (std::string error = check_params(p); !error.empty()) return error;
+  if (p.device >= 0) {
+    int current = -1;
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&current));
+    if (current != p.device) SPARSEK_RETURN_IF_CUDA_ERROR(cudaSetDevice(p.device));
+  }
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (poison_outputs_requested()) {
+    if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
+  }
+  switch (p.dtype) {
+    case DType::kFloat16:
+      return dispatch_head_dim<__half>(p, stream);
+    case DType::kBFloat16:
+      return dispatch_head_dim<__nv_bfloat16>(p, stream);
+  }
+  return "unsupported dtype";
+}
+
+}  // namespace sparsek

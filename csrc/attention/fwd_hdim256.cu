@@ -1,0 +1,4 @@
+// Forward kernels for head dims up to 256, float16 and bfloat16.
+#include "attention/fwd_launch.cuh"
+
+SPARSEK_INSTANTIATE_FWD(256);

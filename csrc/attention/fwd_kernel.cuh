@@ -1,0 +1,120 @@
+// The attention forward kernel (FlashAttention-2 schedule on mma.sync): one CTA per
+// (query tile, query head, batch). Q stays in shared memory; K and V tiles stream through one
+// buffer each, the load of one overlapping the product with the other.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/epilogue.cuh"
+#include "attention/key_visit.cuh"
+#include "attention/online_softmax.cuh"
+#include "attention/params.h"
+#include "attention/smem_tile.cuh"
+#include "attention/tile_mma.cuh"
+
+namespace sparsek {
+
+template <typename Cfg, typename Element>
+__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
+    attention_fwd_kernel(const __grid_constant__ AttentionFwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  Element* sQ = reinterpret_cast<Element*>(smem);
+  Element* sK = sQ + Cfg::kSmemQElems;
+  Element* sV = sK + Cfg::kSmemKVElems;
+
+  // Query tiles in reverse order: under causal masking the last tiles carry the most keys,
+  // and starting them first shortens the tail of the grid.
+  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  const int head = blockIdx.y;
+  const int64_t batch = blockIdx.z;
+  const int kv_head = head / static_cast<int>(p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row0 = m_block * Cfg::kBlockM;
+  const int warp_row0 = row0 + warp * Cfg::kWarpRows;
+  const int head_dim = static_cast<int>(p.head_dim);
+
+  const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
+                     head * p.q_head_stride;
+  const Element* k = static_cast<const Element*>(p.k) + batch * p.k_batch_stride +
+                     kv_head * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
+                     kv_head * p.v_head_stride;
+
+  const DenseKeyVisit<Cfg::kBlockM, Cfg::kBlockN> visit(p, row0);
+  OnlineSoftmax<Cfg::kMTiles> softmax;
+  float acc_o[Cfg::kMTiles][Cfg::kNTilesO][4];
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < Cfg::kNTilesO; ++dt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc_o[mt][dt][r] = 0.f;
+    }
+  }
+  const float scale_log2 = p.scale * 1.44269504088896340736f;
+
+  if (!visit.empty()) {
+    int n = visit.tile_end - 1;
+    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads>(sQ, q, p.q_row_stride, row0,
+                                                                 p.seqlen_q, head_dim);
+    load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+        sK, k, p.k_row_stride, int64_t{n} * Cfg::kBlockN, p.seqlen_k, head_dim);
+    sm80::cp_async_commit();
+
+    for (; n >= visit.tile_begin; --n) {
+      // K(n) has landed, and every warp is done with V(n + 1): V(n) may overwrite it.
+      sm80::cp_async_wait<0>();
+      __syncthreads();
+      load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+          sV, v, p.v_row_stride, int64_t{n} * Cfg::kBlockN, p.seqlen_k, head_dim);
+      sm80::cp_async_commit();
+
+      float s[Cfg::kMTiles][Cfg::kNTilesS][4];
+      scores_qk<Cfg>(s, sQ, sK, warp, lane);
+      // Scale before masking: a negative scale must not turn a hidden -inf into +inf.
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
+        }
+      }
+      if (visit.tile_needs_mask(n)) {
+#pragma unroll
+        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const int row = warp_row0 + mt * 16 + (lane >> 2) + 8 * (r >> 1);
+              const int key = n * Cfg::kBlockN + nt * 8 + (lane & 3) * 2 + (r & 1);
+              if (!visit.visible(row, key)) s[mt][nt][r] = -INFINITY;
+            }
+          }
+        }
+      }
+      softmax.update(s, acc_o);
+
+      // V(n) has landed, and every warp is done with K(n): K(n - 1) may overwrite it.
+      sm80::cp_async_wait<0>();
+      __syncthreads();
+      if (n > visit.tile_begin) {
+        load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+            sK, k, p.k_row_stride, int64_t{n - 1} * Cfg::kBlockN, p.seqlen_k, head_dim);
+        sm80::cp_async_commit();
+      }
+      accumulate_pv<Cfg>(acc_o, s, sV, lane);
+    }
+  }
+
+  float inv_sum[Cfg::kMTiles][2], lse[Cfg::kMTiles][2];
+  softmax.finalize(inv_sum, lse);
+  Element* o = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  float* lse_row0 = p.lse + (batch * p.heads_q + head) * p.seqlen_q;
+  store_output<Cfg>(acc_o, inv_sum, lse, o, p.o_row_stride, lse_row0, warp_row0,
+                    static_cast<int>(p.seqlen_q), head_dim, lane);
+}
+
+}  // namespace sparsek

@@ -1,0 +1,50 @@
+// Launching one instantiation of the forward kernel. Included only by the fwd_hdim*.cu files,
+// each of which instantiates one padded head dim (so they compile in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "attention/fwd_kernel.cuh"
+#include "attention/tile_config.h"
+#include "runtime/cuda_check.h"
+
+namespace sparsek {
+
+template <int kHeadDim, typename Element>
+std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
+  using Cfg = typename FwdTileSizes<kHeadDim>::Config;
+  auto kernel = attention_fwd_kernel<Cfg, Element>;
+  constexpr int kSmemBytes = Cfg::kSmemBytes;
+  if (kSmemBytes > 48 * 1024) {
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  }
+  const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  // gridDim.z is at most 65535: larger batches go in several launches.
+  constexpr int64_t kMaxBatchPerLaunch = 65535;
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
+    AttentionFwdParams chunk = p;
+    chunk.batch = std::min(kMaxBatchPerLaunch, p.batch - b0);
+    chunk.q = static_cast<const Element*>(p.q) + b0 * p.q_batch_stride;
+    chunk.k = static_cast<const Element*>(p.k) + b0 * p.k_batch_stride;
+    chunk.v = static_cast<const Element*>(p.v) + b0 * p.v_batch_stride;
+    chunk.o = static_cast<Element*>(p.o) + b0 * p.o_batch_stride;
+    chunk.lse = p.lse + b0 * p.heads_q * p.seqlen_q;
+    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
+                    static_cast<unsigned>(chunk.batch));
+    kernel<<<grid, Cfg::kNThreads, kSmemBytes, stream>>>(chunk);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  }
+  return {};
+}
+
+}  // namespace sparsek
+
+#define SPARSEK_INSTANTIATE_FWD(kHeadDim)                                                  \
+  template std::string sparsek::run_attention_fwd<kHeadDim, __half>(                       \
+      const sparsek::AttentionFwdParams&, cudaStream_t);                                   \
+  template std::string sparsek::run_attention_fwd<kHeadDim, __nv_bfloat16>(                \
+      const sparsek::AttentionFwdParams&, cudaStream_t)

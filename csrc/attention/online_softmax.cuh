@@ -1,0 +1,100 @@
+// Online softmax over the score fragments of mma m16n8 tiles, float32, base 2.
+//
+// A thread holds, for each of its m16 tiles, two rows (lane/4 and lane/4 + 8) and two
+// adjacent columns per n8 tile; the four lanes of a quad share a row. Scores arrive already
+// multiplied by scale * log2(e), hidden keys as -inf. Rows that have seen no key keep max
+// -inf; they are computed against base 0 so that no -inf - -inf NaN appears.
+#pragma once
+
+#include <cmath>
+
+namespace sparsek {
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int kMTiles>
+struct OnlineSoftmax {
+  float row_max[kMTiles][2];  // running max of scaled scores (log2 domain)
+  float row_sum[kMTiles][2];  // this lane's share of sum exp2(s - row_max)
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[mt][h] = -INFINITY;
+        row_sum[mt][h] = 0.f;
+      }
+    }
+  }
+
+  // Turns the scores of one key tile into unnormalised probabilities in place, and rescales
+  // the output accumulator to the new running max.
+  template <int kNTilesS, int kNTilesO>
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kNTilesS][4],
+                                         float (&acc_o)[kMTiles][kNTilesO][4]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float new_max = row_max[mt][h];
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          new_max = fmaxf(new_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+        }
+        new_max = quad_max(new_max);
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        const float correction = fast_exp2(row_max[mt][h] - base);
+        row_max[mt][h] = new_max;
+        float tile_sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          const float p0 = fast_exp2(s[mt][nt][2 * h] - base);
+          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base);
+          s[mt][nt][2 * h] = p0;
+          s[mt][nt][2 * h + 1] = p1;
+          tile_sum += p0 + p1;
+        }
+        row_sum[mt][h] = row_sum[mt][h] * correction + tile_sum;
+#pragma unroll
+        for (int dt = 0; dt < kNTilesO; ++dt) {
+          acc_o[mt][dt][2 * h] *= correction;
+          acc_o[mt][dt][2 * h + 1] *= correction;
+        }
+      }
+    }
+  }
+
+  // After the last tile: 1 / row sum (0 for a row that saw no key) and the natural-log
+  // log-sum-exp of the scaled scores (-inf for such a row).
+  __device__ __forceinline__ void finalize(float (&inv_sum)[kMTiles][2],
+                                           float (&lse)[kMTiles][2]) const {
+    constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sum = quad_sum(row_sum[mt][h]);
+        const bool seen = sum > 0.f;
+        inv_sum[mt][h] = seen ? 1.f / sum : 0.f;
+        lse[mt][h] = seen ? (row_max[mt][h] + __log2f(sum)) * kLn2 : -INFINITY;
+      }
+    }
+  }
+};
+
+}  // namespace sparsek

@@ -1,0 +1,52 @@
+// Plain parameters of one attention forward call. No framework types: the XLA FFI handler and
+// the torch layer both fill this struct and hand it to attention_fwd() with a stream.
+#pragma once
+
+#include <cstdint>
+
+namespace sparsek {
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1 };
+
+struct AttentionFwdParams {
+  // q [B, T, Hq, D], k and v [B, S, Hkv, D], o [B, T, Hq, D]: strides in elements, the
+  // head dim contiguous. lse is [B, Hq, T] float32, contiguous.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;
+
+  int64_t batch = 0;
+  int64_t seqlen_q = 0;  // T
+  int64_t seqlen_k = 0;  // S
+  int64_t heads_q = 0;   // Hq
+  int64_t heads_kv = 0;  // Hkv, divides Hq
+  int64_t head_dim = 0;  // D, a multiple of 8, at most 256
+
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+
+  float scale = 1.0f;     // s_ij = scale * <q_i, k_j>
+  bool is_causal = false; // keys j <= p(i) = i + S - T
+  int64_t window = 0;     // > 0: causal sliding window, p(i) - window < j <= p(i)
+  DType dtype = DType::kFloat16;
+  int32_t device = -1;    // CUDA device ordinal of the buffers; -1: the current device
+
+  // Fills the strides of contiguous [B, T, H, D] tensors.
+  void set_contiguous_strides() {
+    q_head_stride = head_dim;
+    q_row_stride = heads_q * head_dim;
+    q_batch_stride = seqlen_q * q_row_stride;
+    k_head_stride = v_head_stride = head_dim;
+    k_row_stride = v_row_stride = heads_kv * head_dim;
+    k_batch_stride = v_batch_stride = seqlen_k * k_row_stride;
+    o_head_stride = q_head_stride;
+    o_row_stride = q_row_stride;
+    o_batch_stride = q_batch_stride;
+  }
+};
+
+}  // namespace sparsek

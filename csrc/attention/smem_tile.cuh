@@ -1,0 +1,55 @@
+// Shared-memory tiles of rows x kHeadDim 16-bit elements, and their asynchronous loads.
+//
+// A row is kHeadDim / 8 chunks of 16 bytes. Chunk c of row r is stored at chunk position
+// c ^ (r % 8): ldmatrix reads the same logical chunk of 8 consecutive rows, which then falls
+// in 8 different 16-byte bank groups (no bank conflicts) although rows are 128, 256 or 512
+// bytes apart.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/sm80_instructions.cuh"
+
+namespace sparsek {
+
+template <int kHeadDim>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// swizzled_offset(row, chunk + 2 * step) for an even step offset, from
+// base = swizzled_offset(row, chunk) with chunk < 2: the row part of the offset has no bits
+// below log2(kHeadDim), so moving by 2 * step chunks is an XOR of the chunk bits.
+__device__ __forceinline__ int swizzle_step(int base, int step) { return base ^ (step << 4); }
+
+// Starts the copy of rows [row0, row0 + kRows) of a [num_rows, head_dim] slice (rows
+// `row_stride` elements apart) into a swizzled tile. Rows past num_rows and columns past
+// head_dim are zero-filled, so padded keys and dims add nothing to any dot product.
+template <int kRows, int kHeadDim, int kNThreads, typename Element>
+__device__ __forceinline__ void load_tile_async(Element* tile, const Element* gmem,
+                                                int64_t row_stride, int64_t row0,
+                                                int64_t num_rows, int head_dim) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = kNThreads / kChunksPerRow;
+  static_assert(kNThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0 &&
+                    kRowsPerPass % 8 == 0,
+                "each thread copies the same chunk column of rows kRowsPerPass apart");
+  // A thread keeps its chunk column c and its row modulo 8, so its swizzled offset only
+  // advances by whole rows from pass to pass.
+  const int r = static_cast<int>(threadIdx.x) / kChunksPerRow;
+  const int c = static_cast<int>(threadIdx.x) % kChunksPerRow;
+  const bool column_valid = c * 8 < head_dim;
+  const Element* src = gmem + (row0 + r) * row_stride + c * 8;
+  const int64_t pass_stride = kRowsPerPass * row_stride;
+  Element* dst = tile + swizzled_offset<kHeadDim>(r, c);
+  // Not unrolled: unrolled, the compiler keeps one 64-bit source address per pass live across
+  // the mainloop, which spills registers at D = 128.
+#pragma unroll 1
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool valid = column_valid && row0 + r + i * kRowsPerPass < num_rows;
+    sm80::cp_async_16(dst + i * kRowsPerPass * kHeadDim, valid ? src : gmem, valid);
+    src += pass_stride;
+  }
+}
+
+}  // namespace sparsek

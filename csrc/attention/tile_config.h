@@ -1,0 +1,52 @@
+// Tile sizes of the forward kernel, in one place. A kernel is compiled for a padded head dim
+// (64, 128 or 256); any head dim that is a multiple of 8 runs on the smallest one that holds
+// it, with the extra columns zero-filled on load and never stored.
+#pragma once
+
+namespace sparsek {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_>
+struct FwdTileConfig {
+  static constexpr int kHeadDim = kHeadDim_;  // padded head dim held in shared memory
+  static constexpr int kBlockM = kBlockM_;    // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;    // keys per step of the mainloop
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+
+  // Each warp owns kWarpRows consecutive query rows: kMTiles m16 tiles. Two tiles per warp
+  // let every K and V fragment read from shared memory feed two mma instructions.
+  static constexpr int kWarpRows = kBlockM / kNWarps;
+  static constexpr int kMTiles = kWarpRows / 16;
+  static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of the score block
+  static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of the output block
+  static constexpr int kKStepsQK = kHeadDim / 16;
+  static constexpr int kKStepsPV = kBlockN / 16;
+
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kSmemKVElems) * 2;
+
+  static_assert(kWarpRows % 16 == 0 && kMTiles >= 1, "a warp owns whole m16 tiles");
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 64 == 0, "tiles of 16 keys, 64 dims");
+};
+
+template <int kHeadDim>
+struct FwdTileSizes;
+
+// 2 CTAs of 4 warps per SM for D <= 128 (about 200 live registers a thread); one CTA of 8
+// warps for D = 256, whose accumulators need 16 rows a warp to fit.
+template <>
+struct FwdTileSizes<64> {
+  using Config = FwdTileConfig<64, 128, 64, 4, 2>;
+};
+template <>
+struct FwdTileSizes<128> {
+  using Config = FwdTileConfig<128, 128, 64, 4, 2>;
+};
+template <>
+struct FwdTileSizes<256> {
+  using Config = FwdTileConfig<256, 128, 64, 8, 1>;
+};
+
+}  // namespace sparsek

@@ -1,0 +1,26 @@
+// The exported interface of the jax_sparsek_kernels shared library. Framework glue (XLA FFI,
+// nanobind, torch) includes only this header.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "attention/params.h"
+
+#define SPARSEK_API __attribute__((visibility("default")))
+
+namespace sparsek {
+
+// Launches the attention forward on `stream` (a cudaStream_t). Returns an empty string on
+// success, otherwise a message naming the check or CUDA call that failed.
+SPARSEK_API std::string attention_fwd(const AttentionFwdParams& params, void* stream);
+
+// "sm_90" for the current device; throws std::runtime_error when there is no CUDA device.
+SPARSEK_API std::string current_device_arch();
+
+// The targets compiled into this library, e.g. {"sm_80", "sm_90a"}.
+SPARSEK_API std::vector<std::string> compiled_archs();
+
+SPARSEK_API std::string library_version();
+
+}  // namespace sparsek

@@ -1,0 +1,119 @@
+"""Trace-time argument checks for sparsek_attention.
+
+Every error names the argument and what was expected, so that bad input fails in Python while
+tracing, never inside a kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
+MAX_HEAD_DIM = 256
+IMPLEMENTATIONS = (None, "cuda", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Static description of one attention call (hashable: it becomes primitive params)."""
+
+    scale: float
+    is_causal: bool
+    window: int  # 0 means no sliding window
+    implementation: str | None
+
+
+def _dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def check_attention_args(query, key, value, scores, topk, window, is_causal, scale,
+                         implementation) -> AttentionConfig:
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"{name} must have rank 4 with layout [batch, seq_len, num_heads, head_dim], "
+                f"got shape {tuple(x.shape)}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"query must be float16 or bfloat16, got {_dtype_name(query.dtype)}")
+    for name, x in (("key", key), ("value", value)):
+        if x.dtype != query.dtype:
+            raise TypeError(
+                f"{name} dtype {_dtype_name(x.dtype)} does not match query dtype "
+                f"{_dtype_name(query.dtype)}")
+
+    b, t, hq, d = query.shape
+    _, s, hkv, _ = key.shape
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ValueError(
+            f"batch sizes differ: query {b}, key {key.shape[0]}, value {value.shape[0]}")
+    if value.shape[:3] != key.shape[:3]:
+        raise ValueError(
+            f"value shape {tuple(value.shape)} must match key shape {tuple(key.shape)} "
+            "in batch, seq_len and num_heads")
+    if key.shape[3] != d or value.shape[3] != d:
+        raise ValueError(
+            f"head_dim differs: query {d}, key {key.shape[3]}, value {value.shape[3]}")
+    if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim (last axis of query) must be a multiple of 8 between 8 and "
+            f"{MAX_HEAD_DIM}, got {d}")
+    if min(b, t, hq, s, hkv) == 0:
+        raise ValueError(
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} must have no empty axis")
+    if hq % hkv != 0:
+        raise ValueError(
+            f"query num_heads ({hq}) must be a multiple of key/value num_heads ({hkv}) for "
+            "grouped-query attention")
+    if hq > 65535:
+        raise ValueError(f"query num_heads must be at most 65535, got {hq}")
+
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    is_causal = bool(is_causal)
+
+    if scores is not None or topk is not None:
+        raise NotImplementedError(
+            "the SparseK mode (scores=..., topk=...) is not implemented yet; call "
+            "sparsek_attention without scores and topk for full, causal or sliding-window "
+            "attention")
+
+    if window is None:
+        window_int = 0
+    else:
+        if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)):
+            raise TypeError(f"window must be an int or None, got {type(window).__name__}")
+        window_int = int(window)
+        if window_int <= 0:
+            raise ValueError(f"window must be a positive number of keys, got {window_int}")
+        if not is_causal:
+            raise ValueError(
+                "window selects a causal sliding window: pass is_causal=True with window")
+        # Every row sits at a position below S, so any window >= S is plain causal attention.
+        window_int = min(window_int, s)
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(d)
+    else:
+        if isinstance(scale, (str, bytes)):
+            raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+        try:
+            scale_f = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"scale must be a Python float or None, got {type(scale).__name__}") from None
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale must be finite, got {scale_f}")
+
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of None, 'cuda' or 'xla', got {implementation!r}")
+
+    return AttentionConfig(scale=scale_f, is_causal=is_causal, window=window_int,
+                           implementation=implementation)
