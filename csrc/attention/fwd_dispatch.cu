@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "runtime/cuda_check.h"
@@ -34,6 +35,17 @@ std::string check_params(const AttentionFwdParams& p) {
     return "sequence lengths and window must be below 2^31 - 1024";
   }
   if (p.window < 0) return "window must be >= 0";
+  // 16-byte cp.async copies: every row start must be 16-byte aligned.
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.o)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      return "q, k, v and o must be 16-byte aligned";
+    }
+  }
+  for (int64_t stride : {p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.k_batch_stride,
+                         p.k_row_stride, p.k_head_stride, p.v_batch_stride, p.v_row_stride,
+                         p.v_head_stride, p.o_batch_stride, p.o_row_stride, p.o_head_stride}) {
+    if (stride % 8 != 0) return "batch, row and head strides must be multiples of 8 elements";
+  }
   return {};
 }
 

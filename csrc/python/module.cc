@@ -1,18 +1,81 @@
 // The nanobind module: FFI handler capsules for JAX and build information.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
 
 #include "ffi/attention_ffi.h"
 #include "sparsek_api.h"
 
 namespace nb = nanobind;
 
+namespace {
+
+using Strides = std::tuple<int64_t, int64_t, int64_t>;  // (batch, row, head), in elements
+
+// The forward on raw device pointers, for frameworks other than JAX (the torch layer): q, o
+// [B, T, Hq, D] and k, v [B, S, Hkv, D] addressed through strides, the head dim contiguous.
+void attention_fwd_pointers(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
+                            int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q,
+                            int64_t heads_kv, int64_t head_dim, Strides q_strides,
+                            Strides k_strides, Strides v_strides, Strides o_strides,
+                            float scale, bool is_causal, int64_t window,
+                            const std::string& dtype, int32_t device, uintptr_t stream) {
+  sparsek::AttentionFwdParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.o = reinterpret_cast<void*>(o);
+  p.lse = reinterpret_cast<float*>(lse);
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.head_dim = head_dim;
+  std::tie(p.q_batch_stride, p.q_row_stride, p.q_head_stride) = q_strides;
+  std::tie(p.k_batch_stride, p.k_row_stride, p.k_head_stride) = k_strides;
+  std::tie(p.v_batch_stride, p.v_row_stride, p.v_head_stride) = v_strides;
+  std::tie(p.o_batch_stride, p.o_row_stride, p.o_head_stride) = o_strides;
+  p.scale = scale;
+  p.is_causal = is_causal;
+  p.window = window;
+  if (dtype == "float16") {
+    p.dtype = sparsek::DType::kFloat16;
+  } else if (dtype == "bfloat16") {
+    p.dtype = sparsek::DType::kBFloat16;
+  } else {
+    throw std::invalid_argument("dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  }
+  p.device = device;
+  std::string error;
+  {
+    nb::gil_scoped_release release;  // the launch does not touch Python objects
+    error = sparsek::attention_fwd(p, reinterpret_cast<void*>(stream));
+  }
+  if (!error.empty()) throw std::runtime_error("jax_sparsek attention_fwd: " + error);
+}
+
+}  // namespace
+
 NB_MODULE(_jax_sparsek_ext, m) {
   m.doc() = "jax_sparsek CUDA kernels: XLA FFI handlers and build information";
   m.def("attention_fwd_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_attention_fwd)); },
         "XLA FFI handler of the attention forward, as a capsule for jax.ffi");
+  m.def("attention_fwd_pointers", &attention_fwd_pointers, nb::arg("q"), nb::arg("k"),
+        nb::arg("v"), nb::arg("o"), nb::arg("lse"), nb::arg("batch"), nb::arg("seqlen_q"),
+        nb::arg("seqlen_k"), nb::arg("heads_q"), nb::arg("heads_kv"), nb::arg("head_dim"),
+        nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"),
+        nb::arg("o_strides"), nb::arg("scale"), nb::arg("is_causal"), nb::arg("window"),
+        nb::arg("dtype"), nb::arg("device"), nb::arg("stream"),
+        "Attention forward on raw device pointers (strides in elements as (batch, row, "
+        "head)); raises RuntimeError with the failed check or CUDA call");
   m.def("version", &sparsek::library_version, "Version of the compiled library");
   m.def("cuda_arch", &sparsek::current_device_arch,
         "Architecture of the current CUDA device, e.g. 'sm_90'; RuntimeError without one");
