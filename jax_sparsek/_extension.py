@@ -7,18 +7,57 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
 import warnings
+from pathlib import Path
 
 FFI_TARGET_ATTENTION_FWD = "jax_sparsek_attention_fwd"
+
+
+_EXTENSION_NAME = "jax_sparsek._jax_sparsek_ext"
+
+
+def _installed_extension_file():
+    """The compiled module of an installed jax_sparsek that this source checkout shadows.
+
+    Running from the repository root puts the source tree, which holds no compiled module,
+    first on sys.path; the installed copy's module is then found beside its own package.
+    """
+    here = Path(__file__).resolve().parent
+    for entry in sys.path:
+        package_dir = Path(entry or ".") / "jax_sparsek"
+        try:
+            if not package_dir.is_dir() or package_dir.resolve() == here:
+                continue
+        except OSError:
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = package_dir / f"_jax_sparsek_ext{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 @functools.cache
 def load_extension():
     """The nanobind module, or None when the package was installed without CUDA code."""
     try:
-        return importlib.import_module("jax_sparsek._jax_sparsek_ext")
+        return importlib.import_module(_EXTENSION_NAME)
+    except ImportError:
+        pass
+    path = _installed_extension_file()
+    if path is None:
+        return None
+    spec = importlib.util.spec_from_file_location(_EXTENSION_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
     except ImportError:
         return None
+    sys.modules[_EXTENSION_NAME] = module
+    return module
 
 
 @functools.cache
