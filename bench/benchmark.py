@@ -410,7 +410,7 @@ def run_config(name: str, cfg: Config, dtype, impls, iters, reps, requested_sets
 
     ours = result["impls"].get("ours", {})
     for impl, entry in result["impls"].items():
-        if impl != "ours" and "time_ms" in entry and "time_ms" in ours:
+        if impl != "ours" and "time_ms" in entry and ours.get("status") == "ok":
             entry["speedup"] = entry["time_ms"] / ours["time_ms"]  # peer time / our time
     print_table(result, tol)
     return result
