@@ -1,5 +1,6 @@
 """jax_sparsek: fast sparse (SparseK) and dense attention for JAX on NVIDIA GPUs."""
 from ._extension import build_info
+from .gates import sparsek_gates
 from ._reference import dense_attention_reference, gated_attention_reference
 from .attention import sparsek_attention
 
@@ -11,4 +12,5 @@ __all__ = [
     "dense_attention_reference",
     "gated_attention_reference",
     "sparsek_attention",
+    "sparsek_gates",
 ]

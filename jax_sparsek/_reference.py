@@ -29,18 +29,19 @@ def gated_attention_reference(query, key, value, gates, scale: float):
 
     query [B, T, Hq, D]; key, value [B, S, Hkv, D]; gates broadcastable to [B, Hkv, T, S]
     with values in [0, 1]. Returns o [B, T, Hq, D] in query's dtype and lse [B, Hq, T]
-    float32. Rows whose gates are all zero give o = 0 and lse = -inf.
+    (float32, or float64 for float64 inputs). Rows whose gates are all zero give o = 0 and lse = -inf.
     """
     b, t, hq, d = query.shape
     hkv = key.shape[2]
     group = hq // hkv
-    q = query.astype(jnp.float32).reshape(b, t, hkv, group, d)
-    k = key.astype(jnp.float32)
-    v = value.astype(jnp.float32)
+    # float32 arithmetic for 16-bit inputs (float64 stays float64, for gradient checks).
+    f = jnp.promote_types(query.dtype, jnp.float32)
+    q = query.astype(f).reshape(b, t, hkv, group, d)
+    k = key.astype(f)
+    v = value.astype(f)
     # HIGHEST: float32 products on GPUs too (the default may round operands to TF32).
     s = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=jax.lax.Precision.HIGHEST) * scale  # [B, Hkv, G, T, S]
-    gates = jnp.broadcast_to(jnp.asarray(gates, jnp.float32),
-                             (b, hkv, t, k.shape[1]))[:, :, None]
+    gates = jnp.broadcast_to(jnp.asarray(gates, f), (b, hkv, t, k.shape[1]))[:, :, None]
     live = gates > 0
     s = jnp.where(live, s, -jnp.inf)
     row_max = jnp.max(s, axis=-1, keepdims=True)

@@ -22,8 +22,13 @@ class AttentionConfig:
 
     scale: float
     is_causal: bool
-    window: int  # 0 means no sliding window
+    window: int  # dense modes: 0 means no sliding window; SparseK: the window W >= 0
     implementation: str | None
+    topk: int = 0  # SparseK budget K >= 1; 0 selects the dense modes
+
+    @property
+    def sparsek(self) -> bool:
+        return self.topk > 0
 
 
 def _dtype_name(dtype) -> str:
@@ -79,24 +84,10 @@ def check_attention_args(query, key, value, scores, topk, window, is_causal, sca
     is_causal = bool(is_causal)
 
     if scores is not None or topk is not None:
-        raise NotImplementedError(
-            "the SparseK mode (scores=..., topk=...) is not implemented yet; call "
-            "sparsek_attention without scores and topk for full, causal or sliding-window "
-            "attention")
-
-    if window is None:
-        window_int = 0
+        topk_int, window_int = _check_sparsek_args(scores, topk, window, is_causal, b, s, hkv)
     else:
-        if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)):
-            raise TypeError(f"window must be an int or None, got {type(window).__name__}")
-        window_int = int(window)
-        if window_int <= 0:
-            raise ValueError(f"window must be a positive number of keys, got {window_int}")
-        if not is_causal:
-            raise ValueError(
-                "window selects a causal sliding window: pass is_causal=True with window")
-        # Every row sits at a position below S, so any window >= S is plain causal attention.
-        window_int = min(window_int, s)
+        topk_int = 0
+        window_int = _check_dense_window(window, is_causal, s)
 
     if scale is None:
         scale_f = 1.0 / math.sqrt(d)
@@ -116,4 +107,52 @@ def check_attention_args(query, key, value, scores, topk, window, is_causal, sca
             f"implementation must be one of None, 'cuda' or 'xla', got {implementation!r}")
 
     return AttentionConfig(scale=scale_f, is_causal=is_causal, window=window_int,
-                           implementation=implementation)
+                           implementation=implementation, topk=topk_int)
+
+
+def _check_int(name: str, value, what: str = "an int") -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_dense_window(window, is_causal: bool, num_keys: int) -> int:
+    if window is None:
+        return 0
+    window_int = _check_int("window", window, "an int or None")
+    if window_int <= 0:
+        raise ValueError(f"window must be a positive number of keys, got {window_int}")
+    if not is_causal:
+        raise ValueError(
+            "window selects a causal sliding window: pass is_causal=True with window")
+    # Every row sits at a position below S, so any window >= S is plain causal attention.
+    return min(window_int, num_keys)
+
+
+def _check_sparsek_args(scores, topk, window, is_causal: bool, b: int, s: int,
+                        hkv: int) -> tuple[int, int]:
+    """SparseK mode: scores [B, S, Hkv] floating, topk >= 1, window >= 0, causal."""
+    if scores is None:
+        raise ValueError("topk selects the SparseK mode, which needs scores [batch, kv_len, "
+                         "kv_heads] (one importance score per key and kv head)")
+    if topk is None:
+        raise ValueError("scores selects the SparseK mode, which needs topk (the number of "
+                         "keys each query selects, >= 1)")
+    if not hasattr(scores, "shape") or not hasattr(scores, "dtype"):
+        raise TypeError(f"scores must be an array, got {type(scores).__name__}")
+    if tuple(scores.shape) != (b, s, hkv):
+        raise ValueError(
+            f"scores must have shape [batch, kv_len, kv_heads] = {(b, s, hkv)}, got "
+            f"{tuple(scores.shape)}")
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise TypeError(f"scores must be a floating-point array, got {_dtype_name(scores.dtype)}")
+    topk_int = _check_int("topk", topk)
+    if topk_int < 1:
+        raise ValueError(f"topk must be >= 1, got {topk_int}")
+    window_int = 0 if window is None else _check_int("window", window, "an int or None")
+    if window_int < 0:
+        raise ValueError(f"window must be >= 0 in the SparseK mode, got {window_int}")
+    if not is_causal:
+        raise ValueError("the SparseK mode (scores, topk) is causal: pass is_causal=True")
+    # A window >= S covers every key of every row; topk >= S selects every key.
+    return min(topk_int, s), min(window_int, s)

@@ -2,23 +2,28 @@
 from __future__ import annotations
 
 from . import _extension
-from ._primitive import attention_fwd
+from ._autodiff import dense_attention, sparsek_attention_op
+from ._primitive import cuda_kernel_available
 from ._validation import check_attention_args
 
 
 def sparsek_attention(query, key, value, scores=None, *, topk=None, window=None,
                       is_causal=False, scale=None, implementation=None, return_lse=False):
-    """Scaled dot-product attention: full, causal, causal sliding-window (and SparseK).
+    """Scaled dot-product attention: full, causal, causal sliding-window and SparseK.
 
     Args:
       query: ``[B, T, Nq, H]`` float16 or bfloat16 (the layout of
         ``jax.nn.dot_product_attention``).
       key, value: ``[B, S, Nkv, H]``, same dtype; ``Nq`` a multiple of ``Nkv`` (GQA/MQA).
         ``T != S`` uses bottom-right alignment: query row ``i`` sits at position ``i + S - T``.
-      scores, topk: the SparseK mode (per-key scores ``[B, S, Nkv]`` and a key budget);
-        reserved, not implemented yet.
-      window: causal sliding window: row ``i`` sees keys ``p(i) - window < j <= p(i)``.
-        Needs ``is_causal=True``.
+      scores: SparseK mode: ``[B, S, Nkv]`` importance score per key and kv head (any float
+        dtype, used in float32; ``-inf`` marks keys that are never selected, e.g. padding).
+        Needs ``topk`` and ``is_causal=True``.
+      topk: SparseK budget ``K >= 1``: each row's gates over its sparse domain (the keys
+        before its window) sum to ``min(K, domain size)``; see SPARSEK.md.
+      window: dense modes: causal sliding window, row ``i`` sees keys
+        ``p(i) - window < j <= p(i)`` (needs ``is_causal=True``). SparseK mode: the
+        ``window >= 0`` most recent keys always get gate 1 (default 0).
       is_causal: causal masking, ``j <= p(i)``.
       scale: softmax scale, default ``1 / sqrt(H)``.
       implementation: ``None`` (our CUDA kernel on CUDA, the pure-JAX reference elsewhere),
@@ -32,10 +37,17 @@ def sparsek_attention(query, key, value, scores=None, *, topk=None, window=None,
     config = check_attention_args(query, key, value, scores, topk, window, is_causal, scale,
                                   implementation)
     if config.implementation == "cuda":
+        if not cuda_kernel_available(config):
+            raise NotImplementedError(
+                "implementation='cuda': the SparseK CUDA kernel is not built yet; use "
+                "implementation=None or 'xla' (the pure-JAX reference)")
         if not _extension.cuda_kernels_built():
             _extension.ensure_cuda_targets()
         if not _extension.jax_has_cuda():
             raise RuntimeError("implementation='cuda' needs a CUDA device visible to JAX; "
                                "none was found (use implementation=None or 'xla')")
-    out, lse = attention_fwd(query, key, value, config)
+    if config.sparsek:
+        out, lse = sparsek_attention_op(query, key, value, scores, config)
+    else:
+        out, lse = dense_attention(query, key, value, config)
     return (out, lse) if return_lse else out
