@@ -23,9 +23,18 @@ echo "build took $(( $(date +%s) - start )) s"
 grep -E "spill|registers" "$OUT/build.log" | sort | uniq -c | head -20
 python3 -c "import jax_sparsek, json; print(jax_sparsek.__file__, json.dumps(jax_sparsek.build_info()))" 2>&1 | tail -1
 
-python3 -m pytest -q -x --durations=10 tests 2>&1 | tee "$OUT/tests.log" | tail -40
+# TESTS: which test files to run (default: all; CI runs the CPU ones on every submission).
+timeout "${TEST_TIMEOUT:-320}" python3 -m pytest -q --durations=10 ${TESTS:-tests} 2>&1 \
+  | tee "$OUT/tests.log" | tail -40
 # Outside the source tree, so that the installed package (with its kernels) is imported.
 (cd /tmp && python3 -m jax_sparsek) 2>&1 | tee "$OUT/main_job.log" | tail -20
+if [ -f bench/torch_compare.py ] && [ "${TORCH_COMPARE:-1}" = 1 ]; then
+  (cd /tmp && python3 "$OLDPWD/bench/torch_compare.py") 2>&1 | tee "$OUT/torch_compare.log" | tail -20
+fi
+if [ "${TRAIN:-0}" = 1 ]; then
+  (cd /tmp && timeout 150 python3 -m jax_sparsek.train --json "$OUT/train.json") 2>&1 \
+    | tee "$OUT/train.log" | tail -32
+fi
 if [ "$#" -gt 0 ]; then
   python3 bench/benchmark.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 fi

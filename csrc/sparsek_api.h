@@ -23,4 +23,11 @@ SPARSEK_API std::vector<std::string> compiled_archs();
 
 SPARSEK_API std::string library_version();
 
+// How the library was compiled: nvcc version and whether --use_fast_math was on.
+struct BuildOptions {
+  std::string cuda_compiler_version;
+  bool fast_math = false;
+};
+SPARSEK_API BuildOptions build_options();
+
 }  // namespace sparsek

@@ -3,7 +3,7 @@
 For row i at position p(i) = i + S - T, the sparse domain is D_i = {j <= p(i) - W : u_j > -inf}.
 When |D_i| > K, tau_i solves sum_{j in D_i} clip(u_j - tau_i, 0, 1) = K (the Euclidean
 projection of u onto {m in [0, 1]^n : sum m = K}); otherwise every key of D_i gets gate 1 and
-tau_i = -inf. Window keys p(i) - W < j <= p(i) get gate 1.
+tau_i = -inf. Window keys p(i) - W < j <= p(i) get gate 1. Scores must be finite or -inf.
 
 This materialises [B, Hkv, T, S]: it is the reference and the tool for looking at small
 shapes, not the fast path.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_BISECTION_STEPS = 80  # enough to reach adjacent float64 values from any finite bracket
+_BISECTION_STEPS = 60  # from a bracket of width 1 to adjacent float64 values
 
 
 def _capped_simplex_threshold(values, topk: int):
@@ -26,10 +26,12 @@ def _capped_simplex_threshold(values, topk: int):
     inside = values > -jnp.inf
     count = jnp.sum(inside, axis=-1)
     safe = jnp.where(inside, values, 0.0)
-    hi = jnp.max(jnp.where(inside, values, -jnp.inf), axis=-1)          # f(hi) = 0
-    lo = jnp.min(jnp.where(inside, values, jnp.inf), axis=-1) - 1.0     # f(lo) = count
-    hi = jnp.where(count > topk, hi, 0.0)
-    lo = jnp.where(count > topk, lo, 0.0)
+    # The root lies in [v_K - 1, v_K] for the K-th largest value v_K: the K largest values
+    # each add 1 to f(v_K - 1) >= K, while f(v_K) <= K - 1. A bracket of width 1 whatever
+    # the scores' range.
+    kth = jax.lax.top_k(values, topk)[0][..., topk - 1]
+    hi = jnp.where(count > topk, kth, 0.0)
+    lo = jnp.where(count > topk, kth - 1.0, 0.0)
 
     def f(tau):
         gate = jnp.clip(safe - tau[..., None], 0.0, 1.0)

@@ -17,7 +17,8 @@ def sparsek_attention(query, key, value, scores=None, *, topk=None, window=None,
       key, value: ``[B, S, Nkv, H]``, same dtype; ``Nq`` a multiple of ``Nkv`` (GQA/MQA).
         ``T != S`` uses bottom-right alignment: query row ``i`` sits at position ``i + S - T``.
       scores: SparseK mode: ``[B, S, Nkv]`` importance score per key and kv head (any float
-        dtype, used in float32; ``-inf`` marks keys that are never selected, e.g. padding).
+        dtype, used in float32; finite, or ``-inf`` for keys that are never selected, e.g.
+        padding).
         Needs ``topk`` and ``is_causal=True``.
       topk: SparseK budget ``K >= 1``: each row's gates over its sparse domain (the keys
         before its window) sum to ``min(K, domain size)``; see SPARSEK.md.

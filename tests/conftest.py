@@ -59,6 +59,13 @@ def _prefer_installed_package() -> None:
 
 _prefer_installed_package()
 
+# The torch layer (blackwell_sparsek): the installed copy when there is one, else the source
+# tree's torch_compat/ (appended, so that it never shadows an installation).
+import importlib.util  # noqa: E402
+
+if importlib.util.find_spec("blackwell_sparsek") is None:
+    sys.path.append(str(_REPO_ROOT / "torch_compat"))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -174,6 +181,134 @@ def numpy_attention(query, key, value, *, is_causal=False, window=None, scale=No
         out[:, :, h, :] = np.matmul(weights / safe_sum, v[:, :, kh, :])
         lse[:, h, :] = np.where(nonempty[None], (row_max + np.log(safe_sum))[..., 0], -np.inf)
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Float64 NumPy reference of SPARSEK.md's SparseK mode (independent of jax_sparsek._gates):
+# the capped-simplex threshold is found exactly by sorting, never by bisection.
+
+
+def _flat_tolerance(topk) -> float:
+    """How close f(tau) must be to K to count as equal (f is a sum of float64 clips)."""
+    return 1e-9 * max(1.0, float(topk))
+
+
+def numpy_capped_simplex(values, topk):
+    """Euclidean projection of ``values`` onto ``{m in [0, 1]^n : sum m = topk}``, by sorting.
+
+    ``values``: 1-D finite float64, ``n > topk``. f(tau) = sum_j clip(u_j - tau, 0, 1) is
+    continuous, non-increasing and piecewise linear with breakpoints at u_j and u_j - 1;
+    f(max u) = 0 < topk and f(min u - 1) = n > topk. The breakpoints are sorted descending,
+    f is evaluated at each, and the segment where f crosses topk is solved linearly.
+
+    Returns ``(tau_lo, tau_hi, gates)``: every tau in [tau_lo, tau_hi] solves f(tau) = topk
+    (an interval where f is flat at topk, e.g. [0, 4] for u = (5, 5, 0, 0) and topk = 2;
+    tau_lo == tau_hi when the root is unique). The gates are unique.
+    """
+    u = np.asarray(values, dtype=np.float64)
+    assert u.ndim == 1 and np.isfinite(u).all() and u.size > topk >= 1, (u, topk)
+    x = np.sort(u)[::-1]                                           # descending
+    breaks = np.unique(np.concatenate([x, x - 1.0]))[::-1]         # descending, distinct
+    f = np.clip(x[None, :] - breaks[:, None], 0.0, 1.0).sum(axis=1)  # non-decreasing
+    tol = _flat_tolerance(topk)
+    first = int(np.argmax(f >= topk - tol))  # f[0] = 0 < topk and f[-1] = n > topk
+    assert first >= 1
+    if abs(f[first] - topk) <= tol:
+        # f reaches topk at a breakpoint: f < topk above it; it stays at topk while flat.
+        tau_hi = breaks[first]
+        idx = first
+        while idx + 1 < breaks.size and abs(f[idx + 1] - topk) <= tol:
+            idx += 1
+        tau_lo = breaks[idx]
+    else:
+        # f crosses topk strictly inside (breaks[first], breaks[first - 1]), where it is
+        # linear: #saturated + sum_{fractional} (u_j - tau) = topk.
+        mid = 0.5 * (breaks[first] + breaks[first - 1])
+        saturated = x >= mid + 1.0
+        fractional = (x > mid) & (x < mid + 1.0)
+        n_frac = int(fractional.sum())
+        assert n_frac > 0
+        tau_lo = tau_hi = (x[fractional].sum() - (topk - int(saturated.sum()))) / n_frac
+    return float(tau_lo), float(tau_hi), np.clip(u - tau_hi, 0.0, 1.0)
+
+
+def numpy_sparsek_gates(scores, topk, window=0, num_queries=None):
+    """SPARSEK.md's SparseK gates in float64, per (batch, kv head, row).
+
+    ``scores`` ``[B, S, Hkv]`` (any float dtype, used in float32; ``-inf`` never selected).
+    Row i sits at p(i) = i + S - T. Window keys p(i) - W < j <= p(i) get gate 1; the sparse
+    domain D_i = {j <= p(i) - W : u_j > -inf} gets 1 everywhere when |D_i| <= K, else the
+    capped-simplex projection of u restricted to D_i; every other key gets 0.
+
+    Returns ``(tau_lo, tau_hi, gates)``: ``[B, Hkv, T]`` float64 bounds of the admissible
+    thresholds (``-inf`` where |D_i| <= K) and gates ``[B, Hkv, T, S]`` float64.
+    """
+    u = np.asarray(scores).astype(np.float32).astype(np.float64)
+    b, s_len, hkv = u.shape
+    t = s_len if num_queries is None else int(num_queries)
+    window = 0 if window is None else int(window)
+    assert topk >= 1 and window >= 0
+    tau_lo = np.full((b, hkv, t), -np.inf)
+    tau_hi = np.full((b, hkv, t), -np.inf)
+    gates = np.zeros((b, hkv, t, s_len))
+    keys = np.arange(s_len)
+    for i in range(t):
+        p = i + s_len - t
+        in_window = (keys <= p) & (keys > p - window)
+        for bi in range(b):
+            for h in range(hkv):
+                row = u[bi, :, h]
+                domain = (keys <= p - window) & (row > -np.inf)
+                gates[bi, h, i, in_window] = 1.0
+                if domain.sum() <= topk:
+                    gates[bi, h, i, domain] = 1.0
+                    continue
+                lo, hi, m = numpy_capped_simplex(row[domain], topk)
+                tau_lo[bi, h, i], tau_hi[bi, h, i] = lo, hi
+                gates[bi, h, i, domain] = m
+    return tau_lo, tau_hi, gates
+
+
+def numpy_gated_attention(query, key, value, gates, scale=None):
+    """o [B,T,Hq,D] and lse [B,Hq,T] (float64) of the gated softmax with gates [B,Hkv,T,S]:
+    o_i = sum_j m_ij exp(s_ij) v_j / sum_j m_ij exp(s_ij), lse_i = log sum_j m_ij exp(s_ij);
+    o = 0 and lse = -inf for a row with no positive gate. Query head h uses kv head
+    h // (Hq // Hkv)."""
+    q = np.asarray(query).astype(np.float64)
+    k = np.asarray(key).astype(np.float64)
+    v = np.asarray(value).astype(np.float64)
+    gates = np.asarray(gates, dtype=np.float64)
+    b, t, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    assert k.shape == v.shape == (b, s_len, hkv, d) and hq % hkv == 0
+    assert gates.shape == (b, hkv, t, s_len), gates.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    group = hq // hkv
+    out = np.zeros((b, t, hq, d))
+    lse = np.full((b, hq, t), -np.inf)
+    for h in range(hq):
+        kh = h // group
+        m = gates[:, kh]                                             # [B, T, S]
+        live = m > 0
+        logits = scale * np.matmul(q[:, :, h, :], k[:, :, kh, :].transpose(0, 2, 1))
+        logits = np.where(live, logits, -np.inf)
+        row_max = np.max(logits, axis=-1, keepdims=True)
+        row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+        weights = np.where(live, m * np.exp(logits - row_max), 0.0)
+        row_sum = weights.sum(axis=-1, keepdims=True)
+        nonempty = row_sum[..., 0] > 0
+        safe_sum = np.where(row_sum > 0, row_sum, 1.0)
+        out[:, :, h, :] = np.matmul(weights / safe_sum, v[:, :, kh, :])
+        lse[:, h, :] = np.where(nonempty, (row_max + np.log(safe_sum))[..., 0], -np.inf)
+    return out, lse
+
+
+def numpy_sparsek_attention(query, key, value, scores, topk, window=0, scale=None):
+    """o [B,T,Hq,D] and lse [B,Hq,T] (float64) of SPARSEK.md's SparseK mode (always causal);
+    the gates of a kv head are shared by its query heads."""
+    _, _, gates = numpy_sparsek_gates(scores, topk, window, num_queries=np.shape(query)[1])
+    return numpy_gated_attention(query, key, value, gates, scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD_INFO, CUDA_AVAILABLE
-from jax_sparsek import sparsek_attention
+from jax_sparsek import sparsek_attention, sparsek_gates
 
 B, T, S, HQ, HKV, D = 2, 5, 7, 4, 2, 16
 
@@ -270,23 +270,207 @@ def test_unknown_implementation(implementation):
                           q, k, v, implementation=implementation)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(scores="s"), dict(topk=4), dict(scores="s", topk=4), dict(scores="s", window=2,
-                                                                   is_causal=True)],
-    ids=["scores", "topk", "both", "with-window"])
-def test_sparsek_mode_not_implemented(kwargs):
+# ------------------------------------------------------------------------------------------
+# SparseK mode: scores [B, S, Hkv] (floating), topk >= 1, window >= 0, is_causal=True
+
+
+def _scores(shape=(B, S, HKV), dtype=jnp.float32):
+    return _arr(shape, dtype, 4)
+
+
+def _raises_sparsek(exc, match, scores, **kwargs):
+    """The error is raised by a direct call and under jax.jit: an array scores is a traced
+    argument, anything else a Python constant inside the traced function."""
     q, k, v = _qkv()
-    kwargs = dict(kwargs)
-    if "scores" in kwargs:
-        kwargs["scores"] = _arr((B, S, HKV), jnp.float32)
-        with pytest.raises(NotImplementedError, match="SparseK mode"):
-            sparsek_attention(q, k, v, **kwargs)
-        fn = jax.jit(lambda q, k, v, u: sparsek_attention(
-            q, k, v, u, **{n: a for n, a in kwargs.items() if n != "scores"}))
-        with pytest.raises(NotImplementedError, match="SparseK mode"):
-            fn(q, k, v, kwargs["scores"])
+    with pytest.raises(exc, match=match):
+        sparsek_attention(q, k, v, scores, **kwargs)
+    if hasattr(scores, "shape") and hasattr(scores, "dtype"):
+        fn = jax.jit(lambda q, k, v, u: sparsek_attention(q, k, v, u, **kwargs))
+        with pytest.raises(exc, match=match):
+            fn(q, k, v, scores)
     else:
-        _raises_eager_and_jit(NotImplementedError, "SparseK mode", q, k, v, **kwargs)
+        fn = jax.jit(lambda q, k, v: sparsek_attention(q, k, v, scores, **kwargs))
+        with pytest.raises(exc, match=match):
+            fn(q, k, v)
+
+
+SPARSEK_OK = dict(topk=3, window=1, is_causal=True)
+
+
+@pytest.mark.parametrize("shape", [(B, S + 1, HKV), (B, S, HKV + 1), (B + 1, S, HKV),
+                                   (B, S, HQ), (B, HKV, S), (1, S, HKV)],
+                         ids=["kv_len", "kv_heads", "batch", "q_heads", "transposed",
+                              "batch1"])
+def test_scores_wrong_shape(shape):
+    _raises_sparsek(ValueError, r"scores must have shape \[batch, kv_len, kv_heads\] = "
+                    rf"\({B}, {S}, {HKV}\)", _scores(shape), **SPARSEK_OK)
+
+
+@pytest.mark.parametrize("shape", [(B, S), (B, S, HKV, 1), (S,), ()],
+                         ids=["rank2", "rank4", "rank1", "rank0"])
+def test_scores_wrong_rank(shape):
+    _raises_sparsek(ValueError, r"scores must have shape \[batch, kv_len, kv_heads\]",
+                    _scores(shape), **SPARSEK_OK)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_],
+                         ids=lambda d: jnp.dtype(d).name)
+def test_scores_not_floating(dtype):
+    _raises_sparsek(TypeError, rf"scores must be a floating-point array, got "
+                    rf"{jnp.dtype(dtype).name}", jnp.ones((B, S, HKV), dtype), **SPARSEK_OK)
+
+
+@pytest.mark.parametrize("scores", ["s", 3.0, [[[1.0]]], object()],
+                         ids=["str", "float", "list", "object"])
+def test_scores_not_an_array(scores):
+    _raises_sparsek(TypeError, "scores must be an array", scores, **SPARSEK_OK)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_scores_float_dtypes_accepted(dtype):
+    q, k, v = _qkv()
+    u = np.asarray(_scores()).astype(dtype) if dtype == np.float64 else _scores(dtype=dtype)
+    out = sparsek_attention(q, k, v, u, implementation="xla", **SPARSEK_OK)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(window=2, is_causal=True),
+                                    dict(is_causal=True)], ids=["plain", "window", "causal"])
+def test_scores_without_topk(kwargs):
+    _raises_sparsek(ValueError, "scores selects the SparseK mode, which needs topk", _scores(),
+                    **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(topk=4), dict(topk=4, is_causal=True),
+                                    dict(topk=4, window=2, is_causal=True)],
+                         ids=["plain", "causal", "window"])
+def test_topk_without_scores(kwargs):
+    q, k, v = _qkv()
+    _raises_eager_and_jit(ValueError, "topk selects the SparseK mode, which needs scores",
+                          q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("topk", [0, -1, -100, np.int32(0)], ids=repr)
+def test_topk_not_positive(topk):
+    _raises_sparsek(ValueError, rf"topk must be >= 1, got {int(topk)}", _scores(),
+                    topk=topk, is_causal=True)
+
+
+@pytest.mark.parametrize("topk", [2.0, 2.5, "3", True, np.bool_(True), np.float32(2)],
+                         ids=["float", "float2", "str", "bool", "np_bool", "np_float"])
+def test_topk_wrong_type(topk):
+    _raises_sparsek(TypeError, "topk must be an int", _scores(), topk=topk, is_causal=True)
+
+
+def test_topk_traced():
+    q, k, v = _qkv()
+    fn = jax.jit(lambda q, k, v, u, t: sparsek_attention(q, k, v, u, topk=t, is_causal=True))
+    with pytest.raises(TypeError, match="topk must be an int"):
+        fn(q, k, v, _scores(), 3)
+
+
+def test_topk_numpy_int_and_large_accepted():
+    """np.int64 topk is an int; topk >= S is clamped to S (every key selected)."""
+    q, k, v = _qkv()
+    u = _scores()
+    kw = dict(is_causal=True, implementation="xla", window=1)
+    a = sparsek_attention(q, k, v, u, topk=np.int64(3), **kw)
+    b = sparsek_attention(q, k, v, u, topk=3, **kw)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    a = sparsek_attention(q, k, v, u, topk=S, **kw)
+    b = sparsek_attention(q, k, v, u, topk=10 * S, **kw)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("window", [-1, -100])
+def test_sparsek_window_negative(window):
+    _raises_sparsek(ValueError, rf"window must be >= 0 in the SparseK mode, got {window}",
+                    _scores(), topk=3, window=window, is_causal=True)
+
+
+@pytest.mark.parametrize("window", [2.0, 2.5, "3", True, np.bool_(False)],
+                         ids=["float", "float2", "str", "bool", "np_bool"])
+def test_sparsek_window_wrong_type(window):
+    _raises_sparsek(TypeError, "window must be an int or None", _scores(), topk=3,
+                    window=window, is_causal=True)
+
+
+def test_sparsek_window_zero_and_none_accepted():
+    """window=0 is valid in the SparseK mode (no window keys) and None means 0."""
+    q, k, v = _qkv()
+    u = _scores()
+    kw = dict(topk=2, is_causal=True, implementation="xla")
+    a = sparsek_attention(q, k, v, u, window=0, **kw)
+    b = sparsek_attention(q, k, v, u, window=None, **kw)
+    c = sparsek_attention(q, k, v, u, **kw)
+    for x in (b, c):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(x, np.float32))
+
+
+@pytest.mark.parametrize("kwargs", [dict(topk=3), dict(topk=3, is_causal=False),
+                                    dict(topk=3, window=2, is_causal=False)],
+                         ids=["default", "explicit", "window"])
+def test_sparsek_not_causal(kwargs):
+    _raises_sparsek(ValueError, r"SparseK mode .*is causal: pass is_causal=True", _scores(),
+                    **kwargs)
+
+
+def test_sparsek_cuda_implementation_not_implemented():
+    """implementation='cuda' in the SparseK mode: the kernel does not exist yet. The check
+    comes before the one for the CUDA kernels and device, so every machine raises it."""
+    _raises_sparsek(NotImplementedError, "SparseK CUDA kernel", _scores(),
+                    implementation="cuda", return_lse=True, **SPARSEK_OK)
+    _raises_sparsek(NotImplementedError, "SparseK", _scores(dtype=jnp.bfloat16), topk=S,
+                    window=0, is_causal=True, implementation="cuda")
+
+
+def test_sparsek_argument_errors_come_before_implementation():
+    _raises_sparsek(ValueError, "topk must be >= 1", _scores(), topk=0, is_causal=True,
+                    implementation="cuda")
+    _raises_sparsek(ValueError, "implementation must be one of", _scores(),
+                    implementation="triton", **SPARSEK_OK)
+
+
+# sparsek_gates(scores, *, topk, window=0, num_queries=None)
+
+
+@pytest.mark.parametrize("scores", [np.zeros((B, S)), np.zeros((B, S, HKV, 1)), "s",
+                                    [[[1.0]]]], ids=["rank2", "rank4", "str", "list"])
+def test_gates_scores_rank(scores):
+    with pytest.raises(ValueError, match="scores must have rank 3"):
+        sparsek_gates(scores, topk=2)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(topk=0), ValueError, "topk must be >= 1, got 0"),
+    (dict(topk=-2), ValueError, "topk must be >= 1, got -2"),
+    (dict(topk=2.0), TypeError, "topk must be an int"),
+    (dict(topk=True), TypeError, "topk must be an int"),
+    (dict(topk=None), TypeError, "topk must be an int"),
+    (dict(topk=2, window=-1), ValueError, "window must be >= 0, got -1"),
+    (dict(topk=2, window=1.0), TypeError, "window must be an int"),
+    (dict(topk=2, window=False), TypeError, "window must be an int"),
+    (dict(topk=2, num_queries=0), ValueError, "num_queries must be >= 1, got 0"),
+    (dict(topk=2, num_queries=3.0), TypeError, "num_queries must be an int"),
+], ids=["topk0", "topk_neg", "topk_float", "topk_bool", "topk_none", "window_neg",
+        "window_float", "window_bool", "num_queries0", "num_queries_float"])
+def test_gates_argument_errors(kwargs, exc, match):
+    u = _scores()
+    with pytest.raises(exc, match=match):
+        sparsek_gates(u, **kwargs)
+    with pytest.raises(exc, match=match):
+        jax.jit(lambda u: sparsek_gates(u, **kwargs))(u)
+
+
+def test_gates_topk_required():
+    with pytest.raises(TypeError, match="topk"):
+        sparsek_gates(_scores())  # keyword-only and required
+
+
+def test_gates_traced_topk():
+    with pytest.raises(TypeError, match="topk must be an int"):
+        jax.jit(lambda u, t: sparsek_gates(u, topk=t))(_scores(), 2)
 
 
 @pytest.mark.skipif(CUDA_AVAILABLE, reason="the CUDA kernels and a CUDA device are present")

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (DTYPES, assert_attention_close, make_qkv, numpy_attention, rel_err,
-                      requires_cuda, tolerance)
-from jax_sparsek import sparsek_attention
+from conftest import (DTYPES, assert_attention_close, make_qkv, numpy_attention,
+                      numpy_sparsek_attention, rel_err, requires_cuda, rng_for, tolerance)
+from jax_sparsek import _extension, sparsek_attention
 
 pytestmark = requires_cuda
 
@@ -240,3 +240,58 @@ def test_batch_chunking_through_vmap():
         ref_o, ref_lse = numpy_attention(q[i], k[i], v[i], is_causal=True)
         assert_attention_close(out[i], lse[i], ref_o, ref_lse, jnp.float16,
                                context=f"slice {i}")
+
+
+# ------------------------------------------------------------------------------------------
+# SparseK mode: no CUDA kernel yet. 'cuda' refuses it; None runs the pure-JAX reference on the
+# GPU and says so once.
+
+
+def _sparsek_scores(batch, kv_len, kv_heads, seed):
+    """float32 scores [B, S, Hkv] with a few -inf (padding) keys."""
+    rng = rng_for("sparsek-scores", batch, kv_len, kv_heads, *seed)
+    u = rng.standard_normal((batch, kv_len, kv_heads), dtype=np.float32)
+    u[rng.random(u.shape) < 0.15] = -np.inf
+    return jnp.asarray(u)
+
+
+def test_sparsek_cuda_not_implemented():
+    q, k, v = make_qkv(1, 17, 33, 4, 2, 64, jnp.float16, seed=("sparsek-cuda",))
+    u = _sparsek_scores(1, 33, 2, ("cuda",))
+    f = functools.partial(sparsek_attention, topk=4, window=2, is_causal=True,
+                          implementation="cuda", return_lse=True)
+    with pytest.raises(NotImplementedError, match="SparseK CUDA kernel"):
+        f(q, k, v, u)
+    with pytest.raises(NotImplementedError, match="SparseK CUDA kernel"):
+        jax.jit(f)(q, k, v, u)
+
+
+def test_sparsek_default_runs_reference_and_warns_once():
+    """implementation=None with scores: the reference on the GPU (matches the float64 oracle
+    and implementation='xla' bit for bit), with one RuntimeWarning for all calls."""
+    _extension.warn_reference_path.cache_clear()
+    topk, window = 5, 3
+    f = functools.partial(sparsek_attention, topk=topk, window=window, is_causal=True,
+                          return_lse=True)
+    # Shapes no other test compiles, so that each call lowers (and may warn) here.
+    cases = [(2, 37, 45, 8, 2, 64, jnp.bfloat16), (1, 1, 29, 4, 1, 128, jnp.float16),
+             (1, 23, 11, 2, 2, 32, jnp.float16)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b, t, s, hq, hkv, d, dtype in cases:
+            q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("sparsek-default",))
+            u = _sparsek_scores(b, s, hkv, ("default", t))
+            out, lse = jax.block_until_ready(f(q, k, v, u))
+            jitted = jax.block_until_ready(jax.jit(f)(q, k, v, u))
+            ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
+            context = f"SparseK default B={b} T={t} S={s} Hq={hq} Hkv={hkv} D={d}"
+            assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=context)
+            assert_attention_close(*jitted, ref_o, ref_lse, dtype, context=context + " jit")
+            xla = f(q, k, v, u, implementation="xla")
+            for a, x in zip((out, lse), xla):
+                np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                              np.asarray(x, np.float32))
+    reference_warnings = [w for w in caught if issubclass(w.category, RuntimeWarning)
+                          and "pure-JAX reference" in str(w.message)]
+    assert len(reference_warnings) == 1, [str(w.message) for w in reference_warnings]
+    assert "SparseK CUDA kernel" in str(reference_warnings[0].message)

@@ -71,15 +71,34 @@ std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) 
   return run_attention_fwd<256, Element>(p, stream);
 }
 
+// Makes `device` current for the launch and gives the caller's device back afterwards (the
+// caller, XLA or torch, shares the driver context and must not see it changed).
+class ScopedDevice {
+ public:
+  std::string enter(int device) {
+    if (device < 0) return {};
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(cudaSetDevice(device));
+      switched_ = true;
+    }
+    return {};
+  }
+  ~ScopedDevice() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+  bool switched_ = false;
+};
+
 }  // namespace
 
 std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {
   if (std::string error = check_params(p); !error.empty()) return error;
-  if (p.device >= 0) {
-    int current = -1;
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&current));
-    if (current != p.device) SPARSEK_RETURN_IF_CUDA_ERROR(cudaSetDevice(p.device));
-  }
+  ScopedDevice scoped_device;
+  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   if (poison_outputs_requested()) {
     if (std::string error = poison_outputs(p, stream); !error.empty()) return error;

@@ -76,6 +76,16 @@ NB_MODULE(_jax_sparsek_ext, m) {
         nb::arg("dtype"), nb::arg("device"), nb::arg("stream"),
         "Attention forward on raw device pointers (strides in elements as (batch, row, "
         "head)); raises RuntimeError with the failed check or CUDA call");
+  m.def(
+      "build_options",
+      []() {
+        const sparsek::BuildOptions options = sparsek::build_options();
+        nb::dict d;
+        d["cuda_compiler_version"] = options.cuda_compiler_version;
+        d["fast_math"] = options.fast_math;
+        return d;
+      },
+      "How the library was compiled: {'cuda_compiler_version': str, 'fast_math': bool}");
   m.def("version", &sparsek::library_version, "Version of the compiled library");
   m.def("cuda_arch", &sparsek::current_device_arch,
         "Architecture of the current CUDA device, e.g. 'sm_90'; RuntimeError without one");

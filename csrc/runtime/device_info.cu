@@ -29,4 +29,11 @@ std::vector<std::string> compiled_archs() { return {SPARSEK_COMPILED_ARCHS}; }
 
 std::string library_version() { return SPARSEK_VERSION; }
 
+BuildOptions build_options() {
+  BuildOptions options;
+  options.cuda_compiler_version = SPARSEK_CUDA_COMPILER_VERSION;
+  options.fast_math = SPARSEK_FAST_MATH != 0;
+  return options;
+}
+
 }  // namespace sparsek
