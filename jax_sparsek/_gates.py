@@ -29,7 +29,9 @@ def _capped_simplex_threshold(values, topk: int):
     # The root lies in [v_K - 1, v_K] for the K-th largest value v_K: the K largest values
     # each add 1 to f(v_K - 1) >= K, while f(v_K) <= K - 1. A bracket of width 1 whatever
     # the scores' range.
-    kth = jax.lax.top_k(values, topk)[0][..., topk - 1]
+    # (From a sort rather than lax.top_k, so that topk may be a traced value.)
+    n = values.shape[-1]
+    kth = jnp.take(jnp.sort(values, axis=-1), jnp.clip(n - topk, 0, n - 1), axis=-1)
     hi = jnp.where(count > topk, kth, 0.0)
     lo = jnp.where(count > topk, kth - 1.0, 0.0)
 
