@@ -435,10 +435,17 @@ def test_sparsek_argument_errors_come_before_implementation():
 # sparsek_gates(scores, *, topk, window=0, num_queries=None)
 
 
-@pytest.mark.parametrize("scores", [np.zeros((B, S)), np.zeros((B, S, HKV, 1)), "s",
-                                    [[[1.0]]]], ids=["rank2", "rank4", "str", "list"])
+@pytest.mark.parametrize("scores", [np.zeros((B, S)), np.zeros((B, S, HKV, 1))],
+                         ids=["rank2", "rank4"])
 def test_gates_scores_rank(scores):
     with pytest.raises(ValueError, match="scores must have rank 3"):
+        sparsek_gates(scores, topk=2)
+
+
+@pytest.mark.parametrize("scores", ["s", [[[1.0]]], np.zeros((B, S, HKV), np.int32)],
+                         ids=["str", "list", "int32"])
+def test_gates_scores_not_a_float_array(scores):
+    with pytest.raises(TypeError, match="scores must be a"):
         sparsek_gates(scores, topk=2)
 
 
