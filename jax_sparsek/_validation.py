@@ -129,6 +129,17 @@ def _check_dense_window(window, is_causal: bool, num_keys: int) -> int:
     return min(window_int, num_keys)
 
 
+def check_topk_and_window(topk, window, where: str = "") -> tuple[int, int]:
+    """SparseK budget K >= 1 and window W >= 0 (None: 0), as ints."""
+    topk_int = _check_int("topk", topk)
+    if topk_int < 1:
+        raise ValueError(f"topk must be >= 1, got {topk_int}")
+    window_int = 0 if window is None else _check_int("window", window, "an int or None")
+    if window_int < 0:
+        raise ValueError(f"window must be >= 0{where}, got {window_int}")
+    return topk_int, window_int
+
+
 def _check_sparsek_args(scores, topk, window, is_causal: bool, b: int, s: int,
                         hkv: int) -> tuple[int, int]:
     """SparseK mode: scores [B, S, Hkv] floating, topk >= 1, window >= 0, causal."""
@@ -146,12 +157,7 @@ def _check_sparsek_args(scores, topk, window, is_causal: bool, b: int, s: int,
             f"{tuple(scores.shape)}")
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         raise TypeError(f"scores must be a floating-point array, got {_dtype_name(scores.dtype)}")
-    topk_int = _check_int("topk", topk)
-    if topk_int < 1:
-        raise ValueError(f"topk must be >= 1, got {topk_int}")
-    window_int = 0 if window is None else _check_int("window", window, "an int or None")
-    if window_int < 0:
-        raise ValueError(f"window must be >= 0 in the SparseK mode, got {window_int}")
+    topk_int, window_int = check_topk_and_window(topk, window, " in the SparseK mode")
     if not is_causal:
         raise ValueError("the SparseK mode (scores, topk) is causal: pass is_causal=True")
     # A window >= S covers every key of every row; topk >= S selects every key.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._gates import sparsek_thresholds_and_gates
-from ._validation import _check_int
+from ._validation import _check_int, check_topk_and_window
 
 
 def sparsek_gates(scores, *, topk, window=0, num_queries=None):
@@ -31,12 +31,7 @@ def sparsek_gates(scores, *, topk, window=0, num_queries=None):
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         raise TypeError(f"scores must be a floating-point array, got {scores.dtype}")
     num_keys = scores.shape[1]
-    topk = _check_int("topk", topk)
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
-    window = 0 if window is None else _check_int("window", window, "an int or None")
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
+    topk, window = check_topk_and_window(topk, window)
     num_queries = num_keys if num_queries is None else _check_int("num_queries", num_queries)
     if num_queries < 1:
         raise ValueError(f"num_queries must be >= 1, got {num_queries}")
