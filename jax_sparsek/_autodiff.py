@@ -48,14 +48,14 @@ def sparsek_attention_op(query, key, value, scores, config: AttentionConfig):
 
 
 def _sparsek_fwd(query, key, value, scores, config):
-    o, lse, tau = attention_fwd(query, key, value, scores, config)
-    return (o, lse), (query, key, value, scores, o, lse, tau)
+    o, lse, _ = attention_fwd(query, key, value, scores, config)
+    return (o, lse), (query, key, value, scores, o, lse)
 
 
 def _sparsek_bwd(config, residuals, cotangents):
-    query, key, value, scores, o, lse, _ = residuals
+    query, key, value, scores, o, lse = residuals
     d_out, d_lse = cotangents
-    # tau and the gates are recomputed in the scores' precision (the saved tau is float32).
+    # tau and the gates are recomputed in the scores' precision (the forward's tau is float32).
     tau, gates = sparsek_thresholds_and_gates(scores, topk=config.topk, window=config.window,
                                               num_queries=query.shape[1])
     dq, dk, dv, g = gated_attention_bwd_reference(query, key, value, gates, o, lse, d_out,
