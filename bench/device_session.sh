@@ -27,13 +27,21 @@ python3 -c "import jax_sparsek, json; print(jax_sparsek.__file__, json.dumps(jax
 timeout "${TEST_TIMEOUT:-320}" python3 -m pytest -q --durations=10 ${TESTS:-tests} 2>&1 \
   | tee "$OUT/tests.log" | tail -40
 # Outside the source tree, so that the installed package (with its kernels) is imported.
-(cd /tmp && python3 -m jax_sparsek) 2>&1 | tee "$OUT/main_job.log" | tail -20
+if [ "${MAIN_JOB:-1}" = 1 ]; then
+  (cd /tmp && python3 -m jax_sparsek) 2>&1 | tee "$OUT/main_job.log" | tail -20
+fi
 if [ -f bench/torch_compare.py ] && [ "${TORCH_COMPARE:-1}" = 1 ]; then
   (cd /tmp && python3 "$OLDPWD/bench/torch_compare.py") 2>&1 | tee "$OUT/torch_compare.log" | tail -20
 fi
 if [ "${TRAIN:-0}" = 1 ]; then
   (cd /tmp && timeout 150 python3 -m jax_sparsek.train --json "$OUT/train.json") 2>&1 \
     | tee "$OUT/train.log" | tail -32
+fi
+# SPARSEK_BENCH: arguments of bench/sparsek_benchmark.py ("all" for its defaults).
+if [ -n "${SPARSEK_BENCH:-}" ]; then
+  args=${SPARSEK_BENCH/#all/}
+  timeout "${SPARSEK_BENCH_TIMEOUT:-400}" python3 bench/sparsek_benchmark.py $args \
+    --json "$OUT/sparsek.json" 2>&1 | tee "$OUT/sparsek_bench.log"
 fi
 if [ "$#" -gt 0 ]; then
   python3 bench/benchmark.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "attention/params.h"
+#include "selection/selection_params.h"
 
 #define SPARSEK_API __attribute__((visibility("default")))
 
@@ -14,6 +15,14 @@ namespace sparsek {
 // Launches the attention forward on `stream` (a cudaStream_t). Returns an empty string on
 // success, otherwise a message naming the check or CUDA call that failed.
 SPARSEK_API std::string attention_fwd(const AttentionFwdParams& params, void* stream);
+
+// The SparseK selection stage (selection/selection_params.h): tau for every row and the
+// per-query-tile visit plan, on `stream`. Run it before attention_fwd in SparseK mode.
+SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* stream);
+
+// Bytes of device workspace sparsek_select needs (256-byte aligned).
+SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                            int64_t heads_kv);
 
 // "sm_90" for the current device; throws std::runtime_error when there is no CUDA device.
 SPARSEK_API std::string current_device_arch();

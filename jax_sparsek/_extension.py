@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 FFI_TARGET_ATTENTION_FWD = "jax_sparsek_attention_fwd"
+FFI_TARGET_SPARSEK_FWD = "jax_sparsek_sparsek_fwd"
+FFI_TARGET_SPARSEK_SELECT = "jax_sparsek_sparsek_select"
 
 
 _EXTENSION_NAME = "jax_sparsek._jax_sparsek_ext"
@@ -68,6 +70,10 @@ def _register_targets() -> bool:
     if ext is None:
         return False
     jax.ffi.register_ffi_target(FFI_TARGET_ATTENTION_FWD, ext.attention_fwd_handler(),
+                                platform="CUDA")
+    jax.ffi.register_ffi_target(FFI_TARGET_SPARSEK_FWD, ext.sparsek_fwd_handler(),
+                                platform="CUDA")
+    jax.ffi.register_ffi_target(FFI_TARGET_SPARSEK_SELECT, ext.sparsek_select_handler(),
                                 platform="CUDA")
     return True
 

@@ -34,9 +34,13 @@ def attention_fwd(query, key, value, scores, config: AttentionConfig):
     return attention_fwd_p.bind(*operands, config=config)
 
 
-def cuda_kernel_available(config: AttentionConfig) -> bool:
-    """Whether a CUDA kernel implements this configuration (the SparseK one is not built yet)."""
-    return not config.sparsek
+# The SparseK kernels keep one plan row of S / 128 entries in shared memory.
+SPARSEK_CUDA_MAX_KEYS = 8192 * 128
+
+
+def cuda_kernel_available(config: AttentionConfig, num_keys: int) -> bool:
+    """Whether a CUDA kernel implements this configuration."""
+    return not config.sparsek or num_keys <= SPARSEK_CUDA_MAX_KEYS
 
 
 def _reference_impl(query, key, value, *scores, config: AttentionConfig):
@@ -86,9 +90,10 @@ def _default_lowering(ctx, *operands, config: AttentionConfig):
 def _cuda_lowering(ctx, *operands, config: AttentionConfig):
     if config.implementation == "xla":
         return _reference_lowering(ctx, *operands, config=config)
-    if not cuda_kernel_available(config):
+    if not cuda_kernel_available(config, ctx.avals_in[1].shape[1]):
         # implementation='cuda' was refused at trace time (attention.py).
-        _extension.warn_reference_path("the SparseK CUDA kernel is not built yet")
+        _extension.warn_reference_path(
+            f"the SparseK CUDA kernels take at most {SPARSEK_CUDA_MAX_KEYS} keys")
         return _reference_lowering(ctx, *operands, config=config)
     if not _extension.cuda_kernels_built():
         if config.implementation == "cuda":
@@ -96,9 +101,52 @@ def _cuda_lowering(ctx, *operands, config: AttentionConfig):
         _extension.warn_reference_path("jax_sparsek was built without CUDA kernels")
         return _reference_lowering(ctx, *operands, config=config)
     _extension.ensure_cuda_targets()
+    if config.sparsek:
+        return _sparsek_cuda_lowering(ctx, *operands, config=config)
     rule = jax.ffi.ffi_lowering(_extension.FFI_TARGET_ATTENTION_FWD)
     return rule(ctx, *operands, scale=np.float32(config.scale),
                 is_causal=np.int32(config.is_causal), window=np.int64(config.window))
+
+
+def _selection_workspace(batch, num_queries, num_keys, kv_heads):
+    """The uint8 workspace result the SparseK custom calls take (their selection's buffers)."""
+    size = _extension.load_extension().sparsek_workspace_bytes(batch, num_queries, num_keys,
+                                                               kv_heads)
+    return jax.ShapeDtypeStruct((size,), jnp.uint8)
+
+
+def _sparsek_cuda_impl(query, key, value, scores, *, config: AttentionConfig):
+    b, t, hq, _ = query.shape
+    s, hkv = key.shape[1], key.shape[2]
+    call = jax.ffi.ffi_call(
+        _extension.FFI_TARGET_SPARSEK_FWD,
+        (jax.ShapeDtypeStruct(query.shape, query.dtype),
+         jax.ShapeDtypeStruct((b, hq, t), jnp.float32),
+         jax.ShapeDtypeStruct((b, hkv, t), jnp.float32),
+         _selection_workspace(b, t, s, hkv)))
+    # The selection reads float32 scores whatever their dtype (SPARSEK.md).
+    o, lse, tau, _ = call(query, key, value, scores.astype(jnp.float32),
+                          scale=np.float32(config.scale), topk=np.int64(config.topk),
+                          window=np.int64(config.window))
+    return o, lse, tau
+
+
+_sparsek_cuda_lowering = mlir.lower_fun(_sparsek_cuda_impl, multiple_results=True)
+
+
+def sparsek_select_cuda(scores, *, num_queries: int, topk: int, window: int):
+    """The CUDA selection stage alone: tau [B, Hkv, T] (float32) from scores [B, S, Hkv].
+
+    What the SparseK forward runs before its attention kernel; exposed for benchmarks (timing
+    the selection apart) and tests. CUDA only.
+    """
+    _extension.ensure_cuda_targets()
+    b, s, hkv = scores.shape
+    call = jax.ffi.ffi_call(_extension.FFI_TARGET_SPARSEK_SELECT,
+                            (jax.ShapeDtypeStruct((b, hkv, num_queries), jnp.float32),
+                             _selection_workspace(b, num_queries, s, hkv)))
+    tau, _ = call(scores.astype(jnp.float32), topk=np.int64(topk), window=np.int64(window))
+    return tau
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

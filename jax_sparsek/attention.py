@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import _extension
 from ._autodiff import dense_attention, sparsek_attention_op
-from ._primitive import cuda_kernel_available
+from ._primitive import SPARSEK_CUDA_MAX_KEYS, cuda_kernel_available
 from ._validation import check_attention_args
 
 
@@ -38,9 +38,10 @@ def sparsek_attention(query, key, value, scores=None, *, topk=None, window=None,
     config = check_attention_args(query, key, value, scores, topk, window, is_causal, scale,
                                   implementation)
     if config.implementation == "cuda":
-        if not cuda_kernel_available(config):
-            raise NotImplementedError(
-                "implementation='cuda': the SparseK CUDA kernel is not built yet; use "
+        if not cuda_kernel_available(config, key.shape[1]):
+            raise ValueError(
+                f"implementation='cuda': the SparseK CUDA kernels take at most "
+                f"{SPARSEK_CUDA_MAX_KEYS} keys, got key length {key.shape[1]}; use "
                 "implementation=None or 'xla' (the pure-JAX reference)")
         if not _extension.cuda_kernels_built():
             _extension.ensure_cuda_targets()

@@ -8,6 +8,7 @@
 
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
+#include "runtime/scoped_device.h"
 #include "sparsek_api.h"
 
 namespace sparsek {
@@ -35,6 +36,15 @@ std::string check_params(const AttentionFwdParams& p) {
     return "sequence lengths and window must be below 2^31 - 1024";
   }
   if (p.window < 0) return "window must be >= 0";
+  if (p.sparsek) {
+    if (!p.tau || !p.key_u || !p.sorted_u || !p.sorted_key || !p.plan) {
+      return "SparseK mode needs the selection's tau, key_u, sorted_u, sorted_key and plan";
+    }
+    if (p.key_chunks * SelectionTiles::kKeyChunk < p.seqlen_k ||
+        p.key_chunks > SelectionTiles::kMaxChunks) {
+      return "key_chunks does not match seqlen_k";
+    }
+  }
   // 16-byte cp.async copies: every row start must be 16-byte aligned.
   for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.o)}) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
@@ -70,28 +80,6 @@ std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) 
   if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
   return run_attention_fwd<256, Element>(p, stream);
 }
-
-// Makes `device` current for the launch and gives the caller's device back afterwards (the
-// caller, XLA or torch, shares the driver context and must not see it changed).
-class ScopedDevice {
- public:
-  std::string enter(int device) {
-    if (device < 0) return {};
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&previous_));
-    if (previous_ != device) {
-      SPARSEK_RETURN_IF_CUDA_ERROR(cudaSetDevice(device));
-      switched_ = true;
-    }
-    return {};
-  }
-  ~ScopedDevice() {
-    if (switched_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = -1;
-  bool switched_ = false;
-};
 
 }  // namespace
 

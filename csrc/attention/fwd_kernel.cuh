@@ -1,12 +1,15 @@
 // The attention forward kernel (FlashAttention-2 schedule on mma.sync): one CTA per
 // (query tile, query head, batch). Q stays in shared memory; K and V tiles stream through one
-// buffer each, the load of one overlapping the product with the other.
+// buffer each, the load of one overlapping the product with the other. Which key tiles are
+// visited, and how each key is masked or gated, is the KeyVisit policy's (key_visit.cuh:
+// the dense modes; sparse_key_visit.cuh: SparseK).
 #pragma once
 
 #include <cstdint>
 
 #include "attention/epilogue.cuh"
 #include "attention/key_visit.cuh"
+#include "attention/sparse_key_visit.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
 #include "attention/smem_tile.cuh"
@@ -14,7 +17,7 @@
 
 namespace sparsek {
 
-template <typename Cfg, typename Element>
+template <typename Cfg, typename Element, typename KeyVisit>
 __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     attention_fwd_kernel(const __grid_constant__ AttentionFwdParams p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -41,7 +44,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
                      kv_head * p.v_head_stride;
 
-  const DenseKeyVisit<Cfg::kBlockM, Cfg::kBlockN> visit(p, row0);
+  KeyVisit visit(p, row0, batch * p.heads_kv + kv_head, sV + Cfg::kSmemKVElems);
   OnlineSoftmax<Cfg::kMTiles> softmax;
   float acc_o[Cfg::kMTiles][Cfg::kNTilesO][4];
 #pragma unroll
@@ -54,20 +57,21 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   }
   const float scale_log2 = p.scale * 1.44269504088896340736f;
 
-  if (!visit.empty()) {
-    int n = visit.tile_end - 1;
+  const int num_tiles = visit.num_tiles();
+  if (num_tiles > 0) {
+    visit.start(p);
     load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads>(sQ, q, p.q_row_stride, row0,
                                                                  p.seqlen_q, head_dim);
-    load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
-        sK, k, p.k_row_stride, int64_t{n} * Cfg::kBlockN, p.seqlen_k, head_dim);
+    visit.load_keys(sK, k, p.k_row_stride, 0, head_dim);
     sm80::cp_async_commit();
 
-    for (; n >= visit.tile_begin; --n) {
-      // K(n) has landed, and every warp is done with V(n + 1): V(n) may overwrite it.
+    for (int it = 0; it < num_tiles; ++it) {
+      // The key positions of tile it + 1 (SparseK) load while tile it is computed.
+      const auto next = visit.prefetch(p, it + 1);
+      // K(it) has landed, and every warp is done with V(it - 1): V(it) may overwrite it.
       sm80::cp_async_wait<0>();
       __syncthreads();
-      load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
-          sV, v, p.v_row_stride, int64_t{n} * Cfg::kBlockN, p.seqlen_k, head_dim);
+      visit.load_keys(sV, v, p.v_row_stride, it, head_dim);
       sm80::cp_async_commit();
 
       float s[Cfg::kMTiles][Cfg::kNTilesS][4];
@@ -81,28 +85,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           for (int r = 0; r < 4; ++r) s[mt][nt][r] *= scale_log2;
         }
       }
-      if (visit.tile_needs_mask(n)) {
-#pragma unroll
-        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-          for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-              const int row = warp_row0 + mt * 16 + (lane >> 2) + 8 * (r >> 1);
-              const int key = n * Cfg::kBlockN + nt * 8 + (lane & 3) * 2 + (r & 1);
-              if (!visit.visible(row, key)) s[mt][nt][r] = -INFINITY;
-            }
-          }
-        }
-      }
-      softmax.update(s, acc_o);
+      visit.mask_and_update(p, s, acc_o, softmax, it, warp_row0, lane);
+      // Tile it + 1's slot was last read while tile it - 1 was computed.
+      visit.stash(it + 1, next);
 
-      // V(n) has landed, and every warp is done with K(n): K(n - 1) may overwrite it.
+      // V(it) has landed, and every warp is done with K(it): K(it + 1) may overwrite it.
       sm80::cp_async_wait<0>();
       __syncthreads();
-      if (n > visit.tile_begin) {
-        load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
-            sK, k, p.k_row_stride, int64_t{n - 1} * Cfg::kBlockN, p.seqlen_k, head_dim);
+      if (it + 1 < num_tiles) {
+        visit.load_keys(sK, k, p.k_row_stride, it + 1, head_dim);
         sm80::cp_async_commit();
       }
       accumulate_pv<Cfg>(acc_o, s, sV, lane);

@@ -13,14 +13,13 @@
 
 namespace sparsek {
 
-template <int kHeadDim, typename Element>
-std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  using Cfg = typename FwdTileSizes<kHeadDim>::Config;
-  auto kernel = attention_fwd_kernel<Cfg, Element>;
-  constexpr int kSmemBytes = Cfg::kSmemBytes;
-  if (kSmemBytes > 48 * 1024) {
+template <typename Cfg, typename Element, typename KeyVisit>
+std::string launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
+  auto kernel = attention_fwd_kernel<Cfg, Element, KeyVisit>;
+  const size_t smem_bytes = Cfg::kSmemBytes + KeyVisit::smem_bytes(p);
+  if (smem_bytes > 48 * 1024) {
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   }
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
   // gridDim.z is at most 65535: larger batches go in several launches.
@@ -33,12 +32,28 @@ std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) 
     chunk.v = static_cast<const Element*>(p.v) + b0 * p.v_batch_stride;
     chunk.o = static_cast<Element*>(p.o) + b0 * p.o_batch_stride;
     chunk.lse = p.lse + b0 * p.heads_q * p.seqlen_q;
+    if (p.sparsek) {
+      const int64_t heads = b0 * p.heads_kv;
+      const int64_t padded = p.key_chunks * SelectionTiles::kKeyChunk;
+      chunk.tau = p.tau + heads * p.seqlen_q;
+      chunk.key_u = p.key_u + heads * padded;
+      chunk.sorted_u = p.sorted_u + heads * padded;
+      chunk.sorted_key = p.sorted_key + heads * padded;
+      chunk.plan = p.plan + heads * m_blocks * (p.key_chunks + 1);
+    }
     const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
                     static_cast<unsigned>(chunk.batch));
-    kernel<<<grid, Cfg::kNThreads, kSmemBytes, stream>>>(chunk);
+    kernel<<<grid, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }
   return {};
+}
+
+template <int kHeadDim, typename Element>
+std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
+  using Cfg = typename FwdTileSizes<kHeadDim>::Config;
+  if (p.sparsek) return launch_attention_fwd<Cfg, Element, SparseKKeyVisit<Cfg>>(p, stream);
+  return launch_attention_fwd<Cfg, Element, DenseKeyVisit<Cfg>>(p, stream);
 }
 
 }  // namespace sparsek

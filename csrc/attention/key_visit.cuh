@@ -1,27 +1,42 @@
-// Which key tiles a query tile visits, and which keys each of its rows sees.
+// Which keys a query tile visits, and which keys each of its rows sees: the dense modes.
 //
-// The mainloop asks this component for a range of key tiles and for each tile whether any
-// key in it is hidden from any row (only those tiles pay for per-element masking). The dense
-// modes are a contiguous range: full, causal (keys j <= p(i)) and the causal sliding window
-// (p(i) - W < j <= p(i)), with bottom-right alignment p(i) = i + S - T.
+// A key-visit policy is what the mainloop (fwd_kernel.cuh) asks, tile by tile, for
+//   num_tiles()                    how many key tiles of kBlockN keys the query tile visits;
+//   load_keys(smem, gmem, ..., it) the copy of the K or V rows of tile `it`;
+//   prefetch(it) / stash(it, ...)  (SparseK) fetching tile it's key positions a step early;
+//   mask_and_update(...)           hiding the keys a row does not see, weighing the others,
+//                                  and the online-softmax update.
+// The dense modes are a contiguous range of key tiles: full, causal (keys j <= p(i)) and the
+// causal sliding window (p(i) - W < j <= p(i)), with bottom-right alignment
+// p(i) = i + S - T. The SparseK policy is sparse_key_visit.cuh.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
+#include "attention/online_softmax.cuh"
 #include "attention/params.h"
+#include "attention/smem_tile.cuh"
 
 namespace sparsek {
 
-template <int kBlockM, int kBlockN>
+template <typename Cfg>
 struct DenseKeyVisit {
+  static constexpr int kBlockM = Cfg::kBlockM;
+  static constexpr int kBlockN = Cfg::kBlockN;
+  struct Prefetch {};
+
   int seqlen_k;
   int row_offset;  // S - T: row i sits at position i + row_offset
   int window;      // 0: none
   bool causal;
-  int row_lo, row_hi;      // first and last valid query row of the tile
-  int tile_begin, tile_end;  // key tiles [tile_begin, tile_end)
+  int row_lo, row_hi;        // first and last valid query row of the tile
+  int tile_begin, tile_end;  // key tiles [tile_begin, tile_end), visited last to first
 
-  __device__ __forceinline__ DenseKeyVisit(const AttentionFwdParams& p, int row0)
+  static size_t smem_bytes(const AttentionFwdParams&) { return 0; }
+
+  __device__ __forceinline__ DenseKeyVisit(const AttentionFwdParams& p, int row0, int64_t,
+                                           void*)
       : seqlen_k(static_cast<int>(p.seqlen_k)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)),
         window(static_cast<int>(p.window)),
@@ -40,7 +55,23 @@ struct DenseKeyVisit {
     }
   }
 
-  __device__ __forceinline__ bool empty() const { return tile_end <= tile_begin; }
+  __device__ __forceinline__ int num_tiles() const { return tile_end - tile_begin; }
+  __device__ __forceinline__ void start(const AttentionFwdParams&) {}
+  __device__ __forceinline__ Prefetch prefetch(const AttentionFwdParams&, int) const {
+    return {};
+  }
+  __device__ __forceinline__ void stash(int, const Prefetch&) {}
+
+  // Under causal masking the last key tiles are the ones that need masks: visiting them
+  // first starts the running max from the diagonal.
+  __device__ __forceinline__ int key_tile(int it) const { return tile_end - 1 - it; }
+
+  template <typename Element>
+  __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
+                                            int64_t row_stride, int it, int head_dim) const {
+    load_tile_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+        tile, gmem, row_stride, int64_t{key_tile(it)} * kBlockN, seqlen_k, head_dim);
+  }
 
   // True when some key of tile n is hidden from some row of the query tile.
   __device__ __forceinline__ bool tile_needs_mask(int n) const {
@@ -53,6 +84,28 @@ struct DenseKeyVisit {
   __device__ __forceinline__ bool visible(int row, int key) const {
     const int pos = row + row_offset;
     return key < seqlen_k && (!causal || key <= pos) && (window == 0 || key > pos - window);
+  }
+
+  template <typename Softmax, typename Scores, typename Acc>
+  __device__ __forceinline__ void mask_and_update(const AttentionFwdParams&, Scores& s,
+                                                  Acc& acc_o, Softmax& softmax, int it,
+                                                  int warp_row0, int lane) const {
+    const int n = key_tile(it);
+    if (tile_needs_mask(n)) {
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int row = warp_row0 + mt * 16 + (lane >> 2) + 8 * (r >> 1);
+            const int key = n * kBlockN + nt * 8 + (lane & 3) * 2 + (r & 1);
+            if (!visible(row, key)) s[mt][nt][r] = -INFINITY;
+          }
+        }
+      }
+    }
+    softmax.update(s, acc_o, UnitGate{});
   }
 };
 

@@ -26,6 +26,11 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The gate of the dense modes: every visible key weighs 1.
+struct UnitGate {
+  __device__ __forceinline__ float operator()(int, int, int) const { return 1.f; }
+};
+
 template <int kMTiles>
 struct OnlineSoftmax {
   float row_max[kMTiles][2];  // running max of scaled scores (log2 domain)
@@ -42,11 +47,14 @@ struct OnlineSoftmax {
     }
   }
 
-  // Turns the scores of one key tile into unnormalised probabilities in place, and rescales
-  // the output accumulator to the new running max.
-  template <int kNTilesS, int kNTilesO>
+  // Turns the scores of one key tile into unnormalised probabilities in place, each
+  // multiplied by its gate gate(mt, nt, r) (SparseK; 1 in the dense modes), and rescales the
+  // output accumulator to the new running max. Keys with gate 0 must arrive as -inf, so that
+  // the running max is taken over the keys that count.
+  template <int kNTilesS, int kNTilesO, typename Gate>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTilesS][4],
-                                         float (&acc_o)[kMTiles][kNTilesO][4]) {
+                                         float (&acc_o)[kMTiles][kNTilesO][4],
+                                         const Gate& gate) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -63,8 +71,8 @@ struct OnlineSoftmax {
         float tile_sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
-          const float p0 = fast_exp2(s[mt][nt][2 * h] - base);
-          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base);
+          const float p0 = fast_exp2(s[mt][nt][2 * h] - base) * gate(mt, nt, 2 * h);
+          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base) * gate(mt, nt, 2 * h + 1);
           s[mt][nt][2 * h] = p0;
           s[mt][nt][2 * h + 1] = p1;
           tile_sum += p0 + p1;

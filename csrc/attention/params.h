@@ -35,6 +35,16 @@ struct AttentionFwdParams {
   DType dtype = DType::kFloat16;
   int32_t device = -1;    // CUDA device ordinal of the buffers; -1: the current device
 
+  // SparseK mode: the selection stage's results (selection/selection_params.h), read by the
+  // attention kernel instead of the dense masks. Always causal; `window` is W.
+  bool sparsek = false;
+  const float* tau = nullptr;           // [B, Hkv, T]
+  const float* key_u = nullptr;         // [B * Hkv, key_chunks * kKeyChunk]
+  const float* sorted_u = nullptr;      // same layout, each chunk sorted
+  const int32_t* sorted_key = nullptr;  // same layout
+  const int32_t* plan = nullptr;        // [B * Hkv, query tiles, key_chunks + 1]
+  int64_t key_chunks = 0;
+
   // Fills the strides of contiguous [B, T, H, D] tensors.
   void set_contiguous_strides() {
     q_head_stride = head_dim;

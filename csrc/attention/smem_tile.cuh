@@ -52,4 +52,28 @@ __device__ __forceinline__ void load_tile_async(Element* tile, const Element* gm
   }
 }
 
+// The same copy for a gathered tile: row r of the tile is row keys[r] of the slice, and a
+// negative entry is a padding row (zero-filled).
+template <int kRows, int kHeadDim, int kNThreads, typename Element>
+__device__ __forceinline__ void load_rows_gathered_async(Element* tile, const Element* gmem,
+                                                         int64_t row_stride, const int* keys,
+                                                         int head_dim) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = kNThreads / kChunksPerRow;
+  static_assert(kNThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0 &&
+                    kRowsPerPass % 8 == 0,
+                "each thread copies the same chunk column of rows kRowsPerPass apart");
+  const int r = static_cast<int>(threadIdx.x) / kChunksPerRow;
+  const int c = static_cast<int>(threadIdx.x) % kChunksPerRow;
+  const bool column_valid = c * 8 < head_dim;
+  Element* dst = tile + swizzled_offset<kHeadDim>(r, c);
+#pragma unroll 1
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int key = keys[r + i * kRowsPerPass];
+    const bool valid = column_valid && key >= 0;
+    const Element* src = gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + c * 8;
+    sm80::cp_async_16(dst + i * kRowsPerPass * kHeadDim, src, valid);
+  }
+}
+
 }  // namespace sparsek

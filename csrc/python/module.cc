@@ -68,6 +68,15 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("attention_fwd_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_attention_fwd)); },
         "XLA FFI handler of the attention forward, as a capsule for jax.ffi");
+  m.def("sparsek_fwd_handler",
+        []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_fwd)); },
+        "XLA FFI handler of the SparseK forward (selection + attention), as a capsule");
+  m.def("sparsek_workspace_bytes", &sparsek::sparsek_workspace_bytes, nb::arg("batch"),
+        nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
+        "Bytes of device workspace the SparseK selection stage needs");
+  m.def("sparsek_select_handler",
+        []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },
+        "XLA FFI handler of the SparseK selection stage alone (tau from scores)");
   m.def("attention_fwd_pointers", &attention_fwd_pointers, nb::arg("q"), nb::arg("k"),
         nb::arg("v"), nb::arg("o"), nb::arg("lse"), nb::arg("batch"), nb::arg("seqlen_q"),
         nb::arg("seqlen_k"), nb::arg("heads_q"), nb::arg("heads_kv"), nb::arg("head_dim"),

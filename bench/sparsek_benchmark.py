@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""SparseK forward benchmark: the selection stage plus the sparse attention kernel against
+dense causal attention (cuDNN through jax.nn.dot_product_attention, and our dense kernel).
+
+    python bench/sparsek_benchmark.py                       # S = 8k, 32k, 128k; fp16, bf16
+    python bench/sparsek_benchmark.py --seq 32768 --dtype fp16 --sigma 1 --json out.json
+
+Config (issue 3): B=1, Hq=32, Hkv=8, D=128, topk K=2048, window W=512, T = S. Scores are
+random normal u ~ N(0, sigma^2) per key and kv head (--sigma, default both 1 and 4): the
+spread of the scores decides how many keys get a fractional gate (0 < m < 1), and so how
+many keys past K each row attends. Both are reported.
+
+Timed, each as one jitted program over distinct input sets, median over --reps:
+    ours      sparsek_attention(q, k, v, scores, topk=K, window=W, implementation='cuda')
+              (selection + attention, end to end)
+    select    the selection stage alone (jax_sparsek._primitive.sparsek_select_cuda)
+    cudnn     jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+    dense     sparsek_attention(q, k, v, is_causal=True, implementation='cuda')
+Effective TFLOP/s count only the pairs attended: 4 * Hq * D * sum_i |{j : m_ij > 0}|, with
+the pairs counted exactly on the GPU from the selection's tau (window keys plus the domain
+keys with u_j > tau_i). The attention-only time is ours - select.
+
+Correctness: before timing, 64 rows spread over the sequence (kv head 0 and its 4 query
+heads) are recomputed in float32 from their whole prefix (the reference's threshold solver,
+its gates, a gated softmax) and compared with ours; over the SPARSEK.md tolerance the row is
+marked INVALID and the exit code is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+try:
+    import jax_sparsek  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jax_sparsek import sparsek_attention  # noqa: E402
+from jax_sparsek._gates import _capped_simplex_threshold  # noqa: E402
+from jax_sparsek._primitive import sparsek_select_cuda  # noqa: E402
+from jax_sparsek._reference import gated_attention_reference  # noqa: E402
+
+B, HQ, HKV, D, TOPK, WINDOW = 1, 32, 8, 128, 2048, 512
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2}
+DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
+SET_BYTES_LIMIT = 3 * 2**30
+
+
+def make_inputs(seq, dtype, sigma, num_sets, seed=0):
+    sets = []
+    for i in range(num_sets):
+        kq, kk, kv, ku = jax.random.split(jax.random.PRNGKey(seed * 1000 + i), 4)
+        q = jax.random.normal(kq, (B, seq, HQ, D), dtype)
+        k = jax.random.normal(kk, (B, seq, HKV, D), dtype)
+        v = jax.random.normal(kv, (B, seq, HKV, D), dtype)
+        u = sigma * jax.random.normal(ku, (B, seq, HKV), jnp.float32)
+        sets.append((q, k, v, u))
+    return sets
+
+
+def time_program(fn, sets, iters, reps):
+    """Median seconds per call of fn, run once on every input set inside one jit program."""
+    program = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
+    jax.block_until_ready(program(sets))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = program(sets)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / (iters * len(sets)))
+    return statistics.median(times)
+
+
+@functools.partial(jax.jit, static_argnames=("seq",))
+def attended_pairs(u, tau, *, seq):
+    """sum over kv heads and rows of |{j : m_ij > 0}| (T = S)."""
+    rows_per_step = 256
+    u_heads = jnp.moveaxis(u[0], 0, 1)  # [Hkv, S]
+    keys = jnp.arange(seq)
+
+    def step(start):
+        rows = start + jnp.arange(rows_per_step)
+        domain_end = jnp.clip(rows - WINDOW + 1, 0, seq)                 # p(i) = i
+        window = jnp.minimum(rows + 1, WINDOW)
+        t = jax.lax.dynamic_slice_in_dim(tau[0], start, rows_per_step, axis=1)  # [Hkv, r]
+        inside = keys[None, :] < domain_end[:, None]                      # [r, S]
+        selected = (u_heads[:, None, :] > t[:, :, None]) & inside[None]
+        return jnp.sum(selected, dtype=jnp.int32).astype(jnp.float32) + HKV * jnp.sum(window).astype(jnp.float32)
+
+    starts = jnp.arange(0, seq, rows_per_step)
+    return jnp.sum(jax.lax.map(step, starts))
+
+
+def check_rows(q, k, v, u, out, dtype_name, seq):
+    """Relative error of ours on 64 rows recomputed in float32 from their whole prefix."""
+    rows = np.unique(np.concatenate([np.linspace(0, seq - 1, 60).astype(int),
+                                     [0, 1, seq // 2, seq - 1]]))
+    u0 = u[0, :, 0].astype(jnp.float32)
+    domain_end = np.clip(rows - WINDOW + 1, 0, seq)
+    keys = np.arange(seq)
+    in_domain = keys[None, :] < domain_end[:, None]
+    tau = _capped_simplex_threshold(jnp.where(in_domain, u0[None, :], -jnp.inf), TOPK)
+    in_window = (keys[None, :] <= rows[:, None]) & (keys[None, :] > rows[:, None] - WINDOW)
+    gates = jnp.where(in_window, 1.0, jnp.where(in_domain, jnp.clip(u0[None] - tau[:, None],
+                                                                    0.0, 1.0), 0.0))
+    group = HQ // HKV
+    qs = q[:, rows, :group]
+    ref, _ = gated_attention_reference(qs, k[:, :, :1], v[:, :, :1], gates[None, None],
+                                       1.0 / np.sqrt(D))
+    got = out[:, rows, :group].astype(jnp.float32)
+    ref = ref.astype(jnp.float32)
+    err = float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+    return err, err <= TOLERANCE[dtype_name]
+
+
+def run(seq, dtype_key, sigmas, iters, reps):
+    dtype = DTYPES[dtype_key]
+    dtype_name = jnp.dtype(dtype).name
+    set_bytes = seq * (HQ + 2 * HKV) * D * 2 + seq * HQ * D * 2
+    num_sets = int(max(1, min(4, SET_BYTES_LIMIT // set_bytes)))
+    results = []
+    sparse = functools.partial(sparsek_attention, topk=TOPK, window=WINDOW, is_causal=True,
+                               implementation="cuda")
+    select = functools.partial(sparsek_select_cuda, num_queries=seq, topk=TOPK, window=WINDOW)
+    dense_pairs = B * HQ * seq * (seq + 1) // 2
+    baseline = None
+    for sigma in sigmas:
+        sets = make_inputs(seq, dtype, sigma, num_sets)
+        q, k, v, u = sets[0]
+        out = jax.block_until_ready(jax.jit(sparse)(q, k, v, u))
+        err, ok = check_rows(q, k, v, u, out, dtype_name, seq)
+        tau = jax.block_until_ready(jax.jit(select)(u))
+        pairs = int(attended_pairs(u, tau, seq=seq)) * (HQ // HKV)
+        t_ours = time_program(sparse, sets, iters, reps)
+        t_select = time_program(lambda q_, k_, v_, u_: select(u_), sets, iters, reps)
+        if baseline is None:
+            dense_sets = [s[:3] for s in sets]
+            cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                      implementation="cudnn")
+            dense = functools.partial(sparsek_attention, is_causal=True, implementation="cuda")
+            dense_iters = max(1, iters // 4)
+            baseline = {"cudnn_s": time_program(cudnn, dense_sets, dense_iters, reps),
+                        "dense_s": time_program(dense, dense_sets, dense_iters, reps)}
+        flop_per_pair = 4 * D
+        t_attn = t_ours - t_select
+        r = {
+            "seq": seq, "dtype": dtype_name, "sigma": sigma, "topk": TOPK, "window": WINDOW,
+            "rel_err": err, "valid": ok,
+            "keys_per_row": pairs / (B * HQ * seq),
+            "ours_s": t_ours, "select_s": t_select, "attention_s": t_attn,
+            **baseline,
+            "speedup_vs_cudnn": baseline["cudnn_s"] / t_ours,
+            "select_share": t_select / t_attn,
+            "sparse_tflops": flop_per_pair * pairs / t_attn / 1e12,
+            "e2e_tflops": flop_per_pair * pairs / t_ours / 1e12,
+            "dense_tflops": flop_per_pair * dense_pairs / baseline["dense_s"] / 1e12,
+            "cudnn_tflops": flop_per_pair * dense_pairs / baseline["cudnn_s"] / 1e12,
+        }
+        r["sparse_vs_dense_efficiency"] = r["sparse_tflops"] / r["dense_tflops"]
+        results.append(r)
+        print(f"S={seq:6d} {dtype_name:8s} sigma={sigma:g}: keys/row {r['keys_per_row']:7.1f} "
+              f"| ours {t_ours * 1e3:8.3f} ms (select {t_select * 1e3:7.3f} ms = "
+              f"{100 * r['select_share']:4.1f}% of attention) | cudnn causal "
+              f"{baseline['cudnn_s'] * 1e3:8.3f} ms -> {r['speedup_vs_cudnn']:5.2f}x | sparse "
+              f"{r['sparse_tflops']:5.1f} TFLOP/s = {100 * r['sparse_vs_dense_efficiency']:4.1f}% "
+              f"of our dense ({r['dense_tflops']:5.1f}; cudnn {r['cudnn_tflops']:5.1f}) | "
+              f"err {err:.1e}{'' if ok else ' INVALID'}", flush=True)
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
+    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0])
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("sparsek_benchmark: no GPU visible to JAX; nothing to time.")
+        return 0
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}; jax {jax.__version__}")
+    results = []
+    for seq in args.seq:
+        for dt in args.dtype:
+            results += run(seq, dt, args.sigma, args.iters, args.reps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev.device_kind, "results": results}, f, indent=1)
+    return 0 if all(r["valid"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+// The SparseK key-visit policy (see key_visit.cuh for the interface): the keys the selection
+// stage planned for this query tile (selection/selection_params.h), gathered, and each
+// (row, key) weighed by its gate m_ij (SPARSEK.md, "Gates").
+//
+// A query tile visits, in this order,
+//   1. the candidates of the whole chunks of its first row's sparse domain: for chunk c, the
+//      first cnt_c keys of the chunk sorted by score (the plan holds the prefix sums of
+//      cnt_c). Every row of the tile has all those keys in its sparse domain, so their gate
+//      is clip(u_j - tau_i, 0, 1), nothing else;
+//   2. the contiguous range from the end of those chunks to the last row's position: the
+//      rest of the domain, the keys later rows add to it, and the window band. Those keys
+//      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
+// Key positions and scores of tile it + 1 are fetched while tile it is computed, into one
+// of two shared-memory slots.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "attention/online_softmax.cuh"
+#include "attention/params.h"
+#include "attention/smem_tile.cuh"
+#include "selection/selection_params.h"
+
+namespace sparsek {
+
+template <typename Cfg>
+struct SparseKKeyVisit {
+  static constexpr int kBlockM = Cfg::kBlockM;
+  static constexpr int kBlockN = Cfg::kBlockN;
+  static constexpr int kChunk = SelectionTiles::kKeyChunk;
+  static_assert(kBlockM == SelectionTiles::kQueryTile, "the plan is made per attention tile");
+
+  struct Prefetch {
+    int key;
+    float u;
+  };
+
+  // Shared memory past the Q, K and V tiles, from `smem`: u [2][kBlockN] and key [2][kBlockN]
+  // of the key tiles in flight (key -1: padding), tau [kBlockM] of the query rows (+inf past
+  // T), and the plan row [chunks + 1]. Only what the mainloop needs stays in registers; the
+  // rest is re-read from the kernel parameters.
+  static constexpr int kKeyOffset = 2 * kBlockN;
+  static constexpr int kTauOffset = 4 * kBlockN;
+  static constexpr int kPlanOffset = 4 * kBlockN + kBlockM;
+  float* smem;
+  int chunks;          // whole chunks in the first row's domain
+  int candidates;      // keys listed by the plan
+  int tail_begin, tail_len;
+
+  __device__ __forceinline__ float* s_u(int it) const { return smem + (it & 1) * kBlockN; }
+  __device__ __forceinline__ int* s_key(int it) const {
+    return reinterpret_cast<int*>(smem + kKeyOffset) + (it & 1) * kBlockN;
+  }
+  __device__ __forceinline__ float* s_tau() const { return smem + kTauOffset; }
+  __device__ __forceinline__ int* s_plan() const {
+    return reinterpret_cast<int*>(smem + kPlanOffset);
+  }
+  __device__ __forceinline__ int sparse_tiles() const {
+    return (candidates + kBlockN - 1) / kBlockN;
+  }
+  __device__ __forceinline__ static int64_t key_base(const AttentionFwdParams& p) {
+    const int64_t batch_head =
+        static_cast<int64_t>(blockIdx.z) * p.heads_kv +
+        static_cast<int>(blockIdx.y) / static_cast<int>(p.heads_q / p.heads_kv);
+    return batch_head * p.key_chunks * kChunk;
+  }
+
+  // Shared memory past the Q, K and V tiles.
+  static size_t smem_bytes(const AttentionFwdParams& p) {
+    return (static_cast<size_t>(p.key_chunks) + 1 + 2 * kBlockN) * sizeof(int) +
+           (2 * kBlockN + kBlockM) * sizeof(float);
+  }
+
+  __device__ __forceinline__ SparseKKeyVisit(const AttentionFwdParams& p, int row0,
+                                             int64_t batch_head, void* smem_begin)
+      : smem(static_cast<float*>(smem_begin)) {
+    const int seqlen_q = static_cast<int>(p.seqlen_q);
+    const int seqlen_k = static_cast<int>(p.seqlen_k);
+    const int row_hi = min(row0 + kBlockM, seqlen_q) - 1;
+    const int domain =
+        static_cast<int>(sparse_domain_end(row0, seqlen_q, seqlen_k, p.window));
+    chunks = domain / kChunk;
+    tail_begin = chunks * kChunk;
+    tail_len = max(0, row_hi + seqlen_k - seqlen_q - tail_begin + 1);
+
+    const int tile = row0 / kBlockM;
+    const int32_t* plan = p.plan + (batch_head * ((p.seqlen_q + kBlockM - 1) / kBlockM) + tile) *
+                                       (p.key_chunks + 1);
+    for (int i = threadIdx.x; i <= chunks; i += Cfg::kNThreads) s_plan()[i] = plan[i];
+    const float* tau = p.tau + batch_head * p.seqlen_q;
+    for (int i = threadIdx.x; i < kBlockM; i += Cfg::kNThreads) {
+      s_tau()[i] = row0 + i < seqlen_q ? tau[row0 + i] : INFINITY;
+    }
+    __syncthreads();
+    candidates = s_plan()[chunks];
+  }
+
+  __device__ __forceinline__ int num_tiles() const {
+    return sparse_tiles() + (tail_len + kBlockN - 1) / kBlockN;
+  }
+
+  // Thread t < kBlockN fetches the key of row t of key tile `it`. (The selection's pointers
+  // are read from the kernel parameters when needed rather than kept in registers.)
+  __device__ __forceinline__ Prefetch prefetch(const AttentionFwdParams& p, int it) const {
+    Prefetch f{-1, -INFINITY};
+    const int t = threadIdx.x;
+    if (t >= kBlockN) return f;
+    const int sparse = sparse_tiles();
+    const int* plan = s_plan();
+    if (it < sparse) {
+      const int r = it * kBlockN + t;
+      if (r < candidates) {
+        int lo = 0, hi = chunks;  // s_plan[lo] <= r < s_plan[hi]
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) >> 1;
+          if (plan[mid] <= r) {
+            lo = mid;
+          } else {
+            hi = mid;
+          }
+        }
+        const int64_t entry = key_base(p) + lo * kChunk + (r - plan[lo]);
+        f.key = p.sorted_key[entry];
+        f.u = p.sorted_u[entry];
+      }
+    } else {
+      const int q = (it - sparse) * kBlockN + t;
+      if (q < tail_len) {
+        f.key = tail_begin + q;
+        f.u = p.key_u[key_base(p) + f.key];
+      }
+    }
+    return f;
+  }
+
+  __device__ __forceinline__ void stash(int it, const Prefetch& f) {
+    if (static_cast<int>(threadIdx.x) < kBlockN) {
+      s_key(it)[threadIdx.x] = f.key;
+      s_u(it)[threadIdx.x] = f.u;
+    }
+  }
+
+  __device__ __forceinline__ void start(const AttentionFwdParams& p) {
+    stash(0, prefetch(p, 0));
+    __syncthreads();
+  }
+
+  template <typename Element>
+  __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
+                                            int64_t row_stride, int it, int head_dim) const {
+    load_rows_gathered_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+        tile, gmem, row_stride, s_key(it), head_dim);
+  }
+
+  // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out
+  // as 0 and 1: saturation turns the NaN of -inf - -inf into 0.
+  struct ChunkGate {
+    const float* u;
+    float tau[Cfg::kMTiles][2];
+    int lane;
+    __device__ __forceinline__ float operator()(int mt, int nt, int r) const {
+      return __saturatef(u[nt * 8 + (lane & 3) * 2 + (r & 1)] - tau[mt][r >> 1]);
+    }
+  };
+
+  struct RangeGate {
+    const float* u;
+    const int* key;
+    float tau[Cfg::kMTiles][2];
+    int pos0;  // position of the thread's first row
+    int window;
+    int lane;
+    __device__ __forceinline__ float operator()(int mt, int nt, int r) const {
+      const int col = nt * 8 + (lane & 3) * 2 + (r & 1);
+      const int j = key[col];
+      const int p = pos0 + mt * 16 + 8 * (r >> 1);
+      if (j < 0 || j > p) return 0.f;
+      if (j > p - window) return 1.f;
+      return __saturatef(u[col] - tau[mt][r >> 1]);
+    }
+  };
+
+  // The gate enters as log2(m) added to the (log2-domain) score: exp2(s + log2 m - max) =
+  // m * exp2(s - max), and a key with m = 0 becomes -inf, outside the running max. (Gates of
+  // 1 add exactly 0.) Multiplying after the exponential instead would keep the gates, or the
+  // inputs to recompute them, alive through the softmax: registers this kernel lacks.
+  template <typename Gate, typename Softmax, typename Scores, typename Acc>
+  __device__ __forceinline__ static void gate_and_update(const Gate& gate, Scores& s, Acc& acc_o,
+                                                         Softmax& softmax) {
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float m = gate(mt, nt, r);
+          s[mt][nt][r] = m > 0.f ? s[mt][nt][r] + __log2f(m) : -INFINITY;
+        }
+      }
+    }
+    softmax.update(s, acc_o, UnitGate{});
+  }
+
+  template <typename Softmax, typename Scores, typename Acc>
+  __device__ __forceinline__ void mask_and_update(const AttentionFwdParams& p, Scores& s,
+                                                  Acc& acc_o, Softmax& softmax, int it,
+                                                  int warp_row0, int lane) const {
+    const int local0 = warp_row0 % kBlockM;
+    const float* s_tau_rows = s_tau();
+    if (it < sparse_tiles()) {
+      ChunkGate gate;
+      gate.u = s_u(it);
+      gate.lane = lane;
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
+        }
+      }
+      gate_and_update(gate, s, acc_o, softmax);
+    } else {
+      RangeGate gate;
+      gate.u = s_u(it);
+      gate.key = s_key(it);
+      gate.window = static_cast<int>(p.window);
+      gate.lane = lane;
+      gate.pos0 = warp_row0 + (lane >> 2) + static_cast<int>(p.seqlen_k - p.seqlen_q);
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
+        }
+      }
+      gate_and_update(gate, s, acc_o, softmax);
+    }
+  }
+};
+
+}  // namespace sparsek

@@ -1,0 +1,105 @@
+// Warp and block reductions of the selection kernels. Every thread of the block gets the
+// result; the block reductions end with a barrier, so the scratch can be reused at once.
+#pragma once
+
+#include <cmath>
+
+namespace sparsek {
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_min(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = fminf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// Sums kN doubles over the block. scratch: kNThreads / 32 * kN doubles of shared memory.
+template <int kNThreads, int kN>
+__device__ __forceinline__ void block_sum(double (&x)[kN], double* scratch) {
+  constexpr int kWarps = kNThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int e = 0; e < kN; ++e) {
+    const double w = warp_sum(x[e]);
+    if (lane == 0) scratch[warp * kN + e] = w;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int e = 0; e < kN; ++e) {
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += scratch[w * kN + e];
+    x[e] = total;
+  }
+  __syncthreads();
+}
+
+// Minimum and maximum over the block. scratch: 2 * kNThreads / 32 floats.
+template <int kNThreads>
+__device__ __forceinline__ void block_min_max(float& lo, float& hi, float* scratch) {
+  constexpr int kWarps = kNThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  lo = warp_min(lo);
+  hi = warp_max(hi);
+  if (lane == 0) {
+    scratch[warp] = lo;
+    scratch[kWarps + warp] = hi;
+  }
+  __syncthreads();
+  lo = INFINITY;
+  hi = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    lo = fminf(lo, scratch[w]);
+    hi = fmaxf(hi, scratch[kWarps + w]);
+  }
+  __syncthreads();
+}
+
+}  // namespace sparsek
+
+namespace sparsek {
+
+// Exclusive prefix sum of one int per thread over the block; also returns the block total.
+// scratch: kNThreads / 32 ints.
+template <int kNThreads>
+__device__ __forceinline__ int block_exclusive_scan(int x, int& total, int* scratch) {
+  constexpr int kWarps = kNThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int inclusive = x;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += y;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int s = scratch[w];
+    if (w < warp) before += s;
+    total += s;
+  }
+  __syncthreads();
+  return before + inclusive - x;
+}
+
+}  // namespace sparsek

@@ -1,0 +1,96 @@
+// Plain parameters of the SparseK selection stage (SPARSEK.md, "Gates"), and the layout of
+// the workspace it shares with the attention kernel. No framework types.
+//
+// The selection turns the scores u [B, S, Hkv] into
+//   - tau [B, Hkv, T]: every row's exact threshold (-inf when the row's sparse domain holds
+//     at most K keys), and
+//   - a visit plan per (batch, kv head, query tile of kQueryTile rows): keys are cut into
+//     chunks of kKeyChunk positions, each chunk stored sorted by score (descending), and the
+//     plan holds, for the chunks that lie wholly inside the tile's first row's sparse domain,
+//     the exclusive prefix sums of how many keys of each chunk score above that row's tau.
+//     Those keys are a prefix of each sorted chunk, and every key any row of the tile selects
+//     from those chunks is among them (tau never decreases down the rows). The keys after the
+//     last whole chunk, window band included, are visited as one contiguous range.
+// Memory: O(S) for the sorted chunks and O(T * S / (kQueryTile * kKeyChunk)) for the plan.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define SPARSEK_HOST_DEVICE __host__ __device__
+#else
+#define SPARSEK_HOST_DEVICE
+#endif
+
+namespace sparsek {
+
+struct SelectionTiles {
+  static constexpr int kQueryTile = 128;   // rows per query tile: the attention kBlockM
+  static constexpr int kKeyChunk = 128;    // key positions per sorted chunk
+  static constexpr int kAnchorEvery = 16;  // query tiles between two anchor thresholds
+  static constexpr int kMaxChunks = 8192;  // the attention CTA keeps a plan row in smem
+};
+
+// Sizes of the selection's buffers for one problem; offsets are in bytes from the start of
+// the workspace, each a multiple of 256.
+struct SelectionLayout {
+  int64_t batch_heads = 0;  // B * Hkv
+  int64_t chunks = 0;       // ceil(S / kKeyChunk)
+  int64_t tiles = 0;        // ceil(T / kQueryTile)
+  int64_t anchors = 0;      // rows 0, kAnchorEvery tiles apart, ..., and T - 1
+  int64_t key_u_offset = 0, sorted_u_offset = 0, sorted_key_offset = 0;
+  int64_t anchor_tau_offset = 0, plan_offset = 0;
+  int64_t workspace_bytes = 0;
+
+  SPARSEK_HOST_DEVICE int64_t padded_keys() const { return chunks * SelectionTiles::kKeyChunk; }
+  SPARSEK_HOST_DEVICE int64_t plan_row() const { return chunks + 1; }
+};
+
+// Exported from the kernel library (the FFI and nanobind glue call it).
+__attribute__((visibility("default"))) SelectionLayout make_selection_layout(
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_kv);
+
+struct SparseKSelectParams {
+  const float* scores = nullptr;  // u [B, S, Hkv], float32, strides in elements
+  int64_t scores_batch_stride = 0, scores_row_stride = 0, scores_head_stride = 0;
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, heads_kv = 0;
+  int64_t topk = 0;    // K >= 1
+  int64_t window = 0;  // W >= 0
+  float* tau = nullptr;     // [B, Hkv, T] result
+  void* workspace = nullptr;  // make_selection_layout(...).workspace_bytes, 16-byte aligned
+  int32_t device = -1;
+};
+
+// Typed views of the workspace (what the kernels of both stages read and write).
+struct SelectionBuffers {
+  float* key_u;        // [B*Hkv, padded_keys] scores in key order, -inf past S
+  float* sorted_u;     // [B*Hkv, padded_keys] each chunk sorted, descending
+  int32_t* sorted_key; // [B*Hkv, padded_keys] key position of each sorted entry (-1: none)
+  float* anchor_tau;   // [B*Hkv, anchors]
+  int32_t* plan;       // [B*Hkv, tiles, chunks + 1]
+};
+
+inline SelectionBuffers selection_buffers(const SelectionLayout& l, void* workspace) {
+  char* base = static_cast<char*>(workspace);
+  return {reinterpret_cast<float*>(base + l.key_u_offset),
+          reinterpret_cast<float*>(base + l.sorted_u_offset),
+          reinterpret_cast<int32_t*>(base + l.sorted_key_offset),
+          reinterpret_cast<float*>(base + l.anchor_tau_offset),
+          reinterpret_cast<int32_t*>(base + l.plan_offset)};
+}
+
+// Row i's sparse domain is the key positions [0, sparse_domain_end(i)) (SPARSEK.md:
+// j <= p(i) - W with p(i) = i + S - T), before removing -inf scores.
+SPARSEK_HOST_DEVICE inline int64_t sparse_domain_end(int64_t row, int64_t seqlen_q,
+                                                     int64_t seqlen_k, int64_t window) {
+  const int64_t end = row + seqlen_k - seqlen_q - window + 1;
+  return end < 0 ? 0 : (end > seqlen_k ? seqlen_k : end);
+}
+
+SPARSEK_HOST_DEVICE inline int64_t anchor_row(int64_t anchor, int64_t seqlen_q) {
+  const int64_t row =
+      anchor * SelectionTiles::kAnchorEvery * static_cast<int64_t>(SelectionTiles::kQueryTile);
+  return row < seqlen_q - 1 ? row : seqlen_q - 1;
+}
+
+}  // namespace sparsek
