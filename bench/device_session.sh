@@ -43,6 +43,12 @@ if [ -n "${SPARSEK_BENCH:-}" ]; then
   timeout "${SPARSEK_BENCH_TIMEOUT:-400}" python3 bench/sparsek_benchmark.py $args \
     --json "$OUT/sparsek.json" 2>&1 | tee "$OUT/sparsek_bench.log"
 fi
+# BWD_BENCH: arguments of bench/backward_benchmark.py ("all" for its defaults).
+if [ -n "${BWD_BENCH:-}" ]; then
+  args=${BWD_BENCH/#all/}
+  timeout "${BWD_BENCH_TIMEOUT:-300}" python3 bench/backward_benchmark.py $args \
+    --json "$OUT/backward.json" 2>&1 | tee "$OUT/backward_bench.log"
+fi
 if [ "$#" -gt 0 ]; then
   python3 bench/benchmark.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 fi

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/bwd_params.h"
 #include "attention/params.h"
 #include "selection/selection_params.h"
 
@@ -23,6 +24,17 @@ SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* 
 // Bytes of device workspace sparsek_select needs (256-byte aligned).
 SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                             int64_t heads_kv);
+
+// Launches the attention backward on `stream`: dq, dk, dv (and du in SparseK mode, after
+// sparsek_select has filled the selection buffers for the same scores). Deterministic.
+// Returns an empty string on success, otherwise a message naming what failed.
+SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
+
+// Bytes of device workspace attention_bwd needs (AttentionBwdParams::workspace).
+SPARSEK_API int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q,
+                                                  int64_t seqlen_k, int64_t heads_q,
+                                                  int64_t heads_kv, int64_t head_dim,
+                                                  bool sparsek);
 
 // "sm_90" for the current device; throws std::runtime_error when there is no CUDA device.
 SPARSEK_API std::string current_device_arch();

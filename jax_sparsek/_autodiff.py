@@ -1,17 +1,16 @@
 """Gradients of sparsek_attention: custom VJPs around the forward primitive.
 
-The backward recomputes from the saved (o, lse, tau) with the explicit formulas of
-_backward_reference.py. It runs on every platform; the CUDA backward kernels replace it on
-CUDA when they land.
+The backward is the sparsek_attention_bwd primitive (_backward_primitive.py): on CUDA the
+backward kernels, FlashAttention-2-style recomputation from the saved lse (SparseK: the
+selection runs again, deterministic, so it finds the forward's tau and plan); elsewhere the
+explicit formulas of _backward_reference.py.
 """
 from __future__ import annotations
 
 import functools
 
-from ._backward_reference import gated_attention_bwd_reference, sparsek_scores_grad
-from ._gates import sparsek_thresholds_and_gates
+from ._backward_primitive import attention_bwd
 from ._primitive import attention_fwd
-from ._reference import key_positions_visible
 from ._validation import AttentionConfig
 
 import jax
@@ -31,10 +30,7 @@ def _dense_fwd(query, key, value, config):
 def _dense_bwd(config, residuals, cotangents):
     query, key, value, o, lse = residuals
     d_out, d_lse = cotangents
-    gates = key_positions_visible(query.shape[1], key.shape[1], config.is_causal,
-                                  config.window)
-    return gated_attention_bwd_reference(query, key, value, gates, o, lse, d_out, d_lse,
-                                         config.scale)
+    return tuple(attention_bwd(query, key, value, None, o, lse, d_out, d_lse, config))
 
 
 dense_attention.defvjp(_dense_fwd, _dense_bwd)
@@ -55,12 +51,7 @@ def _sparsek_fwd(query, key, value, scores, config):
 def _sparsek_bwd(config, residuals, cotangents):
     query, key, value, scores, o, lse = residuals
     d_out, d_lse = cotangents
-    # tau and the gates are recomputed in the scores' precision (the forward's tau is float32).
-    tau, gates = sparsek_thresholds_and_gates(scores, topk=config.topk, window=config.window,
-                                              num_queries=query.shape[1])
-    dq, dk, dv, g = gated_attention_bwd_reference(query, key, value, gates, o, lse, d_out,
-                                                  d_lse, config.scale, need_gate_grad=True)
-    du = sparsek_scores_grad(scores, tau, g, window=config.window)
+    dq, dk, dv, du = attention_bwd(query, key, value, scores, o, lse, d_out, d_lse, config)
     return dq, dk, dv, du.astype(scores.dtype)
 
 

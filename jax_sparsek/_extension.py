@@ -16,6 +16,8 @@ from pathlib import Path
 FFI_TARGET_ATTENTION_FWD = "jax_sparsek_attention_fwd"
 FFI_TARGET_SPARSEK_FWD = "jax_sparsek_sparsek_fwd"
 FFI_TARGET_SPARSEK_SELECT = "jax_sparsek_sparsek_select"
+FFI_TARGET_ATTENTION_BWD = "jax_sparsek_attention_bwd"
+FFI_TARGET_SPARSEK_BWD = "jax_sparsek_sparsek_bwd"
 
 
 _EXTENSION_NAME = "jax_sparsek._jax_sparsek_ext"
@@ -74,6 +76,10 @@ def _register_targets() -> bool:
     jax.ffi.register_ffi_target(FFI_TARGET_SPARSEK_FWD, ext.sparsek_fwd_handler(),
                                 platform="CUDA")
     jax.ffi.register_ffi_target(FFI_TARGET_SPARSEK_SELECT, ext.sparsek_select_handler(),
+                                platform="CUDA")
+    jax.ffi.register_ffi_target(FFI_TARGET_ATTENTION_BWD, ext.attention_bwd_handler(),
+                                platform="CUDA")
+    jax.ffi.register_ffi_target(FFI_TARGET_SPARSEK_BWD, ext.sparsek_bwd_handler(),
                                 platform="CUDA")
     return True
 

@@ -1,9 +1,8 @@
 """Gradients of sparsek_attention on a CUDA device.
 
-- Dense modes with implementation='cuda': the forward is our CUDA kernel (its o and lse are
-  saved), the backward the pure-JAX recompute of _autodiff.py running on the GPU.
-- SparseK with implementation=None (the pure-JAX reference on the GPU until the SparseK
-  kernel lands; then the kernel).
+- Dense modes with implementation='cuda': the forward and backward CUDA kernels.
+- SparseK with implementation=None, which on a GPU is the CUDA path (selection, forward and
+  backward kernels).
 
 Every gradient (q, k, v, scores) of sum(o * W) + sum(masked lse * Wl) is compared with the
 float64 explicit gradients of the same (upcast) inputs computed on the CPU, under
@@ -193,8 +192,8 @@ DTYPE_PARAM = pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16],
 @DTYPE_PARAM
 @pytest.mark.parametrize("name", list(DENSE_CASES))
 def test_dense_cuda_grad(name, dtype):
-    """Forward by the CUDA kernel, backward recomputed on the GPU, vs float64 on the CPU;
-    and the same gradients with implementation='xla'."""
+    """Forward and backward CUDA kernels vs float64 on the CPU; and the same gradients with
+    implementation='xla'."""
     case = DENSE_CASES[name]
     q, k, v, u, w_out, w_lse = _inputs(case, dtype)
 

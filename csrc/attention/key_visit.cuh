@@ -20,27 +20,43 @@
 
 namespace sparsek {
 
-template <typename Cfg>
-struct DenseKeyVisit {
-  static constexpr int kBlockM = Cfg::kBlockM;
-  static constexpr int kBlockN = Cfg::kBlockN;
-  struct Prefetch {};
-
+// Which (row, key) pairs the dense modes show. Shared by the forward's key visit and the
+// backward's (bwd_key_visit.cuh, bwd_query_visit.cuh); Params is the forward's or the
+// backward's parameter struct (same field names).
+struct DenseVisibility {
   int seqlen_k;
   int row_offset;  // S - T: row i sits at position i + row_offset
   int window;      // 0: none
   bool causal;
-  int row_lo, row_hi;        // first and last valid query row of the tile
-  int tile_begin, tile_end;  // key tiles [tile_begin, tile_end), visited last to first
 
-  static size_t smem_bytes(const AttentionFwdParams&) { return 0; }
-
-  __device__ __forceinline__ DenseKeyVisit(const AttentionFwdParams& p, int row0, int64_t,
-                                           void*)
+  template <typename Params>
+  __device__ __forceinline__ explicit DenseVisibility(const Params& p)
       : seqlen_k(static_cast<int>(p.seqlen_k)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)),
         window(static_cast<int>(p.window)),
-        causal(p.is_causal || p.window > 0),
+        causal(p.is_causal || p.window > 0) {}
+
+  __device__ __forceinline__ bool visible(int row, int key) const {
+    const int pos = row + row_offset;
+    return key < seqlen_k && (!causal || key <= pos) && (window == 0 || key > pos - window);
+  }
+};
+
+template <typename Cfg>
+struct DenseKeyVisit : DenseVisibility {
+  static constexpr int kBlockM = Cfg::kBlockM;
+  static constexpr int kBlockN = Cfg::kBlockN;
+  struct Prefetch {};
+
+  int row_lo, row_hi;        // first and last valid query row of the tile
+  int tile_begin, tile_end;  // key tiles [tile_begin, tile_end), visited last to first
+
+  template <typename Params>
+  static size_t smem_bytes(const Params&) { return 0; }
+
+  template <typename Params>
+  __device__ __forceinline__ DenseKeyVisit(const Params& p, int row0, int64_t, void*)
+      : DenseVisibility(p),
         row_lo(row0),
         row_hi(min(row0 + kBlockM, static_cast<int>(p.seqlen_q)) - 1) {
     int key_end = seqlen_k;  // one past the last key any row sees
@@ -56,8 +72,10 @@ struct DenseKeyVisit {
   }
 
   __device__ __forceinline__ int num_tiles() const { return tile_end - tile_begin; }
-  __device__ __forceinline__ void start(const AttentionFwdParams&) {}
-  __device__ __forceinline__ Prefetch prefetch(const AttentionFwdParams&, int) const {
+  template <typename Params>
+  __device__ __forceinline__ void start(const Params&) {}
+  template <typename Params>
+  __device__ __forceinline__ Prefetch prefetch(const Params&, int) const {
     return {};
   }
   __device__ __forceinline__ void stash(int, const Prefetch&) {}
@@ -79,11 +97,6 @@ struct DenseKeyVisit {
     const int last_key = first_key + kBlockN - 1;
     return last_key >= seqlen_k || (causal && last_key > row_lo + row_offset) ||
            (window > 0 && first_key <= row_hi + row_offset - window);
-  }
-
-  __device__ __forceinline__ bool visible(int row, int key) const {
-    const int pos = row + row_offset;
-    return key < seqlen_k && (!causal || key <= pos) && (window == 0 || key > pos - window);
   }
 
   template <typename Softmax, typename Scores, typename Acc>

@@ -12,6 +12,11 @@
 //      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
 // Key positions and scores of tile it + 1 are fetched while tile it is computed, into one
 // of two shared-memory slots.
+//
+// The CTA's rows may be a part of a plan tile (kBlockM dividing kQueryTile, as the backward's
+// dq kernel): the plan of the enclosing tile lists a superset of what the part needs. The
+// member templates take the forward's or the backward's parameter struct (same field names).
+// The grid is (query tile, query head, batch), as key_base() reads it.
 #pragma once
 
 #include <cstddef>
@@ -20,6 +25,7 @@
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
 #include "attention/smem_tile.cuh"
+#include "attention/sparsek_gate.cuh"
 #include "selection/selection_params.h"
 
 namespace sparsek {
@@ -29,7 +35,8 @@ struct SparseKKeyVisit {
   static constexpr int kBlockM = Cfg::kBlockM;
   static constexpr int kBlockN = Cfg::kBlockN;
   static constexpr int kChunk = SelectionTiles::kKeyChunk;
-  static_assert(kBlockM == SelectionTiles::kQueryTile, "the plan is made per attention tile");
+  static constexpr int kPlanTile = SelectionTiles::kQueryTile;
+  static_assert(kPlanTile % kBlockM == 0, "the plan is made per kQueryTile rows");
 
   struct Prefetch {
     int key;
@@ -59,7 +66,8 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ int sparse_tiles() const {
     return (candidates + kBlockN - 1) / kBlockN;
   }
-  __device__ __forceinline__ static int64_t key_base(const AttentionFwdParams& p) {
+  template <typename Params>
+  __device__ __forceinline__ static int64_t key_base(const Params& p) {
     const int64_t batch_head =
         static_cast<int64_t>(blockIdx.z) * p.heads_kv +
         static_cast<int>(blockIdx.y) / static_cast<int>(p.heads_q / p.heads_kv);
@@ -67,26 +75,30 @@ struct SparseKKeyVisit {
   }
 
   // Shared memory past the Q, K and V tiles.
-  static size_t smem_bytes(const AttentionFwdParams& p) {
+  template <typename Params>
+  static size_t smem_bytes(const Params& p) {
     return (static_cast<size_t>(p.key_chunks) + 1 + 2 * kBlockN) * sizeof(int) +
            (2 * kBlockN + kBlockM) * sizeof(float);
   }
 
-  __device__ __forceinline__ SparseKKeyVisit(const AttentionFwdParams& p, int row0,
-                                             int64_t batch_head, void* smem_begin)
+  template <typename Params>
+  __device__ __forceinline__ SparseKKeyVisit(const Params& p, int row0, int64_t batch_head,
+                                             void* smem_begin)
       : smem(static_cast<float*>(smem_begin)) {
     const int seqlen_q = static_cast<int>(p.seqlen_q);
     const int seqlen_k = static_cast<int>(p.seqlen_k);
     const int row_hi = min(row0 + kBlockM, seqlen_q) - 1;
-    const int domain =
-        static_cast<int>(sparse_domain_end(row0, seqlen_q, seqlen_k, p.window));
+    // The plan's chunks are those of its tile's first row.
+    const int tile = row0 / kPlanTile;
+    const int domain = static_cast<int>(
+        sparse_domain_end(int64_t{tile} * kPlanTile, seqlen_q, seqlen_k, p.window));
     chunks = domain / kChunk;
     tail_begin = chunks * kChunk;
     tail_len = max(0, row_hi + seqlen_k - seqlen_q - tail_begin + 1);
 
-    const int tile = row0 / kBlockM;
-    const int32_t* plan = p.plan + (batch_head * ((p.seqlen_q + kBlockM - 1) / kBlockM) + tile) *
-                                       (p.key_chunks + 1);
+    const int32_t* plan =
+        p.plan + (batch_head * ((p.seqlen_q + kPlanTile - 1) / kPlanTile) + tile) *
+                     (p.key_chunks + 1);
     for (int i = threadIdx.x; i <= chunks; i += Cfg::kNThreads) s_plan()[i] = plan[i];
     const float* tau = p.tau + batch_head * p.seqlen_q;
     for (int i = threadIdx.x; i < kBlockM; i += Cfg::kNThreads) {
@@ -102,7 +114,8 @@ struct SparseKKeyVisit {
 
   // Thread t < kBlockN fetches the key of row t of key tile `it`. (The selection's pointers
   // are read from the kernel parameters when needed rather than kept in registers.)
-  __device__ __forceinline__ Prefetch prefetch(const AttentionFwdParams& p, int it) const {
+  template <typename Params>
+  __device__ __forceinline__ Prefetch prefetch(const Params& p, int it) const {
     Prefetch f{-1, -INFINITY};
     const int t = threadIdx.x;
     if (t >= kBlockN) return f;
@@ -141,7 +154,8 @@ struct SparseKKeyVisit {
     }
   }
 
-  __device__ __forceinline__ void start(const AttentionFwdParams& p) {
+  template <typename Params>
+  __device__ __forceinline__ void start(const Params& p) {
     stash(0, prefetch(p, 0));
     __syncthreads();
   }
@@ -173,11 +187,8 @@ struct SparseKKeyVisit {
     int lane;
     __device__ __forceinline__ float operator()(int mt, int nt, int r) const {
       const int col = nt * 8 + (lane & 3) * 2 + (r & 1);
-      const int j = key[col];
-      const int p = pos0 + mt * 16 + 8 * (r >> 1);
-      if (j < 0 || j > p) return 0.f;
-      if (j > p - window) return 1.f;
-      return __saturatef(u[col] - tau[mt][r >> 1]);
+      return sparsek_gate(key[col], pos0 + mt * 16 + 8 * (r >> 1), window, &u[col],
+                          tau[mt][r >> 1]);
     }
   };
 

@@ -55,10 +55,13 @@ __device__ __forceinline__ void scores_qk(float (&s)[Cfg::kMTiles][Cfg::kNTilesS
   }
 }
 
+// Accumulates the dim tiles [2 * dim_pair0, 2 * dim_pair0 + Cfg::kNTilesO) of the product
+// (dim_pair0 > 0: a warp that owns only part of the head dim, as the backward's D = 256 dk/dv).
 template <typename Cfg, typename Element>
 __device__ __forceinline__ void accumulate_pv(float (&acc_o)[Cfg::kMTiles][Cfg::kNTilesO][4],
                                               const float (&p)[Cfg::kMTiles][Cfg::kNTilesS][4],
-                                              const Element* sV, int lane) {
+                                              const Element* sV, int lane,
+                                              int dim_pair0 = 0) {
   constexpr int kD = Cfg::kHeadDim;
   // Transposed V matrices: (keys 0-7, dims 0-7), (keys 8-15, dims 0-7), (keys 0-7,
   // dims 8-15), (keys 8-15, dims 8-15): b0, b1 of dim tile 2dp, then of 2dp + 1.
@@ -77,7 +80,7 @@ __device__ __forceinline__ void accumulate_pv(float (&acc_o)[Cfg::kMTiles][Cfg::
 #pragma unroll
     for (int dp = 0; dp < Cfg::kNTilesO / 2; ++dp) {
       uint32_t b[4];
-      sm80::ldmatrix_x4_trans(b, sV + swizzle_step(v_base + kk * 16 * kD, dp));
+      sm80::ldmatrix_x4_trans(b, sV + swizzle_step(v_base + kk * 16 * kD, dp + dim_pair0));
 #pragma unroll
       for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
         sm80::mma_16x8x16<Element>(acc_o[mt][2 * dp], a[mt], b[0], b[1]);

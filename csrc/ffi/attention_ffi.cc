@@ -64,13 +64,15 @@ ffi::Error AttentionFwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
   return ffi::Error::Success();
 }
 
-// Runs the selection stage. Its workspace is an extra result buffer of the custom call (its
-// size from sparsek_workspace_bytes, asked for by the Python lowering): XLA's FFI scratch
-// allocator is not available to every XLA GPU runtime configuration.
-std::string run_selection(void* stream, int32_t device, ffi::Result<ffi::AnyBuffer>& workspace_buffer,
-                          const float* scores, int64_t batch, int64_t seqlen_q,
-                          int64_t seqlen_k, int64_t heads_kv, int64_t topk, int64_t window,
-                          float* tau, sparsek::SelectionLayout& layout, void*& workspace) {
+}  // namespace
+
+// The selection stage (attention_ffi.h).
+std::string sparsek_ffi::run_selection(void* stream, int32_t device,
+                                       ffi::Result<ffi::AnyBuffer>& workspace_buffer,
+                                       const float* scores, int64_t batch, int64_t seqlen_q,
+                                       int64_t seqlen_k, int64_t heads_kv, int64_t topk,
+                                       int64_t window, float* tau,
+                                       sparsek::SelectionLayout& layout, void*& workspace) {
   sparsek::SparseKSelectParams s;
   s.scores = scores;
   s.scores_head_stride = 1;
@@ -93,6 +95,8 @@ std::string run_selection(void* stream, int32_t device, ffi::Result<ffi::AnyBuff
   return sparsek::sparsek_select(s, stream);
 }
 
+namespace {
+
 // SparseK: the selection stage, then the attention kernel over its plan. The selection's
 // workspace is the call's last result.
 ffi::Error SparseKFwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -112,7 +116,7 @@ ffi::Error SparseKFwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   }
   sparsek::SelectionLayout layout;
   void* workspace = nullptr;
-  if (std::string error = run_selection(stream, device, workspace_buffer, scores.typed_data(), p.batch,
+  if (std::string error = sparsek_ffi::run_selection(stream, device, workspace_buffer, scores.typed_data(), p.batch,
                                         p.seqlen_q, p.seqlen_k, p.heads_kv, topk, window,
                                         tau->typed_data(), layout, workspace);
       !error.empty()) {
@@ -163,7 +167,7 @@ ffi::Error SparseKSelectImpl(void* stream, int32_t device, ffi::Buffer<ffi::F32>
   }
   sparsek::SelectionLayout layout;
   void* workspace = nullptr;
-  if (std::string error = run_selection(stream, device, workspace_buffer, scores.typed_data(), sd[0],
+  if (std::string error = sparsek_ffi::run_selection(stream, device, workspace_buffer, scores.typed_data(), sd[0],
                                         td[2], sd[1], sd[2], topk, window, tau->typed_data(),
                                         layout, workspace);
       !error.empty()) {

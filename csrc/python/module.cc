@@ -71,6 +71,16 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("sparsek_fwd_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_fwd)); },
         "XLA FFI handler of the SparseK forward (selection + attention), as a capsule");
+  m.def("attention_bwd_handler",
+        []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_attention_bwd)); },
+        "XLA FFI handler of the attention backward (dense modes), as a capsule");
+  m.def("sparsek_bwd_handler",
+        []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_bwd)); },
+        "XLA FFI handler of the SparseK backward (selection + backward kernels), as a capsule");
+  m.def("attention_bwd_workspace_bytes", &sparsek::attention_bwd_workspace_bytes,
+        nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_q"),
+        nb::arg("heads_kv"), nb::arg("head_dim"), nb::arg("sparsek"),
+        "Bytes of device workspace the attention backward kernels need");
   m.def("sparsek_workspace_bytes", &sparsek::sparsek_workspace_bytes, nb::arg("batch"),
         nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK selection stage needs");

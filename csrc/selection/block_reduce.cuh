@@ -76,30 +76,54 @@ __device__ __forceinline__ void block_min_max(float& lo, float& hi, float* scrat
 
 namespace sparsek {
 
-// Exclusive prefix sum of one int per thread over the block; also returns the block total.
-// scratch: kNThreads / 32 ints.
-template <int kNThreads>
-__device__ __forceinline__ int block_exclusive_scan(int x, int& total, int* scratch) {
+// Exclusive prefix sum of one value per thread over the block (in a fixed order, so that a
+// double sum is the same run to run); also returns the block total.
+// scratch: kNThreads / 32 values.
+template <int kNThreads, typename T>
+__device__ __forceinline__ T block_exclusive_scan(T x, T& total, T* scratch) {
   constexpr int kWarps = kNThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int inclusive = x;
+  T inclusive = x;
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    const T y = __shfl_up_sync(0xffffffffu, inclusive, offset);
     if (lane >= offset) inclusive += y;
   }
   if (lane == 31) scratch[warp] = inclusive;
   __syncthreads();
-  int before = 0;
+  T before = 0;
   total = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
-    const int s = scratch[w];
+    const T s = scratch[w];
     if (w < warp) before += s;
     total += s;
   }
   __syncthreads();
   return before + inclusive - x;
+}
+
+// Sorts v[0, n) in shared memory, descending (bitonic network; n a power of two). Ends with
+// a barrier.
+template <int kNThreads>
+__device__ __forceinline__ void block_sort_descending(float* v, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < n / 2; i += kNThreads) {
+        // The i-th pair of this step: i with a zero bit inserted at `stride`.
+        const int first = 2 * i - (i & (stride - 1));
+        const int second = first + stride;
+        const bool descending = (first & size) == 0;
+        const float a = v[first], b = v[second];
+        if (descending ? a < b : a > b) {
+          v[first] = b;
+          v[second] = a;
+        }
+      }
+    }
+  }
+  __syncthreads();
 }
 
 }  // namespace sparsek

@@ -32,7 +32,7 @@ namespace sparsek {
 
 // Dynamic shared memory of tile_thresholds_and_plan_kernel.
 inline size_t tile_plan_smem_bytes(int64_t chunks) {
-  return (kTileThreads / 32) * 15 * sizeof(double) +
+  return ((kTileThreads / 32) * 15 + kTileBreakpointCapacity + 1) * sizeof(double) +
          (kTileBreakpointCapacity + 2 * SelectionTiles::kQueryTile) * sizeof(float) +
          16 * sizeof(int) + static_cast<size_t>(chunks) * sizeof(int);
 }

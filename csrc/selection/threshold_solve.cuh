@@ -105,6 +105,8 @@ __device__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
     }
     if (sums[0] == k) break;
     const float t = sums[1] > 0.0 ? static_cast<float>(x + (sums[0] - k) / sums[1]) : x;
+    // Converged to float precision (f is flat where no key is fractional: no step there).
+    if (sums[1] > 0.0 && t == x) break;
     const float next = (t > lo && t < hi && pass % 4 != 3) ? t : 0.5f * (lo + hi);
     if (next == x || !(next > lo && next < hi)) break;
     x = next;
@@ -117,44 +119,67 @@ __device__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
 // What a query tile's rows share: the keys of the tile's common domain, classified against
 // the bracket [lo, hi] that holds every row's tau. Keys at or below lo weigh 0 for every tau
 // in the bracket, keys at or above hi + 1 weigh 1, keys in [hi, lo + 1] weigh u - tau; only
-// the others ("breakpoint keys") need to be looked at one by one.
+// the others ("breakpoint keys") need to be looked at one by one. Those are kept sorted,
+// descending, with prefix sums, so that their part of f at any x costs two binary searches
+// instead of a pass over them.
 struct BracketSummary {
   double ones = 0.0;
   double linear = 0.0;      // how many weigh u - tau
   double linear_sum = 0.0;  // their sum of u
+  const float* breakpoints = nullptr;  // [count], descending
+  const double* prefix = nullptr;      // [count + 1]: prefix[i] = sum of breakpoints[0, i)
+  int count = 0;
+
+  // How many breakpoints are > x (or >= x).
+  __device__ __forceinline__ int count_above(float x, bool inclusive) const {
+    int lo = 0, hi = count;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      const float v = breakpoints[mid];
+      if (v > x || (inclusive && v == x)) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo;
+  }
 };
 
-// One warp solves one row: the summary, plus the breakpoint keys and the row's own extra keys
-// listed in shared memory (either list may hold keys at or below lo: they weigh 0). The
-// listed keys' sums are in fixed point (2^-40), so their order in the lists does not matter.
-__device__ __forceinline__ float solve_threshold_warp(const BracketSummary& s,
-                                                      const float* listed_a, int count_a,
-                                                      const float* listed_b, int count_b,
-                                                      float lo, float hi, int64_t topk,
-                                                      int lane) {
-  constexpr double kFixed = 1099511627776.0;  // 2^40
+// One warp solves one row from the tile's summary plus the row's own extra keys (`own` keys
+// past the first row's domain, in shared memory), starting from `start` (the previous row's
+// tau: one more key moves tau by at most 1 / |F|, so Newton lands in a step or two).
+// Deterministic: the only float sums run over each lane's keys in a fixed order.
+__device__ __forceinline__ float solve_threshold_warp(const BracketSummary& s, const float* own,
+                                                      int own_count, float lo, float hi,
+                                                      float start, int64_t topk, int lane) {
   const double k = static_cast<double>(topk);
   // f(x) and |F| at x (for x inside [lo, hi], every "linear" key of the summary is in F).
   auto evaluate = [&](float x, double& f, double& frac) {
+    const float x1 = x + 1.f;
     int ones = 0, fractional = 0;
-    long long rel = 0;  // sum_F (u - x), fixed point
-    for (int j = lane; j < count_a + count_b; j += 32) {
-      const float v = j < count_a ? listed_a[j] : listed_b[j - count_a];
-      if (v >= x + 1.f) {
+    float rel = 0.f;  // sum over the row's own fractional keys of u - x
+    for (int j = lane; j < own_count; j += 32) {
+      const float v = own[j];
+      if (v >= x1) {
         ++ones;
       } else if (v > x) {
         ++fractional;
-        rel += __double2ll_rn((static_cast<double>(v) - static_cast<double>(x)) * kFixed);
+        rel += v - x;
       }
     }
     ones = warp_sum(ones);
     fractional = warp_sum(fractional);
     rel = warp_sum(rel);
-    f = s.ones + ones + (s.linear_sum - s.linear * static_cast<double>(x)) +
-        static_cast<double>(rel) / kFixed;
-    frac = s.linear + fractional;
+    const int listed_ones = s.count_above(x1, true);
+    const int listed_above = s.count_above(x, false);
+    const double listed_sum = s.prefix[listed_above] - s.prefix[listed_ones];
+    const double listed_frac = static_cast<double>(listed_above - listed_ones);
+    frac = s.linear + listed_frac + fractional;
+    f = s.ones + listed_ones + ones + (s.linear_sum + listed_sum) -
+        (s.linear + listed_frac) * static_cast<double>(x) + rel;
   };
-  float x = 0.5f * (lo + hi);
+  float x = (start >= lo && start < hi) ? start : 0.5f * (lo + hi);
   double f = 0.0, frac = 0.0;
   for (int iter = 0; iter < 64; ++iter) {
     evaluate(x, f, frac);
@@ -165,8 +190,13 @@ __device__ __forceinline__ float solve_threshold_warp(const BracketSummary& s,
     }
     if (f == k) break;
     const float t = frac > 0.0 ? static_cast<float>(x + (f - k) / frac) : x;
-    // Every fourth step bisects, so that the bracket shrinks whatever the steps do.
-    const float next = (t > lo && t < hi && iter % 4 != 3) ? t : 0.5f * (lo + hi);
+    // Converged to float precision (t then equals lo or hi: without this test the bracket
+    // check below would bisect on, to no purpose, until the bracket collapses). Where no key
+    // is fractional f is flat, and there is no step to take.
+    if (frac > 0.0 && t == x) break;
+    // Past 8 steps every fourth one bisects, so that the bracket shrinks whatever the
+    // Newton steps do.
+    const float next = (t > lo && t < hi && (iter < 8 || iter % 4 != 3)) ? t : 0.5f * (lo + hi);
     if (next == x || !(next > lo && next < hi)) break;
     x = next;
   }

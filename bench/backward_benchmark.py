@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Backward benchmark: our backward kernels against jax.grad of cuDNN attention, same run.
+
+    python bench/backward_benchmark.py                     # dense configs, then SparseK
+    python bench/backward_benchmark.py --dense foundation_t8192_causal --sparse-seq 32768
+
+Times (median over --reps, each a jitted program over distinct input sets):
+    fwd        o = attention(q, k, v)
+    fwd+bwd    jax.grad of sum(o * w) in q, k, v (and the scores, SparseK)
+    bwd        fwd+bwd - fwd
+for ours (sparsek_attention, implementation='cuda') and
+jax.nn.dot_product_attention(implementation='cudnn'). Backward TFLOP/s = 2.5 x the forward's
+FLOPs (4 * B * Hq * D * attended pairs) over the backward time. Dense configs are those of
+bench/benchmark.py; SparseK: B=1, Hq=32, Hkv=8, D=128, K=2048, W=512, T = S, scores
+u ~ N(0, 1), against cuDNN's dense causal backward (the pairs SparseK attends are counted
+exactly from the selection's tau, as bench/sparsek_benchmark.py does).
+
+Correctness: for the dense configs our gradients are compared with cuDNN's (relative error;
+over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import CONFIGS  # noqa: E402
+from sparsek_benchmark import attended_pairs, time_program  # noqa: E402
+import sparsek_benchmark as skb  # noqa: E402
+
+from jax_sparsek import sparsek_attention  # noqa: E402
+from jax_sparsek._primitive import sparsek_select_cuda  # noqa: E402
+
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2}
+DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
+DEFAULT_DENSE = ["foundation_t2048", "foundation_t2048_causal", "foundation_t8192",
+                 "foundation_t8192_causal", "gqa_t8192"]
+
+
+def grad_program(attn, argnums):
+    def loss(*args):
+        *inputs, w = args
+        return jnp.sum(attn(*inputs).astype(jnp.float32) * w)
+    return jax.grad(loss, argnums=argnums)
+
+
+def rel(a, b):
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def time_fwd_bwd(attn, sets, argnums, iters, reps):
+    fwd = time_program(attn, [s[:-1] for s in sets], iters, reps)
+    both = time_program(grad_program(attn, argnums), sets, iters, reps)
+    return fwd, both, both - fwd
+
+
+def dense_row(name, dtype_key, iters, reps, num_sets=2):
+    cfg = CONFIGS[name]
+    dtype = DTYPES[dtype_key]
+    sets = []
+    for i in range(num_sets):
+        kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(i), 4)
+        q = jax.random.normal(kq, (cfg.B, cfg.T, cfg.Hq, cfg.D), dtype)
+        k = jax.random.normal(kk, (cfg.B, cfg.S, cfg.Hkv, cfg.D), dtype)
+        v = jax.random.normal(kv, (cfg.B, cfg.S, cfg.Hkv, cfg.D), dtype)
+        w = jax.random.normal(kw, q.shape, jnp.float32)
+        sets.append((q, k, v, w))
+    ours = functools.partial(sparsek_attention, is_causal=cfg.causal, window=cfg.window,
+                             implementation="cuda")
+    cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=cfg.causal,
+                              implementation="cudnn")
+    g_ours = jax.jit(grad_program(ours, (0, 1, 2)))(*sets[0])
+    g_ref = jax.jit(grad_program(cudnn, (0, 1, 2)))(*sets[0])
+    err = max(rel(a, b) for a, b in zip(g_ours, g_ref))
+    ok = err <= TOLERANCE[jnp.dtype(dtype).name]
+    pairs = cfg.T * (cfg.T + 1) // 2 if cfg.causal else cfg.T * cfg.S
+    fwd_flops = 4 * cfg.B * cfg.Hq * cfg.D * pairs
+    t_ours = time_fwd_bwd(ours, sets, (0, 1, 2), iters, reps)
+    t_cudnn = time_fwd_bwd(cudnn, sets, (0, 1, 2), iters, reps)
+    r = {"config": name, "dtype": jnp.dtype(dtype).name, "ours_fwd_s": t_ours[0],
+         "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0], "cudnn_bwd_s": t_cudnn[2],
+         "ours_bwd_tflops": 2.5 * fwd_flops / t_ours[2] / 1e12,
+         "cudnn_bwd_tflops": 2.5 * fwd_flops / t_cudnn[2] / 1e12,
+         "bwd_ratio_vs_cudnn": t_cudnn[2] / t_ours[2], "grad_rel_err_vs_cudnn": err,
+         "valid": ok}
+    print(f"{name:26s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
+          f"({r['ours_bwd_tflops']:5.1f} TFLOP/s) | cudnn {t_cudnn[2] * 1e3:8.3f} ms "
+          f"({r['cudnn_bwd_tflops']:5.1f}) -> {r['bwd_ratio_vs_cudnn']:4.2f}x cudnn | fwd ours "
+          f"{t_ours[0] * 1e3:7.3f} cudnn {t_cudnn[0] * 1e3:7.3f} ms | err {err:.1e}"
+          f"{'' if ok else ' INVALID'}", flush=True)
+    return r
+
+
+def sparse_row(seq, dtype_key, iters, reps):
+    dtype = DTYPES[dtype_key]
+    sets = [s + (jax.random.normal(jax.random.PRNGKey(100 + i), s[0].shape, jnp.float32),)
+            for i, s in enumerate(skb.make_inputs(seq, dtype, 1.0, 2))]
+    ours = functools.partial(sparsek_attention, topk=skb.TOPK, window=skb.WINDOW,
+                             is_causal=True, implementation="cuda")
+    cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                              implementation="cudnn")
+    u = sets[0][3]
+    tau = jax.block_until_ready(jax.jit(functools.partial(
+        sparsek_select_cuda, num_queries=seq, topk=skb.TOPK, window=skb.WINDOW))(u))
+    pairs = int(attended_pairs(u, tau, seq=seq)) * (skb.HQ // skb.HKV)
+    grads = jax.jit(grad_program(ours, (0, 1, 2, 3)))(*sets[0])
+    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
+    t_ours = time_fwd_bwd(ours, sets, (0, 1, 2, 3), iters, reps)
+    dense_sets = [s[:3] + s[4:] for s in sets]
+    t_cudnn = time_fwd_bwd(cudnn, dense_sets, (0, 1, 2), max(1, iters // 2), reps)
+    dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
+    r = {"seq": seq, "dtype": jnp.dtype(dtype).name, "topk": skb.TOPK, "window": skb.WINDOW,
+         "keys_per_row": pairs / (skb.B * skb.HQ * seq),
+         "ours_fwd_s": t_ours[0], "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0],
+         "cudnn_bwd_s": t_cudnn[2],
+         "ours_bwd_tflops": 2.5 * 4 * skb.D * pairs / t_ours[2] / 1e12,
+         "cudnn_bwd_tflops": 2.5 * 4 * skb.D * dense_pairs / t_cudnn[2] / 1e12,
+         "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite}
+    print(f"SparseK S={seq:6d} {r['dtype']:8s} keys/row {r['keys_per_row']:7.1f} | bwd ours "
+          f"{t_ours[2] * 1e3:8.3f} ms ({r['ours_bwd_tflops']:5.1f} TFLOP/s on attended pairs) "
+          f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
+          f"{r['bwd_speedup_vs_cudnn_causal']:5.2f}x | fwd ours {t_ours[0] * 1e3:7.3f} ms"
+          f"{'' if finite else ' NON-FINITE GRADIENTS'}", flush=True)
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dense", nargs="*", default=DEFAULT_DENSE)
+    ap.add_argument("--sparse-seq", type=int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16"])
+    ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("backward_benchmark: no GPU visible to JAX; nothing to time.")
+        return 0
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    results = []
+    for dt in args.dtype:
+        results += [dense_row(name, dt, args.iters, args.reps) for name in args.dense]
+        results += [sparse_row(seq, dt, args.iters, args.reps) for seq in args.sparse_seq]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "results": results}, f,
+                      indent=1)
+    return 0 if all(r["valid"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

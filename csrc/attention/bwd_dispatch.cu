@@ -1,0 +1,133 @@
+// attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
+// and dk/dv kernels for the dtype and head dim (bwd_launch.cuh), all on the caller's stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "attention/bwd_preprocess.h"
+#include "attention/bwd_workspace.h"
+#include "runtime/cuda_check.h"
+#include "runtime/debug_flags.h"
+#include "runtime/scoped_device.h"
+#include "sparsek_api.h"
+
+namespace sparsek {
+
+template <int kHeadDim, typename Element>
+std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
+                              cudaStream_t stream);
+
+namespace {
+
+std::string check_params(const AttentionBwdParams& p) {
+  if (!p.q || !p.k || !p.v || !p.o || !p.d_out || !p.lse) {
+    return "a q, k, v, o, d_out or lse pointer is null";
+  }
+  if (!p.dq || !p.dk || !p.dv) return "a dq, dk or dv pointer is null";
+  if (!p.workspace) return "the workspace pointer is null";
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0 ||
+      p.heads_kv <= 0) {
+    return "batch, sequence lengths and head counts must be positive";
+  }
+  if (p.heads_q % p.heads_kv != 0) return "heads_q must be a multiple of heads_kv";
+  if (p.heads_q > 65535 || p.heads_kv > 65535) return "head counts must be at most 65535";
+  if (p.head_dim % 8 != 0 || p.head_dim < 8 || p.head_dim > 256) {
+    return "head_dim must be a multiple of 8 between 8 and 256, got " +
+           std::to_string(p.head_dim);
+  }
+  // Positions are 32-bit inside the kernels.
+  constexpr int64_t kMaxSeqLen = (int64_t{1} << 31) - 1024;
+  if (p.seqlen_q > kMaxSeqLen || p.seqlen_k > kMaxSeqLen || p.window > kMaxSeqLen) {
+    return "sequence lengths and window must be below 2^31 - 1024";
+  }
+  if (p.window < 0) return "window must be >= 0";
+  if (p.sparsek) {
+    if (!p.tau || !p.key_u || !p.sorted_u || !p.sorted_key || !p.plan) {
+      return "SparseK mode needs the selection's tau, key_u, sorted_u, sorted_key and plan";
+    }
+    if (!p.du) return "SparseK mode needs the du pointer";
+    // (Chunks past ceil(S / kKeyChunk) would hold padding only: harmless, as in the forward.)
+    if (p.key_chunks * SelectionTiles::kKeyChunk < p.seqlen_k ||
+        p.key_chunks > SelectionTiles::kMaxChunks) {
+      return "key_chunks does not match seqlen_k";
+    }
+  }
+  // 16-byte cp.async copies and vector loads: every row start must be 16-byte aligned.
+  for (const void* ptr : {p.q, p.k, p.v, p.o, p.d_out, static_cast<const void*>(p.dq),
+                          static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
+      return "q, k, v, o, d_out, dq, dk and dv must be 16-byte aligned";
+    }
+  }
+  if (reinterpret_cast<uintptr_t>(p.workspace) % 256 != 0) {
+    return "the workspace must be 256-byte aligned";
+  }
+  for (int64_t stride :
+       {p.q_batch_stride, p.q_row_stride, p.q_head_stride, p.k_batch_stride, p.k_row_stride,
+        p.k_head_stride, p.v_batch_stride, p.v_row_stride, p.v_head_stride, p.o_batch_stride,
+        p.o_row_stride, p.o_head_stride, p.do_batch_stride, p.do_row_stride,
+        p.do_head_stride}) {
+    if (stride % 8 != 0) return "batch, row and head strides must be multiples of 8 elements";
+  }
+  return {};
+}
+
+// Fills dq, dk, dv (and du) with NaN bytes so that tests can tell an element the kernels did
+// not write. All results are contiguous.
+std::string poison_outputs(const AttentionBwdParams& p, cudaStream_t stream) {
+  const int64_t q_elems = p.batch * p.seqlen_q * p.heads_q * p.head_dim;
+  const int64_t kv_elems = p.batch * p.seqlen_k * p.heads_kv * p.head_dim;
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.dq, 0xFF, q_elems * 2, stream));
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.dk, 0xFF, kv_elems * 2, stream));
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.dv, 0xFF, kv_elems * 2, stream));
+  if (p.sparsek) {
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
+        p.du, 0xFF, p.batch * p.seqlen_k * p.heads_kv * sizeof(float), stream));
+  }
+  return {};
+}
+
+template <typename Element>
+std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* mean,
+                              cudaStream_t stream) {
+  if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, delta, mean, stream);
+  if (p.head_dim <= 128) return run_attention_bwd<128, Element>(p, delta, mean, stream);
+  return run_attention_bwd<256, Element>(p, delta, mean, stream);
+}
+
+}  // namespace
+
+int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                      int64_t heads_q, int64_t heads_kv, int64_t head_dim,
+                                      bool sparsek) {
+  // Only per-row buffers today; the other sizes are part of the interface for later use.
+  (void)seqlen_k;
+  (void)heads_kv;
+  (void)head_dim;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek).bytes;
+}
+
+std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
+  if (std::string error = check_params(p); !error.empty()) return error;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "unsupported dtype";
+  ScopedDevice scoped_device;
+  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (poison_outputs_requested()) {
+    if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
+  }
+  const BwdWorkspaceLayout layout =
+      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek);
+  float* delta = layout.delta(p.workspace);
+  float* mean = layout.mean(p.workspace, p.sparsek);
+  if (std::string error = launch_bwd_preprocess(p, delta, stream); !error.empty()) return error;
+  if (p.dtype == DType::kBFloat16) {
+    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, stream);
+  }
+  return dispatch_head_dim<__half>(p, delta, mean, stream);
+}
+
+}  // namespace sparsek

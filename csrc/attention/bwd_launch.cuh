@@ -1,0 +1,117 @@
+// Launching one instantiation of the backward's dq and dk/dv kernels (in that order: dk/dv
+// reads the SparseK means dq writes). Included only by the bwd_hdim*.cu files, each of which
+// instantiates one padded head dim (so they compile in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "attention/bwd_dkdv_kernel.cuh"
+#include "attention/bwd_dq_kernel.cuh"
+#include "attention/bwd_tile_config.h"
+#include "attention/bwd_workspace.h"
+#include "runtime/cuda_check.h"
+
+namespace sparsek {
+
+// The parameters of batches [b0, b0 + count): every pointer moved to batch b0.
+template <typename Element>
+AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t count) {
+  AttentionBwdParams chunk = p;
+  chunk.batch = count;
+  chunk.q = static_cast<const Element*>(p.q) + b0 * p.q_batch_stride;
+  chunk.k = static_cast<const Element*>(p.k) + b0 * p.k_batch_stride;
+  chunk.v = static_cast<const Element*>(p.v) + b0 * p.v_batch_stride;
+  chunk.o = static_cast<const Element*>(p.o) + b0 * p.o_batch_stride;
+  chunk.d_out = static_cast<const Element*>(p.d_out) + b0 * p.do_batch_stride;
+  const int64_t rows = b0 * p.heads_q * p.seqlen_q;
+  chunk.lse = p.lse + rows;
+  if (p.d_lse) chunk.d_lse = p.d_lse + rows;
+  chunk.dq = static_cast<Element*>(p.dq) + rows * p.head_dim;
+  const int64_t keys = b0 * p.seqlen_k * p.heads_kv;
+  chunk.dk = static_cast<Element*>(p.dk) + keys * p.head_dim;
+  chunk.dv = static_cast<Element*>(p.dv) + keys * p.head_dim;
+  if (p.sparsek) {
+    chunk.du = p.du + keys;
+    const int64_t heads = b0 * p.heads_kv;
+    const int64_t padded = p.key_chunks * SelectionTiles::kKeyChunk;
+    const int64_t plan_tiles =
+        (p.seqlen_q + SelectionTiles::kQueryTile - 1) / SelectionTiles::kQueryTile;
+    chunk.tau = p.tau + heads * p.seqlen_q;
+    chunk.key_u = p.key_u + heads * padded;
+    chunk.sorted_u = p.sorted_u + heads * padded;
+    chunk.sorted_key = p.sorted_key + heads * padded;
+    chunk.plan = p.plan + heads * plan_tiles * (p.key_chunks + 1);
+  }
+  return chunk;
+}
+
+template <typename Kernel>
+std::string allow_smem(Kernel kernel, size_t smem_bytes) {
+  if (smem_bytes > 48 * 1024) {
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  }
+  return {};
+}
+
+// delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK).
+template <typename DqCfg, typename DkDvCfg, typename Element, typename KeyVisit,
+          typename QueryVisit>
+std::string launch_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
+                                 cudaStream_t stream) {
+  auto dq_kernel = attention_bwd_dq_kernel<DqCfg, Element, KeyVisit>;
+  auto dkdv_kernel = attention_bwd_dkdv_kernel<DkDvCfg, Element, QueryVisit>;
+  const size_t dq_smem = DqCfg::kSmemBytes + KeyVisit::smem_bytes(p);
+  const size_t dkdv_smem = DkDvCfg::kSmemBytes + QueryVisit::smem_bytes(p);
+  if (std::string error = allow_smem(dq_kernel, dq_smem); !error.empty()) return error;
+  if (std::string error = allow_smem(dkdv_kernel, dkdv_smem); !error.empty()) return error;
+
+  const int64_t m_blocks = (p.seqlen_q + DqCfg::kBlockM - 1) / DqCfg::kBlockM;
+  const int64_t key_tiles =
+      p.sparsek ? p.key_chunks * (SelectionTiles::kKeyChunk / DkDvCfg::kBlockN)
+                : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
+  // gridDim.y and z are at most 65535: larger batches go in several launches.
+  constexpr int64_t kMaxBatchPerLaunch = 65535;
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
+    const int64_t count = std::min(kMaxBatchPerLaunch, p.batch - b0);
+    const AttentionBwdParams chunk = batch_slice<Element>(p, b0, count);
+    const int64_t rows = b0 * p.heads_q * p.seqlen_q;
+    float* chunk_delta = delta + rows;
+    float* chunk_mean = mean ? mean + rows : nullptr;
+    const dim3 dq_grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
+                       static_cast<unsigned>(count));
+    dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta, chunk_mean);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    const dim3 dkdv_grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(p.heads_kv),
+                         static_cast<unsigned>(count));
+    dkdv_kernel<<<dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream>>>(chunk, chunk_delta,
+                                                                       chunk_mean);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  }
+  return {};
+}
+
+template <int kHeadDim, typename Element>
+std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
+                              cudaStream_t stream) {
+  using Sizes = BwdTileSizes<kHeadDim>;
+  using Dq = typename Sizes::Dq;
+  using DkDv = typename Sizes::DkDv;
+  if (p.sparsek) {
+    return launch_attention_bwd<Dq, DkDv, Element, SparseKKeyVisitBwd<Dq>,
+                                SparseKQueryVisit<DkDv>>(p, delta, mean, stream);
+  }
+  return launch_attention_bwd<Dq, DkDv, Element, DenseKeyVisitBwd<Dq>, DenseQueryVisit<DkDv>>(
+      p, delta, mean, stream);
+}
+
+}  // namespace sparsek
+
+#define SPARSEK_INSTANTIATE_BWD(kHeadDim)                                                  \
+  template std::string sparsek::run_attention_bwd<kHeadDim, __half>(                       \
+      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t);                   \
+  template std::string sparsek::run_attention_bwd<kHeadDim, __nv_bfloat16>(                \
+      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t)

@@ -1,0 +1,67 @@
+// Plain parameters of one attention backward call (SPARSEK.md, "Gradients"). No framework
+// types: the XLA FFI handler fills this struct and hands it to attention_bwd() with a stream.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/params.h"
+
+namespace sparsek {
+
+struct AttentionBwdParams {
+  // Inputs. q, d_out, o [B, T, Hq, D]; k, v [B, S, Hkv, D]: strides in elements, the head dim
+  // contiguous. lse and d_lse [B, Hq, T] float32, contiguous; d_lse may be null (zero).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;
+  const void* d_out = nullptr;
+  const float* lse = nullptr;
+  const float* d_lse = nullptr;
+
+  // Results, contiguous, in the input dtype: dq [B, T, Hq, D], dk and dv [B, S, Hkv, D].
+  // SparseK mode: du [B, S, Hkv] float32 (the gradient of the scores).
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* du = nullptr;
+
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+
+  float scale = 1.0f;
+  bool is_causal = false;
+  int64_t window = 0;
+  DType dtype = DType::kFloat16;
+  int32_t device = -1;
+
+  // SparseK mode: the selection stage's results for the same scores, topk and window
+  // (selection/selection_params.h), exactly as the forward reads them. Always causal.
+  bool sparsek = false;
+  const float* tau = nullptr;           // [B, Hkv, T]
+  const float* key_u = nullptr;         // [B * Hkv, key_chunks * kKeyChunk]
+  const float* sorted_u = nullptr;      // same layout, each chunk sorted descending
+  const int32_t* sorted_key = nullptr;  // same layout
+  const int32_t* plan = nullptr;        // [B * Hkv, ceil(T / kQueryTile), key_chunks + 1]
+  int64_t key_chunks = 0;
+
+  // attention_bwd_workspace_bytes(...) bytes of device memory, 256-byte aligned, for the
+  // backward's own intermediates (row sums such as Delta).
+  void* workspace = nullptr;
+
+  // Fills the strides of contiguous [B, T, H, D] tensors.
+  void set_contiguous_strides() {
+    q_head_stride = o_head_stride = do_head_stride = head_dim;
+    q_row_stride = o_row_stride = do_row_stride = heads_q * head_dim;
+    q_batch_stride = o_batch_stride = do_batch_stride = seqlen_q * q_row_stride;
+    k_head_stride = v_head_stride = head_dim;
+    k_row_stride = v_row_stride = heads_kv * head_dim;
+    k_batch_stride = v_batch_stride = seqlen_k * k_row_stride;
+  }
+};
+
+}  // namespace sparsek

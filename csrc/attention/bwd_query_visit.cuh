@@ -1,0 +1,174 @@
+// Which keys a dk/dv CTA owns, which query rows it must visit, and the gate of each
+// (key, row) pair (bwd_dkdv_kernel.cuh). Rows outside [row_lo, row_lo + num_rows) give every
+// key of the tile gate 0, so they contribute nothing to its dk, dv or du.
+//
+// A query-visit policy offers
+//   smem_bytes(p)                  shared memory it needs past the kernel's tiles;
+//   row_lo, num_rows               the query rows to visit (in every query head of the group);
+//   load_keys(tile, gmem, ...)     the copy of the tile's K or V rows;
+//   key_position(i), key_score(i)  the position (-1: none) and score of the tile's key i;
+//   gate(key, u, row, tau, frac)   m_ij, and whether j is in F_i (SparseK).
+#pragma once
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#include "attention/key_visit.cuh"
+#include "attention/smem_tile.cuh"
+#include "attention/sparsek_gate.cuh"
+#include "selection/selection_params.h"
+
+namespace sparsek {
+
+// The dense modes: key tile n is the contiguous keys [n kBlockN, (n + 1) kBlockN). Row i sees
+// key j iff j <= p(i) (causal) and p(i) - W < j (window), p(i) = i + S - T, so the rows
+// seeing some key of the tile run from the first key's diagonal to the last key's window end.
+template <typename Cfg>
+struct DenseQueryVisit {
+  static constexpr bool kSparseK = false;
+  DenseVisibility visibility;
+  int key0;
+  int row_lo, num_rows;
+
+  template <typename Params>
+  static size_t smem_bytes(const Params&) {
+    return 0;
+  }
+
+  template <typename Params>
+  __device__ __forceinline__ DenseQueryVisit(const Params& p, int tile, int64_t, void*)
+      : visibility(p), key0(tile * Cfg::kBlockN) {
+    const int64_t offset = p.seqlen_k - p.seqlen_q;
+    const int64_t last_key = min(int64_t{key0} + Cfg::kBlockN, p.seqlen_k) - 1;
+    int64_t lo = 0, hi = p.seqlen_q - 1;
+    if (visibility.causal) lo = max(lo, int64_t{key0} - offset);
+    if (p.window > 0) hi = min(hi, last_key + p.window - 1 - offset);
+    row_lo = static_cast<int>(lo);
+    num_rows = static_cast<int>(max(int64_t{0}, hi - lo + 1));
+  }
+
+  template <typename Element>
+  __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
+                                            int64_t row_stride, int head_dim) const {
+    load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(tile, gmem, row_stride, key0,
+                                                                visibility.seqlen_k, head_dim);
+  }
+
+  __device__ __forceinline__ int key_position(int i) const {
+    return key0 + i < visibility.seqlen_k ? key0 + i : -1;
+  }
+  __device__ __forceinline__ float key_score(int) const { return 0.f; }
+
+  __device__ __forceinline__ float gate(int key, float, int row, float, bool& fractional) const {
+    fractional = false;
+    return key >= 0 && visibility.visible(row, key) ? 1.f : 0.f;
+  }
+};
+
+// SparseK: key tile n is the sorted entries [n kBlockN, (n + 1) kBlockN) of the selection's
+// sorted chunks (chunk n kBlockN / kKeyChunk): every key position appears in exactly one tile,
+// so the tile's dk, dv and du are scattered to positions no other CTA writes. Contiguous key
+// tiles would not do: nearly every block of keys holds a high-scoring key that many rows
+// select, while the later entries of a sorted chunk score low and are selected by few rows.
+//
+// Rows that see some key of the tile: from the first row whose position reaches the tile's
+// smallest key, to the last row that has a tile key in its window band (p(i) < max key + W)
+// or that selects from the sparse domain some key scoring above its tau: tau never decreases
+// down the rows, so that is the last row with tau_i < u_max, the tile's top score (its first
+// entry, chunks being sorted descending), found by binary search.
+template <typename Cfg>
+struct SparseKQueryVisit {
+  static constexpr bool kSparseK = true;
+  static constexpr int kChunk = SelectionTiles::kKeyChunk;
+
+  // Shared memory: key [kBlockN], u [kBlockN], then 3 ints for the reductions.
+  int* s_key;
+  float* s_u;
+  int window;
+  int row_offset;
+  int row_lo, num_rows;
+
+  template <typename Params>
+  static size_t smem_bytes(const Params&) {
+    return 2 * Cfg::kBlockN * sizeof(int) + 4 * sizeof(int);
+  }
+
+  template <typename Params>
+  __device__ __forceinline__ SparseKQueryVisit(const Params& p, int tile, int64_t batch_head,
+                                               void* smem_begin)
+      : s_key(static_cast<int*>(smem_begin)),
+        s_u(reinterpret_cast<float*>(s_key + Cfg::kBlockN)),
+        window(static_cast<int>(p.window)),
+        row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
+    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key, last row with tau < u_max
+    const int64_t entry0 = batch_head * p.key_chunks * kChunk + int64_t{tile} * Cfg::kBlockN;
+    const int t = threadIdx.x;
+    int key = -1;
+    if (t < Cfg::kBlockN) {
+      key = p.sorted_key[entry0 + t];
+      s_key[t] = key;
+      s_u[t] = p.sorted_u[entry0 + t];
+    }
+    if (t == 0) {
+      s_bounds[0] = INT_MAX;
+      s_bounds[1] = -1;
+    }
+    __syncthreads();
+    if (key >= 0) {
+      atomicMin(&s_bounds[0], key);
+      atomicMax(&s_bounds[1], key);
+    }
+    if (t == 0) {
+      // Last row i with tau_i < u_max (-1: none); -inf < any finite u_max.
+      const float u_max = s_u[0];
+      const float* tau = p.tau + batch_head * p.seqlen_q;
+      int lo = -1, hi = static_cast<int>(p.seqlen_q);  // tau[lo] < u_max <= tau[hi]
+      if (u_max > -INFINITY) {
+        while (hi - lo > 1) {
+          const int mid = lo + (hi - lo) / 2;
+          if (tau[mid] < u_max) {
+            lo = mid;
+          } else {
+            hi = mid;
+          }
+        }
+      }
+      s_bounds[2] = lo;
+    }
+    __syncthreads();
+    const int64_t min_key = s_bounds[0], max_key = s_bounds[1];
+    const int64_t sparse_hi = s_bounds[2];
+    if (max_key < 0) {  // a tile of padding entries only
+      row_lo = 0;
+      num_rows = 0;
+      return;
+    }
+    const int64_t offset = p.seqlen_k - p.seqlen_q;
+    const int64_t lo = max(int64_t{0}, min_key - offset);
+    int64_t hi = sparse_hi;
+    if (p.window > 0) hi = max(hi, max_key + p.window - 1 - offset);
+    hi = min(hi, p.seqlen_q - 1);
+    row_lo = static_cast<int>(lo);
+    num_rows = static_cast<int>(max(int64_t{0}, hi - lo + 1));
+  }
+
+  template <typename Element>
+  __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
+                                            int64_t row_stride, int head_dim) const {
+    load_rows_gathered_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(tile, gmem, row_stride,
+                                                                          s_key, head_dim);
+  }
+
+  __device__ __forceinline__ int key_position(int i) const { return s_key[i]; }
+  __device__ __forceinline__ float key_score(int i) const { return s_u[i]; }
+
+  __device__ __forceinline__ float gate(int key, float u, int row, float tau,
+                                        bool& fractional) const {
+    const float m = sparsek_gate(key, row + row_offset, window, &u, tau);
+    fractional = sparsek_fractional(m);
+    return m;
+  }
+};
+
+}  // namespace sparsek

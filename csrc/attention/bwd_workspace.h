@@ -1,0 +1,37 @@
+// The backward's own workspace (AttentionBwdParams::workspace): per-row float32 sums that
+// one kernel produces and a later one reads. Offsets in bytes, each a multiple of 256.
+//   delta [B, Hq, T]  Delta_i = <dO_i, o_i> - dlse_i          (bwd_preprocess.cu)
+//   mean  [B, Hq, T]  SparseK only: mean of g_il over F_i    (dq kernel -> dk/dv kernel)
+#pragma once
+
+#include <cstdint>
+
+namespace sparsek {
+
+struct BwdWorkspaceLayout {
+  int64_t delta_offset = 0;
+  int64_t mean_offset = 0;  // == bytes when there is no mean buffer
+  int64_t bytes = 0;
+
+  static int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
+
+  static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t heads_q,
+                                 bool sparsek) {
+    BwdWorkspaceLayout l;
+    const int64_t rows_bytes = align256(batch * heads_q * seqlen_q * int64_t{4});
+    l.delta_offset = 0;
+    l.mean_offset = rows_bytes;
+    l.bytes = rows_bytes * (sparsek ? 2 : 1);
+    return l;
+  }
+
+  float* delta(void* workspace) const {
+    return reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_offset);
+  }
+  float* mean(void* workspace, bool sparsek) const {
+    return sparsek ? reinterpret_cast<float*>(static_cast<char*>(workspace) + mean_offset)
+                   : nullptr;
+  }
+};
+
+}  // namespace sparsek

@@ -1,0 +1,204 @@
+// XLA FFI glue of the backward: decodes JAX buffers into AttentionBwdParams and calls the
+// launcher. Shape rules live in Python (jax_sparsek/_backward_primitive.py); these checks only
+// guard the kernels.
+#include <string>
+
+#include "ffi/attention_ffi.h"
+#include "sparsek_api.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kAlign = 256;
+
+int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Fills the parameters from the buffers; an empty string when they fit.
+std::string decode_backward(int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::Buffer<ffi::F32> lse,
+                            ffi::AnyBuffer d_out, ffi::Buffer<ffi::F32> d_lse,
+                            ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk,
+                            ffi::Result<ffi::AnyBuffer>& dv, float scale,
+                            sparsek::AttentionBwdParams& p) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4 ||
+      o.dimensions().size() != 4 || d_out.dimensions().size() != 4) {
+    return "q, k, v, o, d_out must be rank 4";
+  }
+  const ffi::DataType dtype = q.element_type();
+  if (dtype != ffi::DataType::F16 && dtype != ffi::DataType::BF16) {
+    return "q must be float16 or bfloat16";
+  }
+  for (ffi::DataType t : {k.element_type(), v.element_type(), o.element_type(),
+                          d_out.element_type(), dq->element_type(), dk->element_type(),
+                          dv->element_type()}) {
+    if (t != dtype) return "q, k, v, o, d_out, dq, dk, dv must share one dtype";
+  }
+  const auto ld = lse.dimensions();
+  if (ld.size() != 3 || ld[0] != qd[0] || ld[1] != qd[2] || ld[2] != qd[1] ||
+      d_lse.dimensions().size() != 3 || d_lse.element_count() != lse.element_count()) {
+    return "lse and d_lse must be [B, Hq, T]";
+  }
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.o = o.untyped_data();
+  p.d_out = d_out.untyped_data();
+  p.lse = lse.typed_data();
+  p.d_lse = d_lse.typed_data();
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  p.batch = qd[0];
+  p.seqlen_q = qd[1];
+  p.heads_q = qd[2];
+  p.head_dim = qd[3];
+  p.seqlen_k = kd[1];
+  p.heads_kv = kd[2];
+  p.set_contiguous_strides();
+  p.scale = scale;
+  p.dtype = dtype == ffi::DataType::F16 ? sparsek::DType::kFloat16 : sparsek::DType::kBFloat16;
+  p.device = device;
+  return {};
+}
+
+std::string check_workspace(ffi::Result<ffi::AnyBuffer>& buffer, int64_t needed) {
+  if (static_cast<int64_t>(buffer->size_bytes()) < needed) {
+    return "the workspace holds " + std::to_string(buffer->size_bytes()) + " bytes, " +
+           std::to_string(needed) + " are needed";
+  }
+  return {};
+}
+
+ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::Buffer<ffi::F32> lse,
+                            ffi::AnyBuffer d_out, ffi::Buffer<ffi::F32> d_lse,
+                            ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                            ffi::Result<ffi::AnyBuffer> dv,
+                            ffi::Result<ffi::AnyBuffer> workspace, float scale,
+                            int32_t is_causal, int64_t window) {
+  sparsek::AttentionBwdParams p;
+  if (std::string error =
+          decode_backward(device, q, k, v, o, lse, d_out, d_lse, dq, dk, dv, scale, p);
+      !error.empty()) {
+    return ffi::Error::InvalidArgument("jax_sparsek_attention_bwd: " + error);
+  }
+  p.is_causal = is_causal != 0;
+  p.window = window;
+  const int64_t needed = sparsek::attention_bwd_workspace_bytes(
+      p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim, false);
+  if (std::string error = check_workspace(workspace, needed); !error.empty()) {
+    return ffi::Error::InvalidArgument("jax_sparsek_attention_bwd: " + error);
+  }
+  p.workspace = workspace->untyped_data();
+  if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_attention_bwd: " + error);
+  }
+  return ffi::Error::Success();
+}
+
+// SparseK: the selection stage again (the same tau and plan the forward used: it is
+// deterministic), then the backward kernels. The workspace result holds the selection's
+// buffers, then the backward's own at the next 256-byte boundary.
+ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                          ffi::AnyBuffer v, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer o,
+                          ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out,
+                          ffi::Buffer<ffi::F32> d_lse, ffi::Result<ffi::AnyBuffer> dq,
+                          ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                          ffi::Result<ffi::Buffer<ffi::F32>> du,
+                          ffi::Result<ffi::Buffer<ffi::F32>> tau,
+                          ffi::Result<ffi::AnyBuffer> workspace, float scale, int64_t topk,
+                          int64_t window) {
+  sparsek::AttentionBwdParams p;
+  if (std::string error =
+          decode_backward(device, q, k, v, o, lse, d_out, d_lse, dq, dk, dv, scale, p);
+      !error.empty()) {
+    return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
+  }
+  const auto sd = scores.dimensions();
+  const auto ud = du->dimensions();
+  if (sd.size() != 3 || sd[0] != p.batch || sd[1] != p.seqlen_k || sd[2] != p.heads_kv ||
+      ud.size() != 3 || ud[0] != sd[0] || ud[1] != sd[1] || ud[2] != sd[2]) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: scores and du must be [B, S, Hkv]");
+  }
+  const int64_t selection_bytes = align_up(
+      sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
+  const int64_t needed =
+      selection_bytes + sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,
+                                                               p.seqlen_k, p.heads_q,
+                                                               p.heads_kv, p.head_dim, true);
+  if (std::string error = check_workspace(workspace, needed); !error.empty()) {
+    return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
+  }
+  sparsek::SelectionLayout layout;
+  void* selection_workspace = nullptr;
+  if (std::string error = sparsek_ffi::run_selection(
+          stream, device, workspace, scores.typed_data(), p.batch, p.seqlen_q, p.seqlen_k,
+          p.heads_kv, topk, window, tau->typed_data(), layout, selection_workspace);
+      !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: selection: " + error);
+  }
+  const sparsek::SelectionBuffers w = sparsek::selection_buffers(layout, selection_workspace);
+  p.is_causal = true;
+  p.window = window;
+  p.sparsek = true;
+  p.du = du->typed_data();
+  p.tau = tau->typed_data();
+  p.key_u = w.key_u;
+  p.sorted_u = w.sorted_u;
+  p.sorted_key = w.sorted_key;
+  p.plan = w.plan;
+  p.key_chunks = layout.chunks;
+  p.workspace = static_cast<char*>(workspace->untyped_data()) + selection_bytes;
+  if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_sparsek_attention_bwd, AttentionBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse [B, Hq, T]
+                                  .Arg<ffi::AnyBuffer>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_lse [B, Hq, T]
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("is_causal")
+                                  .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_sparsek_sparsek_bwd, SparseKBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scores [B, S, Hkv]
+                                  .Arg<ffi::AnyBuffer>()  // o
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse [B, Hq, T]
+                                  .Arg<ffi::AnyBuffer>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_lse [B, Hq, T]
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // du [B, S, Hkv]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // tau [B, Hkv, T]
+                                  .Ret<ffi::AnyBuffer>()  // workspace (uint8)
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("topk")
+                                  .Attr<int64_t>("window"));

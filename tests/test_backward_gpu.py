@@ -1,0 +1,99 @@
+"""The CUDA backward kernels (dq, dk, dv and, in SparseK mode, du) on shapes that span several
+tiles of both kernels, against the float64 explicit gradients of SPARSEK.md on the CPU.
+
+test_gradients_gpu.py covers the small ragged shapes (and vmap); here: several query and key
+tiles, lengths that are multiples of no tile, T != S, GQA 1/4/8, head dims 64/96/128/256,
+K >= the domain, W = 0 and W >= S, for fp16 and bf16. Outputs are poisoned with NaN before
+every kernel run (conftest.py), so "no NaN" means every element was written. Also: a long
+SparseK case against implementation='xla' on the GPU (too large for the float64 oracle), and
+run-to-run determinism (the kernels use no atomics).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err, requires_cuda, tolerance
+from test_gradients_gpu import Case, _check, _grads, _inputs, reference_grads
+
+pytestmark = requires_cuda
+
+DTYPE_PARAM = pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16],
+                                      ids=["float16", "bfloat16"])
+
+DENSE_CASES = {
+    "T300_causal_gqa4_d128": Case(1, 300, 300, 8, 2, d=128, is_causal=True),
+    "T130_S250_full_mha_d64": Case(2, 130, 250, 4, 4, d=64),
+    "T257_S513_window100_gqa8_d96": Case(1, 257, 513, 8, 1, d=96, is_causal=True,
+                                         window=100),
+    "T200_causal_gqa2_d256": Case(1, 200, 200, 4, 2, d=256, is_causal=True),
+    "T1_S300_causal_gqa8_d128": Case(1, 1, 300, 8, 1, d=128, is_causal=True),
+    "T300_S100_causal_d64": Case(1, 300, 100, 4, 2, d=64, is_causal=True),
+}
+
+SPARSEK_CASES = {
+    "T300_K40_W16_gqa4_d128": Case(1, 300, 300, 8, 2, d=128, is_causal=True, topk=40,
+                                   window=16),
+    "T257_S700_K64_W0_gqa4_d64": Case(1, 257, 700, 4, 1, d=64, is_causal=True, topk=64,
+                                      window=0),
+    "T1_S500_K32_W8_gqa4_d64": Case(1, 1, 500, 8, 2, d=64, is_causal=True, topk=32, window=8),
+    "T400_K500_W8_mha_d128": Case(2, 400, 400, 4, 4, d=128, is_causal=True, topk=500,
+                                  window=8),
+    "T384_K16_W400_mha_d64": Case(1, 384, 384, 8, 8, d=64, is_causal=True, topk=16,
+                                  window=400),
+    "T640_K100_W32_gqa8_d128": Case(1, 640, 640, 8, 1, d=128, is_causal=True, topk=100,
+                                    window=32),
+}
+
+
+def _api_grads(case, dtype, implementation="cuda"):
+    q, k, v, u, w_out, w_lse = _inputs(case, dtype)
+    grads = jax.jit(lambda *a: _grads(case, implementation, *a))(q, k, v, u, w_out, w_lse)
+    return grads, (q, k, v, u, w_out, w_lse)
+
+
+@DTYPE_PARAM
+@pytest.mark.parametrize("name", list(DENSE_CASES))
+def test_dense_backward_kernels(name, dtype):
+    case = DENSE_CASES[name]
+    api, inputs = _api_grads(case, dtype)
+    ref = reference_grads(case, *inputs)
+    _check(case, api, ref, dtype, context=name)
+
+
+@DTYPE_PARAM
+@pytest.mark.parametrize("name", list(SPARSEK_CASES))
+def test_sparsek_backward_kernels(name, dtype):
+    case = SPARSEK_CASES[name]
+    api, inputs = _api_grads(case, dtype)
+    ref = reference_grads(case, *inputs)
+    _check(case, api, ref, dtype, context=name)
+    du = np.asarray(api["u"])
+    window_only = np.arange(case.s) > case.s - 1 - case.window
+    assert np.all(du[:, window_only] == 0.0), f"{name}: du of keys only ever in windows"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bfloat16"])
+def test_sparsek_backward_long_against_xla(dtype):
+    """T = S = 4096 (many plan chunks, several anchor groups): kernels vs the pure-JAX
+    reference on the GPU."""
+    case = Case(1, 4096, 4096, 8, 2, d=128, is_causal=True, topk=256, window=128)
+    cuda, inputs = _api_grads(case, dtype, "cuda")
+    xla, _ = _api_grads(case, dtype, "xla")
+    for name in xla:
+        got = np.asarray(cuda[name].astype(jnp.float32))
+        assert not np.isnan(got).any(), f"NaN in d{name}"
+        err = rel_err(got, np.asarray(xla[name].astype(jnp.float32)))
+        assert err < tolerance(dtype), f"d{name}: cuda vs xla relative error {err:.3g}"
+
+
+def test_backward_deterministic():
+    """Two runs give bitwise-equal gradients (no atomics in the kernels)."""
+    case = SPARSEK_CASES["T640_K100_W32_gqa8_d128"]
+    first, _ = _api_grads(case, jnp.float16)
+    second, _ = _api_grads(case, jnp.float16)
+    for name in first:
+        assert np.array_equal(np.asarray(first[name].astype(jnp.float32)),
+                              np.asarray(second[name].astype(jnp.float32))), name
