@@ -6,8 +6,8 @@ without graph breaks. Its CUDA implementation hands raw pointers and strides to 
 library that the JAX side uses (``jax_sparsek._jax_sparsek_ext.attention_fwd_pointers``), on
 torch's current stream of the inputs' device.
 
-Gradients are not supported yet (there are no backward kernels): no autograd formula is
-registered. Calling ``backward`` through the output raises a RuntimeError that says so; under
+Gradients are not supported yet (the backward kernels are wired to JAX only): no autograd
+formula is registered. Calling ``backward`` through the output raises a RuntimeError that says so; under
 ``torch.compile`` a call whose inputs require grad (with grad mode on) is refused while tracing
 (with ``fullgraph=False`` it runs eagerly instead). Call it under ``torch.no_grad()`` /
 ``torch.inference_mode()`` or on inputs that do not require grad.
@@ -37,8 +37,9 @@ _MAX_SEQLEN = (1 << 31) - 1024  # positions are 32-bit inside the kernel
 _POISON_OUTPUTS = os.environ.get("JAX_SPARSEK_POISON_OUTPUTS") == "1"
 
 NO_BACKWARD_MESSAGE = (
-    "blackwell_sparsek.attention_forward has no backward yet (no backward kernels): gradients "
-    "are not supported in this version. Run it under torch.no_grad() or "
+    "blackwell_sparsek.attention_forward has no backward yet (the library's backward kernels "
+    "are wired to JAX only so far): gradients are not supported in this version. Run it "
+    "under torch.no_grad() or "
     "torch.inference_mode(), or on inputs that do not require grad; for training use "
     "torch.nn.functional.scaled_dot_product_attention.")
 
