@@ -19,7 +19,7 @@ from jax.interpreters import batching, mlir
 from . import _extension
 from ._backward_reference import gated_attention_bwd_reference, sparsek_scores_grad
 from ._gates import sparsek_thresholds_and_gates
-from ._primitive import cuda_kernel_available
+from ._primitive import cuda_kernel_available, fold_into_batch
 from ._reference import key_positions_visible
 from ._validation import AttentionConfig
 
@@ -67,17 +67,6 @@ def _abstract_eval(*operands, config: AttentionConfig):
     if config.sparsek:
         results.append(jax.core.ShapedArray(scores.shape, jnp.float32))
     return tuple(results)
-
-
-def _batch(args, dims, *, config: AttentionConfig):
-    """vmap: every mapped axis is folded into the batch axis (unmapped operands broadcast)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    folded = []
-    for a, d in zip(args, dims):
-        a = jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-        folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
-    results = attention_bwd_p.bind(*folded, config=config)
-    return [r.reshape((size, -1) + r.shape[1:]) for r in results], [0] * len(results)
 
 
 _reference_lowering = mlir.lower_fun(_reference_impl, multiple_results=True)
@@ -155,6 +144,6 @@ def _eager_impl(*operands, config: AttentionConfig):
 
 attention_bwd_p.def_impl(_eager_impl)
 attention_bwd_p.def_abstract_eval(_abstract_eval)
-batching.primitive_batchers[attention_bwd_p] = _batch
+batching.primitive_batchers[attention_bwd_p] = fold_into_batch(attention_bwd_p)
 mlir.register_lowering(attention_bwd_p, _default_lowering)
 mlir.register_lowering(attention_bwd_p, _cuda_lowering, platform="cuda")

@@ -64,15 +64,20 @@ def _abstract_eval(query, key, value, *scores, config: AttentionConfig):
     return tuple(results)
 
 
-def _batch(args, dims, *, config: AttentionConfig):
-    """vmap: every mapped axis is folded into the batch axis (unmapped operands broadcast)."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    folded = []
-    for a, d in zip(args, dims):
-        a = jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
-        folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
-    results = attention_fwd_p.bind(*folded, config=config)
-    return [r.reshape((size, -1) + r.shape[1:]) for r in results], [0] * len(results)
+def fold_into_batch(primitive):
+    """The vmap rule of our primitives: every mapped axis is folded into the batch axis
+    (unmapped operands broadcast), so a vmapped call is still one kernel launch."""
+
+    def rule(args, dims, *, config: AttentionConfig):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        folded = []
+        for a, d in zip(args, dims):
+            a = jnp.broadcast_to(a, (size,) + a.shape) if d is None else jnp.moveaxis(a, d, 0)
+            folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
+        results = primitive.bind(*folded, config=config)
+        return [r.reshape((size, -1) + r.shape[1:]) for r in results], [0] * len(results)
+
+    return rule
 
 
 _reference_lowering = mlir.lower_fun(_reference_impl, multiple_results=True)
@@ -157,6 +162,6 @@ def _eager_impl(*operands, config: AttentionConfig):
 
 attention_fwd_p.def_impl(_eager_impl)
 attention_fwd_p.def_abstract_eval(_abstract_eval)
-batching.primitive_batchers[attention_fwd_p] = _batch
+batching.primitive_batchers[attention_fwd_p] = fold_into_batch(attention_fwd_p)
 mlir.register_lowering(attention_fwd_p, _default_lowering)
 mlir.register_lowering(attention_fwd_p, _cuda_lowering, platform="cuda")

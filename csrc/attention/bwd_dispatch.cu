@@ -9,6 +9,7 @@
 
 #include "attention/bwd_preprocess.h"
 #include "attention/bwd_workspace.h"
+#include "attention/check_problem.h"
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
@@ -28,33 +29,8 @@ std::string check_params(const AttentionBwdParams& p) {
   }
   if (!p.dq || !p.dk || !p.dv) return "a dq, dk or dv pointer is null";
   if (!p.workspace) return "the workspace pointer is null";
-  if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0 ||
-      p.heads_kv <= 0) {
-    return "batch, sequence lengths and head counts must be positive";
-  }
-  if (p.heads_q % p.heads_kv != 0) return "heads_q must be a multiple of heads_kv";
-  if (p.heads_q > 65535 || p.heads_kv > 65535) return "head counts must be at most 65535";
-  if (p.head_dim % 8 != 0 || p.head_dim < 8 || p.head_dim > 256) {
-    return "head_dim must be a multiple of 8 between 8 and 256, got " +
-           std::to_string(p.head_dim);
-  }
-  // Positions are 32-bit inside the kernels.
-  constexpr int64_t kMaxSeqLen = (int64_t{1} << 31) - 1024;
-  if (p.seqlen_q > kMaxSeqLen || p.seqlen_k > kMaxSeqLen || p.window > kMaxSeqLen) {
-    return "sequence lengths and window must be below 2^31 - 1024";
-  }
-  if (p.window < 0) return "window must be >= 0";
-  if (p.sparsek) {
-    if (!p.tau || !p.key_u || !p.sorted_u || !p.sorted_key || !p.plan) {
-      return "SparseK mode needs the selection's tau, key_u, sorted_u, sorted_key and plan";
-    }
-    if (!p.du) return "SparseK mode needs the du pointer";
-    // (Chunks past ceil(S / kKeyChunk) would hold padding only: harmless, as in the forward.)
-    if (p.key_chunks * SelectionTiles::kKeyChunk < p.seqlen_k ||
-        p.key_chunks > SelectionTiles::kMaxChunks) {
-      return "key_chunks does not match seqlen_k";
-    }
-  }
+  if (std::string error = check_problem(p); !error.empty()) return error;
+  if (p.sparsek && !p.du) return "SparseK mode needs the du pointer";
   // 16-byte cp.async copies and vector loads: every row start must be 16-byte aligned.
   for (const void* ptr : {p.q, p.k, p.v, p.o, p.d_out, static_cast<const void*>(p.dq),
                           static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)}) {

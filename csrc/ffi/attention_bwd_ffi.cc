@@ -142,17 +142,10 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: selection: " + error);
   }
-  const sparsek::SelectionBuffers w = sparsek::selection_buffers(layout, selection_workspace);
   p.is_causal = true;
   p.window = window;
-  p.sparsek = true;
+  sparsek_ffi::use_selection(p, tau->typed_data(), layout, selection_workspace);
   p.du = du->typed_data();
-  p.tau = tau->typed_data();
-  p.key_u = w.key_u;
-  p.sorted_u = w.sorted_u;
-  p.sorted_key = w.sorted_key;
-  p.plan = w.plan;
-  p.key_chunks = layout.chunks;
   p.workspace = static_cast<char*>(workspace->untyped_data()) + selection_bytes;
   if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);

@@ -122,14 +122,7 @@ ffi::Error SparseKFwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_fwd: selection: " + error);
   }
-  const sparsek::SelectionBuffers w = sparsek::selection_buffers(layout, workspace);
-  p.sparsek = true;
-  p.tau = tau->typed_data();
-  p.key_u = w.key_u;
-  p.sorted_u = w.sorted_u;
-  p.sorted_key = w.sorted_key;
-  p.plan = w.plan;
-  p.key_chunks = layout.chunks;
+  sparsek_ffi::use_selection(p, tau->typed_data(), layout, workspace);
   if (std::string error = sparsek::attention_fwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_fwd: attention: " + error);
   }

@@ -26,4 +26,18 @@ std::string run_selection(void* stream, int32_t device,
                           int64_t seqlen_k, int64_t heads_kv, int64_t topk, int64_t window,
                           float* tau, sparsek::SelectionLayout& layout, void*& workspace);
 
+// Points the SparseK fields of forward or backward parameters at the selection's results.
+template <typename Params>
+void use_selection(Params& p, float* tau, const sparsek::SelectionLayout& layout,
+                   void* workspace) {
+  const sparsek::SelectionBuffers w = sparsek::selection_buffers(layout, workspace);
+  p.sparsek = true;
+  p.tau = tau;
+  p.key_u = w.key_u;
+  p.sorted_u = w.sorted_u;
+  p.sorted_key = w.sorted_key;
+  p.plan = w.plan;
+  p.key_chunks = layout.chunks;
+}
+
 }  // namespace sparsek_ffi

@@ -1,0 +1,43 @@
+// Checks shared by the forward and backward dispatchers: the problem's sizes, window and the
+// SparseK selection buffers, on either parameter struct (they name these fields alike).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "selection/selection_params.h"
+
+namespace sparsek {
+
+template <typename Params>
+std::string check_problem(const Params& p) {
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0 ||
+      p.heads_kv <= 0) {
+    return "batch, sequence lengths and head counts must be positive";
+  }
+  if (p.heads_q % p.heads_kv != 0) return "heads_q must be a multiple of heads_kv";
+  if (p.heads_q > 65535) return "heads_q must be at most 65535";  // a grid dimension
+  if (p.head_dim % 8 != 0 || p.head_dim < 8 || p.head_dim > 256) {
+    return "head_dim must be a multiple of 8 between 8 and 256, got " +
+           std::to_string(p.head_dim);
+  }
+  // Positions are 32-bit inside the kernels.
+  constexpr int64_t kMaxSeqLen = (int64_t{1} << 31) - 1024;
+  if (p.seqlen_q > kMaxSeqLen || p.seqlen_k > kMaxSeqLen || p.window > kMaxSeqLen) {
+    return "sequence lengths and window must be below 2^31 - 1024";
+  }
+  if (p.window < 0) return "window must be >= 0";
+  if (p.sparsek) {
+    if (!p.tau || !p.key_u || !p.sorted_u || !p.sorted_key || !p.plan) {
+      return "SparseK mode needs the selection's tau, key_u, sorted_u, sorted_key and plan";
+    }
+    // (Chunks past ceil(S / kKeyChunk) would hold padding only: harmless.)
+    if (p.key_chunks * SelectionTiles::kKeyChunk < p.seqlen_k ||
+        p.key_chunks > SelectionTiles::kMaxChunks) {
+      return "key_chunks does not match seqlen_k";
+    }
+  }
+  return {};
+}
+
+}  // namespace sparsek
