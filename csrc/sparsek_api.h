@@ -8,6 +8,7 @@
 #include "attention/bwd_params.h"
 #include "attention/params.h"
 #include "selection/selection_params.h"
+#include "selection/sort_key_spans.h"
 
 #define SPARSEK_API __attribute__((visibility("default")))
 
@@ -25,8 +26,18 @@ SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* 
 SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                             int64_t heads_kv);
 
+// The SparseK backward's span sort (selection/sort_key_spans.h): the selection's key-order
+// scores sorted within spans of KeySpans::kKeySpan keys, for the dk/dv kernel. Run it after
+// sparsek_select and before attention_bwd in SparseK mode.
+SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
+
+// Bytes of device workspace sparsek_sort_key_spans writes (KeySpanLayout, 256-byte aligned).
+SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_k,
+                                                     int64_t heads_kv);
+
 // Launches the attention backward on `stream`: dq, dk, dv (and du in SparseK mode, after
-// sparsek_select has filled the selection buffers for the same scores). Deterministic.
+// sparsek_select and sparsek_sort_key_spans have filled their buffers for the same scores).
+// Deterministic.
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 

@@ -3,8 +3,9 @@ tiles of both kernels, against the float64 explicit gradients of SPARSEK.md on t
 
 test_gradients_gpu.py covers the small ragged shapes (and vmap); here: several query and key
 tiles, lengths that are multiples of no tile, T != S, GQA 1/4/8, head dims 64/96/128/256,
-K >= the domain, W = 0 and W >= S, for fp16 and bf16. Outputs are poisoned with NaN before
-every kernel run (conftest.py), so "no NaN" means every element was written. Also: a long
+K >= the domain, W = 0 and W >= S, several sorted key spans (the dk/dv kernel's order), -inf
+scores, for fp16 and bf16. Outputs are poisoned with NaN before every kernel run
+(conftest.py), so "no NaN" means every element was written. Also: a long
 SparseK case against implementation='xla' on the GPU (too large for the float64 oracle), and
 run-to-run determinism (the kernels use no atomics).
 """
@@ -45,6 +46,12 @@ SPARSEK_CASES = {
                                   window=400),
     "T640_K100_W32_gqa8_d128": Case(1, 640, 640, 8, 1, d=128, is_causal=True, topk=100,
                                     window=32),
+    # Several of the dk/dv kernel's 1024-key sorted spans (selection/sort_key_spans.h), the
+    # last one partial; T != S.
+    "T1100_S2600_K96_W40_gqa8_d128": Case(1, 1100, 2600, 8, 1, d=128, is_causal=True,
+                                          topk=96, window=40),
+    "T2100_K200_W64_gqa4_d64": Case(1, 2100, 2100, 8, 2, d=64, is_causal=True, topk=200,
+                                    window=64),
 }
 
 
@@ -75,6 +82,24 @@ def test_sparsek_backward_kernels(name, dtype):
     assert np.all(du[:, window_only] == 0.0), f"{name}: du of keys only ever in windows"
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16], ids=["float16"])
+def test_sparsek_backward_neg_inf_scores(dtype):
+    """-inf scores over more than one sorted span: a -inf prefix longer than K + W (rows whose
+    domain is all -inf), and 15% scattered; they sort after every finite score of their span
+    but before its padding. Their du is 0."""
+    case = Case(1, 1500, 1500, 8, 2, d=64, is_causal=True, topk=64, window=24)
+    q, k, v, u, w_out, w_lse = _inputs(case, dtype)
+    u = np.array(u)
+    u[:, :300] = -np.inf
+    u[np.random.default_rng(7).random(u.shape) < 0.15] = -np.inf
+    u = jnp.asarray(u)
+    api = jax.jit(lambda *a: _grads(case, "cuda", *a))(q, k, v, u, w_out, w_lse)
+    ref = reference_grads(case, q, k, v, u, w_out, w_lse)
+    _check(case, api, ref, dtype, context="neg_inf_scores")
+    du = np.asarray(api["u"])
+    assert np.all(du[np.isneginf(np.asarray(u))] == 0.0), "du of -inf scores"
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16], ids=["bfloat16"])
 def test_sparsek_backward_long_against_xla(dtype):
     """T = S = 4096 (many plan chunks, several anchor groups): kernels vs the pure-JAX
@@ -89,9 +114,10 @@ def test_sparsek_backward_long_against_xla(dtype):
         assert err < tolerance(dtype), f"d{name}: cuda vs xla relative error {err:.3g}"
 
 
-def test_backward_deterministic():
+@pytest.mark.parametrize("name", ["T640_K100_W32_gqa8_d128", "T1100_S2600_K96_W40_gqa8_d128"])
+def test_backward_deterministic(name):
     """Two runs give bitwise-equal gradients (no atomics in the kernels)."""
-    case = SPARSEK_CASES["T640_K100_W32_gqa8_d128"]
+    case = SPARSEK_CASES[name]
     first, _ = _api_grads(case, jnp.float16)
     second, _ = _api_grads(case, jnp.float16)
     for name in first:

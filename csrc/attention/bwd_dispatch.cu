@@ -31,6 +31,13 @@ std::string check_params(const AttentionBwdParams& p) {
   if (!p.workspace) return "the workspace pointer is null";
   if (std::string error = check_problem(p); !error.empty()) return error;
   if (p.sparsek && !p.du) return "SparseK mode needs the du pointer";
+  if (p.sparsek) {
+    if (!p.span_sorted_u || !p.span_sorted_key) {
+      return "SparseK mode needs the span sort's span_sorted_u and span_sorted_key "
+             "(sparsek_sort_key_spans)";
+    }
+    if (p.key_spans != key_span_count(p.seqlen_k)) return "key_spans does not match seqlen_k";
+  }
   // 16-byte cp.async copies and vector loads: every row start must be 16-byte aligned.
   for (const void* ptr : {p.q, p.k, p.v, p.o, p.d_out, static_cast<const void*>(p.dq),
                           static_cast<const void*>(p.dk), static_cast<const void*>(p.dv)}) {

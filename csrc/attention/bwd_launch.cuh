@@ -13,6 +13,7 @@
 #include "attention/bwd_tile_config.h"
 #include "attention/bwd_workspace.h"
 #include "runtime/cuda_check.h"
+#include "selection/sort_key_spans.h"
 
 namespace sparsek {
 
@@ -44,6 +45,9 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
     chunk.sorted_u = p.sorted_u + heads * padded;
     chunk.sorted_key = p.sorted_key + heads * padded;
     chunk.plan = p.plan + heads * plan_tiles * (p.key_chunks + 1);
+    const int64_t span_padded = p.key_spans * KeySpans::kKeySpan;
+    chunk.span_sorted_u = p.span_sorted_u + heads * span_padded;
+    chunk.span_sorted_key = p.span_sorted_key + heads * span_padded;
   }
   return chunk;
 }
@@ -70,8 +74,9 @@ std::string launch_attention_bwd(const AttentionBwdParams& p, float* delta, floa
   if (std::string error = allow_smem(dkdv_kernel, dkdv_smem); !error.empty()) return error;
 
   const int64_t m_blocks = (p.seqlen_q + DqCfg::kBlockM - 1) / DqCfg::kBlockM;
+  // SparseK: one dk/dv CTA per kBlockN entries of the span sort (bwd_query_visit.cuh).
   const int64_t key_tiles =
-      p.sparsek ? p.key_chunks * (SelectionTiles::kKeyChunk / DkDvCfg::kBlockN)
+      p.sparsek ? p.key_spans * (KeySpans::kKeySpan / DkDvCfg::kBlockN)
                 : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
   // gridDim.y and z are at most 65535: larger batches go in several launches.
   constexpr int64_t kMaxBatchPerLaunch = 65535;

@@ -48,6 +48,12 @@ struct AttentionBwdParams {
   const int32_t* sorted_key = nullptr;  // same layout
   const int32_t* plan = nullptr;        // [B * Hkv, ceil(T / kQueryTile), key_chunks + 1]
   int64_t key_chunks = 0;
+  // The dk/dv kernel's key order (selection/sort_key_spans.h, sparsek_sort_key_spans):
+  // [B * Hkv, key_spans * KeySpans::kKeySpan], each span of key positions sorted by score,
+  // descending, ties by position; padding entries u = -inf, key = -1.
+  const float* span_sorted_u = nullptr;
+  const int32_t* span_sorted_key = nullptr;
+  int64_t key_spans = 0;
 
   // attention_bwd_workspace_bytes(...) bytes of device memory, 256-byte aligned, for the
   // backward's own intermediates (row sums such as Delta).

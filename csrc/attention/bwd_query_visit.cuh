@@ -17,7 +17,7 @@
 #include "attention/key_visit.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparsek_gate.cuh"
-#include "selection/selection_params.h"
+#include "selection/sort_key_spans.h"
 
 namespace sparsek {
 
@@ -66,21 +66,25 @@ struct DenseQueryVisit {
   }
 };
 
-// SparseK: key tile n is the sorted entries [n kBlockN, (n + 1) kBlockN) of the selection's
-// sorted chunks (chunk n kBlockN / kKeyChunk): every key position appears in exactly one tile,
-// so the tile's dk, dv and du are scattered to positions no other CTA writes. Contiguous key
-// tiles would not do: nearly every block of keys holds a high-scoring key that many rows
-// select, while the later entries of a sorted chunk score low and are selected by few rows.
+// SparseK: key tile n is the entries [n kBlockN, (n + 1) kBlockN) of the backward's span sort
+// (selection/sort_key_spans.h: spans of kKeySpan key positions, each sorted by score,
+// descending, ties by position; a tile lies inside one span). Every key position appears in
+// exactly one tile, so the tile's dk, dv and du are scattered to positions no other CTA writes.
+// Contiguous key tiles would not do: nearly every block of keys holds a high-scoring key that
+// many rows select, while the later entries of a sorted span score low and are selected by few
+// rows. Spans wider than the selection's 128-key chunks make a tile's scores close, so its top
+// score (which bounds its rows) is close to what its other keys need.
 //
 // Rows that see some key of the tile: from the first row whose position reaches the tile's
 // smallest key, to the last row that has a tile key in its window band (p(i) < max key + W)
 // or that selects from the sparse domain some key scoring above its tau: tau never decreases
 // down the rows, so that is the last row with tau_i < u_max, the tile's top score (its first
-// entry, chunks being sorted descending), found by binary search.
+// entry, spans being sorted descending), found by binary search. A tile of padding entries
+// only (key -1, past S) visits no row.
 template <typename Cfg>
 struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
-  static constexpr int kChunk = SelectionTiles::kKeyChunk;
+  static_assert(KeySpans::kKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
   // Shared memory: key [kBlockN], u [kBlockN], then 3 ints for the reductions.
   int* s_key;
@@ -102,13 +106,14 @@ struct SparseKQueryVisit {
         window(static_cast<int>(p.window)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
     int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key, last row with tau < u_max
-    const int64_t entry0 = batch_head * p.key_chunks * kChunk + int64_t{tile} * Cfg::kBlockN;
+    const int64_t entry0 =
+        batch_head * p.key_spans * KeySpans::kKeySpan + int64_t{tile} * Cfg::kBlockN;
     const int t = threadIdx.x;
     int key = -1;
     if (t < Cfg::kBlockN) {
-      key = p.sorted_key[entry0 + t];
+      key = p.span_sorted_key[entry0 + t];
       s_key[t] = key;
-      s_u[t] = p.sorted_u[entry0 + t];
+      s_u[t] = p.span_sorted_u[entry0 + t];
     }
     if (t == 0) {
       s_bounds[0] = INT_MAX;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "selection/selection_params.h"
+#include "selection/sort_key_spans.h"
 
 namespace sparsek {
 
@@ -75,8 +76,8 @@ struct BwdDkDvTileConfig {
   static_assert(kNWarps % kDimSplit == 0 && kNTilesO % 2 == 0, "whole dim-tile pairs a warp");
   static_assert(kWarpRows % 16 == 0 && kMTiles >= 1, "a warp owns whole m16 tiles of keys");
   static_assert(kBlockM % 16 == 0 && kHeadDim % 64 == 0, "tiles of 16 rows, 64 dims");
-  static_assert(SelectionTiles::kKeyChunk % kBlockN == 0,
-                "a SparseK key tile is a slice of one sorted chunk");
+  static_assert(KeySpans::kKeySpan % kBlockN == 0,
+                "a SparseK key tile is a slice of one sorted key span");
 };
 
 template <int kHeadDim>
@@ -85,7 +86,7 @@ struct BwdTileSizes;
 // D <= 128: 4 warps of 16 rows (dq) or 16 keys (dk/dv). dk/dv keep 2 * D / 8 * 4
 // accumulators a thread (128 at D = 128) next to the S^T and dP^T blocks: at D = 128 those
 // take 32 query rows a step (64 spill registers). The SparseK dk/dv tile is 64 entries of a
-// sorted chunk: smaller tiles have lower top scores and so fewer rows to visit. D = 256:
+// sorted key span: smaller tiles have lower top scores and so fewer rows to visit. D = 256:
 // 8 warps; dq takes 128 rows (its loads need 8 rows a pass) and 32 keys a step; dk/dv split
 // the head dim between warp pairs. All instantiations compile without spills (sm_90a).
 template <>

@@ -101,8 +101,9 @@ ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
 }
 
 // SparseK: the selection stage again (the same tau and plan the forward used: it is
-// deterministic), then the backward kernels. The workspace result holds the selection's
-// buffers, then the backward's own at the next 256-byte boundary.
+// deterministic), the span sort of the dk/dv kernel's key order, then the backward kernels.
+// The workspace result holds the selection's buffers, then the span sort's, then the
+// backward's own, each at a 256-byte boundary.
 ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
                           ffi::AnyBuffer v, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer o,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out,
@@ -127,10 +128,14 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   }
   const int64_t selection_bytes = align_up(
       sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
-  const int64_t needed =
-      selection_bytes + sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,
-                                                               p.seqlen_k, p.heads_q,
-                                                               p.heads_kv, p.head_dim, true);
+  const sparsek::KeySpanLayout span_layout =
+      sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
+  const int64_t span_bytes = align_up(
+      sparsek::sparsek_key_span_workspace_bytes(p.batch, p.seqlen_k, p.heads_kv));
+  const int64_t needed = selection_bytes + span_bytes +
+                         sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,
+                                                                p.seqlen_k, p.heads_q,
+                                                                p.heads_kv, p.head_dim, true);
   if (std::string error = check_workspace(workspace, needed); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
   }
@@ -142,11 +147,28 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: selection: " + error);
   }
+  char* span_workspace = static_cast<char*>(workspace->untyped_data()) + selection_bytes;
+  sparsek::SortKeySpansParams spans;
+  spans.key_u = sparsek::selection_buffers(layout, selection_workspace).key_u;
+  spans.key_u_stride = layout.padded_keys();
+  spans.batch_heads = layout.batch_heads;
+  spans.seqlen_k = p.seqlen_k;
+  spans.span_sorted_u =
+      reinterpret_cast<float*>(span_workspace + span_layout.span_sorted_u_offset);
+  spans.span_sorted_key =
+      reinterpret_cast<int32_t*>(span_workspace + span_layout.span_sorted_key_offset);
+  spans.device = device;
+  if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
+  }
   p.is_causal = true;
   p.window = window;
   sparsek_ffi::use_selection(p, tau->typed_data(), layout, selection_workspace);
+  p.span_sorted_u = spans.span_sorted_u;
+  p.span_sorted_key = spans.span_sorted_key;
+  p.key_spans = span_layout.spans;
   p.du = du->typed_data();
-  p.workspace = static_cast<char*>(workspace->untyped_data()) + selection_bytes;
+  p.workspace = span_workspace + span_bytes;
   if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }

@@ -84,6 +84,9 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("sparsek_workspace_bytes", &sparsek::sparsek_workspace_bytes, nb::arg("batch"),
         nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK selection stage needs");
+  m.def("sparsek_key_span_workspace_bytes", &sparsek::sparsek_key_span_workspace_bytes,
+        nb::arg("batch"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
+        "Bytes of device workspace the SparseK backward's span sort needs");
   m.def("sparsek_select_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },
         "XLA FFI handler of the SparseK selection stage alone (tau from scores)");

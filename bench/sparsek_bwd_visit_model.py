@@ -1,0 +1,166 @@
+"""How many (key, row) pairs the SparseK dk/dv kernel visits, per width of the sorted key span.
+
+The dk/dv kernel (csrc/attention/bwd_dkdv_kernel.cuh, SparseKQueryVisit in
+bwd_query_visit.cuh) gives one CTA a slice of kBlockN consecutive entries of a span of keys
+sorted by score (descending). The CTA visits the rows from the first row whose position
+reaches the slice's smallest key to the last row that either has one of its keys in the window
+band or has tau below the slice's top score, in steps of kBlockM rows. Today the spans are the
+selection's 128-key chunks; this model counts what wider spans would visit, against the pairs
+actually attended (gate m_ij > 0, window band included), so that the span width can be chosen
+before writing the kernel.
+
+tau is the exact SPARSEK threshold (SPARSEK.md), solved on every `--row-step`-th row from the
+whole prefix (bisection on the keys within 1 of the K-th largest score, which bracket tau) and
+interpolated linearly in between (tau never decreases down the rows). One kv head is modelled:
+every count is per (kv head, query head), so ratios hold for any B, Hq and Hkv.
+
+    python bench/sparsek_bwd_visit_model.py                   # the issue's configs
+    python bench/sparsek_bwd_visit_model.py --seq 32768 --sigma 1 --spans 128 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+
+def solve_tau(domain: np.ndarray, topk: int) -> float:
+    """The exact tau of one row: sum_j clip(u_j - tau, 0, 1) = topk (-inf if the domain fits)."""
+    n = domain.size
+    if n <= topk:
+        return -math.inf
+    kth = np.partition(domain, n - topk)[n - topk]  # the topk-th largest score
+    # f(kth) <= topk - 1 (only keys above kth count, each at most 1) and f(kth - 1) >= topk
+    # (the topk keys at or above kth count 1 each): tau lies in [kth - 1, kth).
+    cand = domain[domain > kth - 1.0].astype(np.float64)
+    lo, hi = float(kth) - 1.0, float(kth)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if np.clip(cand - mid, 0.0, 1.0).sum() >= topk:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def row_thresholds(u: np.ndarray, topk: int, window: int, row_step: int):
+    """tau at every row (T = S), exact on the sampled rows, and the attended pairs."""
+    seq = u.size
+    sample_rows = np.unique(np.concatenate([np.arange(0, seq, row_step), [seq - 1]]))
+    tau_s = np.empty(sample_rows.size)
+    sparse_attended_s = np.empty(sample_rows.size)
+    for idx, row in enumerate(sample_rows):
+        n = max(0, row - window + 1)  # sparse domain [0, row - W]
+        dom = u[:n]
+        tau = solve_tau(dom, topk)
+        tau_s[idx] = tau
+        sparse_attended_s[idx] = n if tau == -math.inf else np.count_nonzero(dom > tau)
+    rows = np.arange(seq)
+    # Rows whose domain holds at most K keys select all of it: tau = -inf exactly there.
+    finite = np.isfinite(tau_s)
+    tau = np.full(seq, -np.inf)
+    first_finite_row = max(0, topk + window)  # domain of row r has r - W + 1 keys
+    if finite.any():
+        fr = rows >= first_finite_row
+        tau[fr] = np.interp(rows[fr], sample_rows[finite], tau_s[finite])
+    sparse_attended = np.interp(rows, sample_rows, sparse_attended_s)
+    sparse_attended = np.where(rows < first_finite_row, np.maximum(0, rows - window + 1),
+                               sparse_attended)
+    window_attended = np.minimum(window, rows + 1)
+    return tau, float(sparse_attended.sum() + window_attended.sum())
+
+
+def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_n: int,
+                  block_m: int, order: str = "score"):
+    """(key, row) pairs the dk/dv CTAs compute (whole kBlockM row steps), and the CTA count.
+
+    order "score": each span sorted by score, descending, ties by key position (the kernel).
+    order "last-row": sorted by the last row that attends the key (window band or tau < u),
+    descending: what a slice's row range depends on; shown for comparison only.
+    """
+    seq = u.size
+    spans = -(-seq // span)
+    padded = spans * span
+    u_pad = np.full(padded, -np.inf)
+    u_pad[:seq] = u
+    pos = np.arange(padded)
+    # Last row with tau < u (tau non-decreasing); -inf scores are never selected.
+    sparse_last = np.searchsorted(tau, u_pad, side="left") - 1
+    sparse_last = np.where(np.isfinite(u_pad), sparse_last, -1)
+    if order == "score":
+        primary = -u_pad
+    elif order == "last-row":
+        last_row = np.maximum(sparse_last, pos + window - 1) if window > 0 else sparse_last
+        primary = -np.where(pos < seq, last_row, -1).astype(np.float64)
+    else:
+        raise ValueError(order)
+    pos2 = pos.reshape(spans, span)
+    perm = np.lexsort((pos2, primary.reshape(spans, span)), axis=-1)  # ties by position
+    sk = np.take_along_axis(pos2, perm, axis=-1).reshape(-1, block_n)
+    s_last = np.take_along_axis(sparse_last.reshape(spans, span), perm, axis=-1)
+    s_last = s_last.reshape(-1, block_n)
+    valid = sk < seq
+    any_valid = valid.any(axis=1)
+    min_key = np.where(valid, sk, np.iinfo(np.int64).max).min(axis=1)
+    max_key = np.where(valid, sk, -1).max(axis=1)
+    # The slice's top score bounds its sparse rows: the max of the keys' last rows.
+    hi = np.where(valid, s_last, -1).max(axis=1)
+    if window > 0:
+        hi = np.maximum(hi, max_key + window - 1)
+    hi = np.minimum(hi, seq - 1)
+    num_rows = np.where(any_valid, np.maximum(0, hi - min_key + 1), 0)
+    steps = -(-num_rows // block_m)
+    return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072],
+                    help="S = T (default: 8k 32k 128k)")
+    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0],
+                    help="u ~ N(0, sigma^2)")
+    ap.add_argument("--spans", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096],
+                    help="widths of the sorted key spans (128: the selection's chunks)")
+    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--block-n", type=int, default=64,
+                    help="entries per dk/dv CTA (kBlockN of BwdTileSizes<128>)")
+    ap.add_argument("--block-m", type=int, default=32,
+                    help="rows per dk/dv step (kBlockM of BwdTileSizes<128>)")
+    ap.add_argument("--row-step", type=int, default=0,
+                    help="rows between exact tau solves (default: S / 1024)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    print(f"K={args.topk} W={args.window} kBlockN={args.block_n} kBlockM={args.block_m}; "
+          "pairs per (kv head, query head); 'visited' counts whole kBlockM x kBlockN steps; "
+          "'last-row order' sorts each span by the last row attending a key instead of by "
+          "score (comparison only)")
+    print("| S | sigma | keys/row | span | dk/dv CTAs | visited / attended | vs span 128 | "
+          "last-row order: visited / attended |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for seq in args.seq:
+        for sigma in args.sigma:
+            rng = np.random.default_rng(args.seed)
+            u = rng.normal(0.0, sigma, seq).astype(np.float32).astype(np.float64)
+            step = args.row_step or max(1, seq // 1024)
+            tau, attended = row_thresholds(u, args.topk, args.window, step)
+            base = None
+            for span in args.spans:
+                if span % args.block_n:
+                    raise SystemExit(f"span {span} is not a multiple of kBlockN {args.block_n}")
+                visited, ctas, _ = visited_pairs(u, tau, span, args.window, args.block_n,
+                                                 args.block_m)
+                by_last, _, _ = visited_pairs(u, tau, span, args.window, args.block_n,
+                                              args.block_m, order="last-row")
+                base = visited if base is None else base
+                print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | {span} | {ctas} | "
+                      f"{visited / attended:.2f} | {visited / base:.2f} | "
+                      f"{by_last / attended:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
