@@ -44,6 +44,7 @@ pure-JAX implementations, then exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -76,7 +77,10 @@ XLA_LOGITS_LIMIT = 8 * 2**30  # jax-xla materialises B*Hq*T*S float32 logits (an
 # Measured ceilings on this workplace's machines (see bench/NOTES.md):
 # (dense fp16/bf16 matrix rate FLOP/s, device-to-device copy bytes/s).
 CEILINGS = {"H100": (798e12, 3.0e12), "H200": (788e12, 4.3e12)}
-IMPLS = ("ours", "jax-cudnn", "jax-xla", "torch-flash", "torch-efficient", "torch-cudnn")
+# ours-mma-sync: ours with JAX_SPARSEK_FORWARD_KERNEL=mma_sync (the mma.sync kernel where the
+# Hopper kernel would run), to compare the two kernels in one run.
+IMPLS = ("ours", "ours-mma-sync", "jax-cudnn", "jax-xla", "torch-flash", "torch-efficient",
+         "torch-cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +217,28 @@ def relative_error(out, ref) -> float:
 
 # ------------------------------------------------------------------------------ JAX timing
 
+@contextlib.contextmanager
+def forward_kernel_env(impl: str):
+    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs (read at every call)."""
+    if impl != "ours-mma-sync":
+        yield
+        return
+    previous = os.environ.get("JAX_SPARSEK_FORWARD_KERNEL")
+    os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = "mma_sync"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL")
+        else:
+            os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = previous
+
+
 def jax_attention_fn(impl: str, cfg: Config, platform_is_gpu: bool):
     """f(q, k, v) -> o for a JAX implementation, or raises why it can't run this config."""
-    if impl == "ours":
+    if impl in ("ours", "ours-mma-sync"):
+        if impl == "ours-mma-sync" and not platform_is_gpu:
+            raise NotImplementedError("needs a GPU")
         return functools.partial(jax_sparsek.sparsek_attention, is_causal=cfg.causal,
                                  window=cfg.window,
                                  implementation="cuda" if platform_is_gpu else "xla")
@@ -384,7 +407,8 @@ def run_config(name: str, cfg: Config, dtype, impls, iters, reps, requested_sets
                 note = ", ".join(x for x in (note, how) if x)
             else:
                 attn = jax_attention_fn(impl, cfg, on_gpu)
-                full = jax.jit(attn)(*sets[0])
+                with forward_kernel_env(impl):
+                    full = jax.jit(attn)(*sets[0])
                 if impl == "ours":
                     ours_out = full
                 elif ours_out is not None and impl == "jax-cudnn":
@@ -392,7 +416,8 @@ def run_config(name: str, cfg: Config, dtype, impls, iters, reps, requested_sets
                 out = full[:1, :, :g]
                 # jax-xla materialises T x S logits per call: only as many sets as beat the L2.
                 timed = sets[:num_l2_sets(cfg)] if impl == "jax-xla" else sets
-                seconds, note = time_jax(attn, timed, iters, reps), ""
+                with forward_kernel_env(impl):
+                    seconds, note = time_jax(attn, timed, iters, reps), ""
                 if impl == "ours" and not on_gpu:
                     note = "implementation='xla' (no GPU)"
         except Exception as e:  # noqa: BLE001

@@ -192,7 +192,8 @@ def main(argv=None):
         print("sparsek_benchmark: no GPU visible to JAX; nothing to time.")
         return 0
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind}; jax {jax.__version__}")
+    kernel = jax_sparsek.build_info().get("forward_kernel")
+    print(f"device: {dev.device_kind}; jax {jax.__version__}; forward kernel {kernel}")
     results = []
     for seq in args.seq:
         for dt in args.dtype:

@@ -18,6 +18,12 @@ namespace sparsek {
 // success, otherwise a message naming the check or CUDA call that failed.
 SPARSEK_API std::string attention_fwd(const AttentionFwdParams& params, void* stream);
 
+// Which forward kernel attention_fwd runs for this head dim on the current device:
+// "sm90_wgmma" (Hopper, built for sm_90a, 64 < head_dim <= 128) or "mma_sync" (every other
+// case, and wherever JAX_SPARSEK_FORWARD_KERNEL=mma_sync). Throws std::runtime_error without
+// a usable device.
+SPARSEK_API std::string forward_kernel_name(int64_t head_dim);
+
 // The SparseK selection stage (selection/selection_params.h): tau for every row and the
 // per-query-tile visit plan, on `stream`. Run it before attention_fwd in SparseK mode.
 SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* stream);

@@ -129,6 +129,8 @@ def build_info() -> dict:
     if info["cuda_kernels_built"]:
         try:
             info["cuda_arch"] = ext.cuda_arch()
+            # Which forward kernel runs at head dim 128 here ('sm90_wgmma' or 'mma_sync').
+            info["forward_kernel"] = ext.forward_kernel(128)
         except RuntimeError:  # built with CUDA, running on a machine without a GPU
             pass
     return info

@@ -4,9 +4,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "attention/check_problem.h"
+#include "runtime/build_config.h"
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
@@ -16,6 +18,8 @@ namespace sparsek {
 
 template <int kHeadDim, typename Element>
 std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream);
+template <int kHeadDim, typename Element>
+std::string run_attention_fwd_sm90(const AttentionFwdParams& p, cudaStream_t stream);
 
 namespace {
 
@@ -51,14 +55,45 @@ std::string poison_outputs(const AttentionFwdParams& p, cudaStream_t stream) {
   return {};
 }
 
+// The Hopper kernel runs on compute capability 9.0 when this build holds sm_90a code, for
+// 64 < D <= 128. D = 256 accumulators do not fit a warpgroup's registers; at D <= 64 its
+// 128-row CTAs, one per SM, lost to the mma.sync kernel's three per SM on the small seed
+// config (bench/NOTES.md, "Hopper forward kernel").
+std::string hopper_kernel_usable(bool& usable) {
+  usable = false;
+  if (!SPARSEK_HAVE_SM90A || mma_sync_forward_requested()) return {};
+  int device = 0, major = 0, minor = 0;
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  SPARSEK_RETURN_IF_CUDA_ERROR(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SPARSEK_RETURN_IF_CUDA_ERROR(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  usable = major == 9 && minor == 0;
+  return {};
+}
+
 template <typename Element>
 std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) {
+  if (p.head_dim <= 128) {
+    bool hopper = false;
+    if (std::string error = hopper_kernel_usable(hopper); !error.empty()) return error;
+    if (hopper && p.head_dim > 64) return run_attention_fwd_sm90<128, Element>(p, stream);
+  }
   if (p.head_dim <= 64) return run_attention_fwd<64, Element>(p, stream);
   if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
   return run_attention_fwd<256, Element>(p, stream);
 }
 
 }  // namespace
+
+std::string forward_kernel_name(int64_t head_dim) {
+  bool hopper = false;
+  if (std::string error = hopper_kernel_usable(hopper); !error.empty()) {
+    cudaGetLastError();  // do not leave the error behind for the next launch check
+    throw std::runtime_error(error);
+  }
+  return hopper && head_dim > 64 && head_dim <= 128 ? "sm90_wgmma" : "mma_sync";
+}
 
 std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {
   if (std::string error = check_params(p); !error.empty()) return error;

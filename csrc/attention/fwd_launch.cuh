@@ -1,5 +1,6 @@
-// Launching one instantiation of the forward kernel. Included only by the fwd_hdim*.cu files,
-// each of which instantiates one padded head dim (so they compile in parallel).
+// Launching one instantiation of the forward kernel (the mma.sync one, fwd_kernel.cuh, or the
+// Hopper one, fwd_kernel_sm90.cuh). Included only by the fwd_*hdim*.cu files, each of which
+// instantiates one padded head dim of one kernel (so they compile in parallel).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,14 +9,15 @@
 #include <string>
 
 #include "attention/fwd_kernel.cuh"
+#include "attention/fwd_kernel_sm90.cuh"
 #include "attention/tile_config.h"
 #include "runtime/cuda_check.h"
 
 namespace sparsek {
 
-template <typename Cfg, typename Element, typename KeyVisit>
-std::string launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
-  auto kernel = attention_fwd_kernel<Cfg, Element, KeyVisit>;
+template <typename Cfg, typename Element, typename KeyVisit, typename Kernel>
+std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
+                                 cudaStream_t stream) {
   const size_t smem_bytes = Cfg::kSmemBytes + KeyVisit::smem_bytes(p);
   if (smem_bytes > 48 * 1024) {
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
@@ -52,8 +54,27 @@ std::string launch_attention_fwd(const AttentionFwdParams& p, cudaStream_t strea
 template <int kHeadDim, typename Element>
 std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using Cfg = typename FwdTileSizes<kHeadDim>::Config;
-  if (p.sparsek) return launch_attention_fwd<Cfg, Element, SparseKKeyVisit<Cfg>>(p, stream);
-  return launch_attention_fwd<Cfg, Element, DenseKeyVisit<Cfg>>(p, stream);
+  if (p.sparsek) {
+    using Visit = SparseKKeyVisit<Cfg>;
+    return launch_attention_fwd<Cfg, Element, Visit>(attention_fwd_kernel<Cfg, Element, Visit>,
+                                                     p, stream);
+  }
+  using Visit = DenseKeyVisit<Cfg>;
+  return launch_attention_fwd<Cfg, Element, Visit>(attention_fwd_kernel<Cfg, Element, Visit>, p,
+                                                   stream);
+}
+
+template <int kHeadDim, typename Element>
+std::string run_attention_fwd_sm90(const AttentionFwdParams& p, cudaStream_t stream) {
+  using Cfg = typename FwdSm90TileSizes<kHeadDim>::Config;
+  if (p.sparsek) {
+    using Visit = SparseKKeyVisit<Cfg>;
+    return launch_attention_fwd<Cfg, Element, Visit>(
+        attention_fwd_sm90_kernel<Cfg, Element, Visit>, p, stream);
+  }
+  using Visit = DenseKeyVisit<Cfg>;
+  return launch_attention_fwd<Cfg, Element, Visit>(attention_fwd_sm90_kernel<Cfg, Element, Visit>,
+                                                   p, stream);
 }
 
 }  // namespace sparsek
@@ -62,4 +83,10 @@ std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) 
   template std::string sparsek::run_attention_fwd<kHeadDim, __half>(                       \
       const sparsek::AttentionFwdParams&, cudaStream_t);                                   \
   template std::string sparsek::run_attention_fwd<kHeadDim, __nv_bfloat16>(                \
+      const sparsek::AttentionFwdParams&, cudaStream_t)
+
+#define SPARSEK_INSTANTIATE_FWD_SM90(kHeadDim)                                             \
+  template std::string sparsek::run_attention_fwd_sm90<kHeadDim, __half>(                  \
+      const sparsek::AttentionFwdParams&, cudaStream_t);                                   \
+  template std::string sparsek::run_attention_fwd_sm90<kHeadDim, __nv_bfloat16>(           \
       const sparsek::AttentionFwdParams&, cudaStream_t)

@@ -87,7 +87,7 @@ struct DenseKeyVisit : DenseVisibility {
   template <typename Element>
   __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
                                             int64_t row_stride, int it, int head_dim) const {
-    load_tile_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
+    load_tile_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads, typename KVTileLayout<Cfg>::type>(
         tile, gmem, row_stride, int64_t{key_tile(it)} * kBlockN, seqlen_k, head_dim);
   }
 

@@ -31,6 +31,25 @@ struct UnitGate {
   __device__ __forceinline__ float operator()(int, int, int) const { return 1.f; }
 };
 
+// The output accumulator's rescale factors of one update, per row (OnlineSoftmax::update's
+// second form): exp2(previous max - new max).
+template <int kMTiles>
+struct DeferredRescale {
+  float correction[kMTiles][2];
+
+  template <int kNTilesO>
+  __device__ __forceinline__ void apply(float (&acc_o)[kMTiles][kNTilesO][4]) const {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < kNTilesO; ++dt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc_o[mt][dt][r] *= correction[mt][r >> 1];
+      }
+    }
+  }
+};
+
 template <int kMTiles>
 struct OnlineSoftmax {
   float row_max[kMTiles][2];  // running max of scaled scores (log2 domain)
@@ -55,6 +74,28 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTilesS][4],
                                          float (&acc_o)[kMTiles][kNTilesO][4],
                                          const Gate& gate) {
+    update_rows(s, gate, [&](int mt, int h, float correction) {
+#pragma unroll
+      for (int dt = 0; dt < kNTilesO; ++dt) {
+        acc_o[mt][dt][2 * h] *= correction;
+        acc_o[mt][dt][2 * h + 1] *= correction;
+      }
+    });
+  }
+
+  // The same, with the accumulator's rescale left to the caller: the Hopper kernel's
+  // accumulator is still being written by the previous tile's P V product while this runs.
+  template <int kNTilesS, typename Gate>
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kNTilesS][4],
+                                         DeferredRescale<kMTiles>& rescale, const Gate& gate) {
+    update_rows(s, gate, [&](int mt, int h, float correction) {
+      rescale.correction[mt][h] = correction;
+    });
+  }
+
+  template <int kNTilesS, typename Gate, typename Rescale>
+  __device__ __forceinline__ void update_rows(float (&s)[kMTiles][kNTilesS][4], const Gate& gate,
+                                              const Rescale& rescale) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -78,11 +119,7 @@ struct OnlineSoftmax {
           tile_sum += p0 + p1;
         }
         row_sum[mt][h] = row_sum[mt][h] * correction + tile_sum;
-#pragma unroll
-        for (int dt = 0; dt < kNTilesO; ++dt) {
-          acc_o[mt][dt][2 * h] *= correction;
-          acc_o[mt][dt][2 * h + 1] *= correction;
-        }
+        rescale(mt, h, correction);
       }
     }
   }

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/sm80_instructions.cuh"
 
@@ -22,10 +23,47 @@ __device__ __forceinline__ int swizzled_offset(int row, int chunk) {
 // below log2(kHeadDim), so moving by 2 * step chunks is an XOR of the chunk bits.
 __device__ __forceinline__ int swizzle_step(int base, int step) { return base ^ (step << 4); }
 
+// The two tile layouts, for the loaders below. kRowPitch: the offset (in elements) between a
+// chunk of row r and the same chunk of row r + 8 k, divided by 8 k.
+//
+// RowSwizzledLayout: the layout of the mma.sync kernels (ldmatrix reads), rows kHeadDim apart.
+template <int kHeadDim>
+struct RowSwizzledLayout {
+  static constexpr int kRowPitch = kHeadDim;
+  __device__ __forceinline__ static int offset(int row, int chunk) {
+    return swizzled_offset<kHeadDim>(row, chunk);
+  }
+};
+
+// Sw128Layout: what wgmma reads through a 128-byte-swizzle descriptor (sm90_instructions.cuh):
+// the head dim cut into column blocks of 64 elements, each block kRows rows of 128 bytes, the
+// same chunk XOR (row % 8) inside a row. For kHeadDim = 64 it is RowSwizzledLayout<64>.
+template <int kRows, int kHeadDim>
+struct Sw128Layout {
+  static constexpr int kRowPitch = 64;
+  static constexpr int kColumnBlockElems = kRows * 64;
+  static_assert(kRows % 8 == 0 && kHeadDim % 64 == 0, "whole 8 x 128-byte atoms");
+  __device__ __forceinline__ static int offset(int row, int chunk) {
+    return (chunk >> 3) * kColumnBlockElems + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  }
+};
+
+// The K and V tile layout of a tile config: Cfg::KVLayout where it names one (the sm90
+// kernel's configs), RowSwizzledLayout otherwise.
+template <typename Cfg, typename = void>
+struct KVTileLayout {
+  using type = RowSwizzledLayout<Cfg::kHeadDim>;
+};
+template <typename Cfg>
+struct KVTileLayout<Cfg, std::void_t<typename Cfg::KVLayout>> {
+  using type = typename Cfg::KVLayout;
+};
+
 // Starts the copy of rows [row0, row0 + kRows) of a [num_rows, head_dim] slice (rows
 // `row_stride` elements apart) into a swizzled tile. Rows past num_rows and columns past
 // head_dim are zero-filled, so padded keys and dims add nothing to any dot product.
-template <int kRows, int kHeadDim, int kNThreads, typename Element>
+template <int kRows, int kHeadDim, int kNThreads, typename Layout = RowSwizzledLayout<kHeadDim>,
+          typename Element>
 __device__ __forceinline__ void load_tile_async(Element* tile, const Element* gmem,
                                                 int64_t row_stride, int64_t row0,
                                                 int64_t num_rows, int head_dim) {
@@ -41,20 +79,21 @@ __device__ __forceinline__ void load_tile_async(Element* tile, const Element* gm
   const bool column_valid = c * 8 < head_dim;
   const Element* src = gmem + (row0 + r) * row_stride + c * 8;
   const int64_t pass_stride = kRowsPerPass * row_stride;
-  Element* dst = tile + swizzled_offset<kHeadDim>(r, c);
+  Element* dst = tile + Layout::offset(r, c);
   // Not unrolled: unrolled, the compiler keeps one 64-bit source address per pass live across
   // the mainloop, which spills registers at D = 128.
 #pragma unroll 1
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const bool valid = column_valid && row0 + r + i * kRowsPerPass < num_rows;
-    sm80::cp_async_16(dst + i * kRowsPerPass * kHeadDim, valid ? src : gmem, valid);
+    sm80::cp_async_16(dst + i * kRowsPerPass * Layout::kRowPitch, valid ? src : gmem, valid);
     src += pass_stride;
   }
 }
 
 // The same copy for a gathered tile: row r of the tile is row keys[r] of the slice, and a
 // negative entry is a padding row (zero-filled).
-template <int kRows, int kHeadDim, int kNThreads, typename Element>
+template <int kRows, int kHeadDim, int kNThreads, typename Layout = RowSwizzledLayout<kHeadDim>,
+          typename Element>
 __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const Element* gmem,
                                                          int64_t row_stride, const int* keys,
                                                          int head_dim) {
@@ -66,13 +105,13 @@ __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const El
   const int r = static_cast<int>(threadIdx.x) / kChunksPerRow;
   const int c = static_cast<int>(threadIdx.x) % kChunksPerRow;
   const bool column_valid = c * 8 < head_dim;
-  Element* dst = tile + swizzled_offset<kHeadDim>(r, c);
+  Element* dst = tile + Layout::offset(r, c);
 #pragma unroll 1
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const int key = keys[r + i * kRowsPerPass];
     const bool valid = column_valid && key >= 0;
     const Element* src = gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + c * 8;
-    sm80::cp_async_16(dst + i * kRowsPerPass * kHeadDim, src, valid);
+    sm80::cp_async_16(dst + i * kRowsPerPass * Layout::kRowPitch, src, valid);
   }
 }
 

@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
@@ -29,6 +30,17 @@
 #include "selection/selection_params.h"
 
 namespace sparsek {
+
+// How many tiles' key positions are in shared memory at once: Cfg::kKeySlots where the tile
+// config names it, else 2.
+template <typename Cfg, typename = void>
+struct KeySlots {
+  static constexpr int value = 2;
+};
+template <typename Cfg>
+struct KeySlots<Cfg, std::void_t<decltype(Cfg::kKeySlots)>> {
+  static constexpr int value = Cfg::kKeySlots;
+};
 
 template <typename Cfg>
 struct SparseKKeyVisit {
@@ -43,21 +55,27 @@ struct SparseKKeyVisit {
     float u;
   };
 
-  // Shared memory past the Q, K and V tiles, from `smem`: u [2][kBlockN] and key [2][kBlockN]
-  // of the key tiles in flight (key -1: padding), tau [kBlockM] of the query rows (+inf past
-  // T), and the plan row [chunks + 1]. Only what the mainloop needs stays in registers; the
-  // rest is re-read from the kernel parameters.
-  static constexpr int kKeyOffset = 2 * kBlockN;
-  static constexpr int kTauOffset = 4 * kBlockN;
-  static constexpr int kPlanOffset = 4 * kBlockN + kBlockM;
+  // Shared memory past the Q, K and V tiles, from `smem`: u [kSlots][kBlockN] and key
+  // [kSlots][kBlockN] of the key tiles in flight (key -1: padding), tau [kBlockM] of the query
+  // rows (+inf past T), and the plan row [chunks + 1]. Only what the mainloop needs stays in
+  // registers; the rest is re-read from the kernel parameters. kSlots: 2 where K/V tiles load
+  // one step ahead of their use (fwd_kernel.cuh), 3 where they load a whole tile ahead
+  // (fwd_kernel_sm90.cuh: tile it + 2's keys are stashed while tile it is computed).
+  static constexpr int kSlots = KeySlots<Cfg>::value;
+  static constexpr int kKeyOffset = kSlots * kBlockN;
+  static constexpr int kTauOffset = 2 * kSlots * kBlockN;
+  static constexpr int kPlanOffset = 2 * kSlots * kBlockN + kBlockM;
   float* smem;
   int chunks;          // whole chunks in the first row's domain
   int candidates;      // keys listed by the plan
   int tail_begin, tail_len;
 
-  __device__ __forceinline__ float* s_u(int it) const { return smem + (it & 1) * kBlockN; }
+  __device__ __forceinline__ static int slot(int it) {
+    return static_cast<int>(static_cast<unsigned>(it) % kSlots);
+  }
+  __device__ __forceinline__ float* s_u(int it) const { return smem + slot(it) * kBlockN; }
   __device__ __forceinline__ int* s_key(int it) const {
-    return reinterpret_cast<int*>(smem + kKeyOffset) + (it & 1) * kBlockN;
+    return reinterpret_cast<int*>(smem + kKeyOffset) + slot(it) * kBlockN;
   }
   __device__ __forceinline__ float* s_tau() const { return smem + kTauOffset; }
   __device__ __forceinline__ int* s_plan() const {
@@ -77,8 +95,8 @@ struct SparseKKeyVisit {
   // Shared memory past the Q, K and V tiles.
   template <typename Params>
   static size_t smem_bytes(const Params& p) {
-    return (static_cast<size_t>(p.key_chunks) + 1 + 2 * kBlockN) * sizeof(int) +
-           (2 * kBlockN + kBlockM) * sizeof(float);
+    return (static_cast<size_t>(p.key_chunks) + 1 + kSlots * kBlockN) * sizeof(int) +
+           (kSlots * kBlockN + kBlockM) * sizeof(float);
   }
 
   template <typename Params>
@@ -163,8 +181,9 @@ struct SparseKKeyVisit {
   template <typename Element>
   __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
                                             int64_t row_stride, int it, int head_dim) const {
-    load_rows_gathered_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(
-        tile, gmem, row_stride, s_key(it), head_dim);
+    load_rows_gathered_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads,
+                             typename KVTileLayout<Cfg>::type>(tile, gmem, row_stride,
+                                                               s_key(it), head_dim);
   }
 
   // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out

@@ -3,6 +3,8 @@
 // it, with the extra columns zero-filled on load and never stored.
 #pragma once
 
+#include "attention/smem_tile.cuh"
+
 namespace sparsek {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_>
@@ -48,6 +50,50 @@ struct FwdTileSizes<128> {
 template <>
 struct FwdTileSizes<256> {
   using Config = FwdTileConfig<256, 128, 64, 8, 1>;
+};
+
+// The Hopper kernel (fwd_kernel_sm90.cuh): two warpgroups of 4 warps per CTA own kBlockM =
+// 128 query rows, 64 each (16 a warp: the rows of one wgmma m64 tile); each mainloop step
+// multiplies them with kBlockN = 128 keys. 128 rows share every K and V tile: with 64, the
+// K/V bytes per tensor-core FLOP double and L2 cannot feed them (measured: 64-row CTAs, two
+// per SM, ran at 348 TFLOP/s). K and V tiles are double-buffered and load a whole step ahead.
+// Field names are FwdTileConfig's, read by the shared key visits, softmax and epilogue; Q, K
+// and V are stored in the wgmma 128-byte-swizzle layout.
+template <int kHeadDim_>
+struct FwdSm90TileConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 256;
+  static constexpr int kMinBlocksPerSm = 1;
+  static constexpr int kWarpgroupRows = 64;
+
+  static constexpr int kWarpRows = 16;
+  static constexpr int kMTiles = 1;
+  static constexpr int kNTilesS = kBlockN / 8;
+  static constexpr int kNTilesO = kHeadDim / 8;
+  static constexpr int kKStepsQK = kHeadDim / 16;
+  static constexpr int kKStepsPV = kBlockN / 16;
+  // SparseK: key positions of tiles it, it + 1 (loading) and it + 2 (being fetched).
+  static constexpr int kKeySlots = 3;
+
+  using QLayout = Sw128Layout<kBlockM, kHeadDim>;
+  using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
+  static constexpr int kKVStages = 2;
+  // wgmma's swizzle atoms need 1024-byte alignment, which the kernel makes by rounding the
+  // dynamic shared memory base up: up to 1 KB more.
+  static constexpr int kSmemAlign = 1024;
+  static constexpr int kSmemBytes =
+      (kSmemQElems + 2 * kKVStages * kSmemKVElems) * 2 + kSmemAlign;
+};
+
+template <int kHeadDim>
+struct FwdSm90TileSizes {
+  static_assert(kHeadDim == 128, "the Hopper kernel covers 64 < D <= 128");
+  using Config = FwdSm90TileConfig<kHeadDim>;
 };
 
 }  // namespace sparsek

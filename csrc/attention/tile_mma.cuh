@@ -28,7 +28,6 @@ __device__ __forceinline__ void scores_qk(float (&s)[Cfg::kMTiles][Cfg::kNTilesS
       for (int r = 0; r < 4; ++r) s[mt][nt][r] = 0.f;
     }
   }
-#pragma unroll
   constexpr int kD = Cfg::kHeadDim;
   // Q matrices: rows 0-7 / 8-15 of the m16 tile, dims 0-7 / 8-15 of the k step.
   const int q_base = swizzled_offset<kD>(warp * Cfg::kWarpRows + (lane & 15), lane >> 4);

@@ -112,4 +112,7 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("cuda_arch", &sparsek::current_device_arch,
         "Architecture of the current CUDA device, e.g. 'sm_90'; RuntimeError without one");
   m.def("supported_archs", &sparsek::compiled_archs, "CUDA targets compiled in");
+  m.def("forward_kernel", &sparsek::forward_kernel_name, nb::arg("head_dim"),
+        "The forward kernel a call with this head dim runs on the current device: "
+        "'sm90_wgmma' or 'mma_sync'");
 }

@@ -13,4 +13,9 @@ bool poison_outputs_requested() {
   return requested;
 }
 
+bool mma_sync_forward_requested() {
+  const char* value = std::getenv("JAX_SPARSEK_FORWARD_KERNEL");
+  return value != nullptr && std::strcmp(value, "mma_sync") == 0;
+}
+
 }  // namespace sparsek

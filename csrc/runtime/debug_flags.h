@@ -7,4 +7,9 @@ namespace sparsek {
 // can check that every element was written.
 bool poison_outputs_requested();
 
+// JAX_SPARSEK_FORWARD_KERNEL=mma_sync: run the forward on the mma.sync kernel even where the
+// Hopper (wgmma) kernel could run; read at every call, so that a benchmark or a test can
+// compare both in one process. Unset or "auto": the fastest kernel the device runs.
+bool mma_sync_forward_requested();
+
 }  // namespace sparsek

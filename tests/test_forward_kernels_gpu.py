@@ -1,0 +1,130 @@
+"""Both CUDA forward kernels against the float64 reference, on the same device.
+
+On Hopper (compute capability 9.0, built for sm_90a) the forward runs on the wgmma kernel
+(fwd_kernel_sm90.cuh) for head dims 72 to 128, which the other GPU test files then exercise;
+JAX_SPARSEK_FORWARD_KERNEL=mma_sync sends calls to the mma.sync kernel, which every other GPU
+runs. The variable is read at every call, so one process can check both. Outputs are poisoned
+with NaN before every run (conftest.py).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import (assert_attention_close, make_qkv, numpy_attention,
+                      numpy_sparsek_attention, requires_cuda, rng_for)
+from jax_sparsek import _extension, sparsek_attention
+
+pytestmark = requires_cuda
+
+KERNELS = ["default", "mma_sync"]
+
+
+@pytest.fixture
+def forward_kernel(request, monkeypatch):
+    if request.param == "default":
+        monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", request.param)
+    return request.param
+
+
+def _on_hopper_build() -> bool:
+    ext = _extension.load_extension()
+    return ext.cuda_arch() == "sm_90" and "sm_90a" in ext.supported_archs()
+
+
+def test_kernel_choice(monkeypatch):
+    ext = _extension.load_extension()
+    monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    expected = "sm90_wgmma" if _on_hopper_build() else "mma_sync"
+    assert ext.forward_kernel(80) == expected
+    assert ext.forward_kernel(128) == expected
+    assert ext.forward_kernel(64) == "mma_sync"
+    assert ext.forward_kernel(256) == "mma_sync"
+    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
+    assert ext.forward_kernel(128) == "mma_sync"
+
+
+# (B, T, S, Hq, Hkv, D, dtype, is_causal, window): ragged lengths, T != S, GQA, windows.
+DENSE_CASES = [
+    (2, 1000, 1000, 4, 2, 128, jnp.float16, False, None),
+    (2, 1000, 1000, 4, 2, 128, jnp.bfloat16, True, None),
+    (1, 77, 1000, 8, 1, 64, jnp.float16, True, None),
+    (1, 1, 1000, 8, 2, 128, jnp.bfloat16, False, None),
+    (1, 1000, 17, 4, 4, 64, jnp.bfloat16, True, None),
+    (1, 700, 700, 4, 1, 128, jnp.float16, True, 37),
+    (1, 513, 513, 2, 2, 96, jnp.float16, True, 1),
+    (1, 300, 300, 2, 1, 40, jnp.bfloat16, False, None),
+]
+
+
+def _dense_id(case):
+    b, t, s, hq, hkv, d, dtype, causal, window = case
+    return (f"B{b}-T{t}-S{s}-Hq{hq}-Hkv{hkv}-D{d}-{jnp.dtype(dtype).name}"
+            f"-{'causal' if causal else 'full'}-W{window}")
+
+
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[_dense_id(c) for c in DENSE_CASES])
+def test_dense_modes(forward_kernel, case):
+    b, t, s, hq, hkv, d, dtype, is_causal, window = case
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels", forward_kernel))
+    out, lse = sparsek_attention(q, k, v, is_causal=is_causal, window=window,
+                                 implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_attention(q, k, v, is_causal=is_causal, window=window)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype,
+                           context=f"{forward_kernel} {_dense_id(case)}")
+
+
+# (B, T, S, Hq, Hkv, D, dtype, topk, window): several gathered key tiles and the tail range.
+SPARSEK_CASES = [
+    (1, 600, 600, 4, 1, 128, jnp.float16, 40, 32),
+    (2, 333, 333, 8, 2, 64, jnp.bfloat16, 100, 0),
+    (1, 1, 900, 4, 2, 128, jnp.bfloat16, 64, 16),
+    (1, 250, 700, 4, 4, 128, jnp.float16, 150, 200),
+]
+
+
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", SPARSEK_CASES, ids=[str(c[:9]) for c in SPARSEK_CASES])
+def test_sparsek(forward_kernel, case):
+    b, t, s, hq, hkv, d, dtype, topk, window = case
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-sparsek", forward_kernel))
+    rng = rng_for("kernels-sparsek-scores", *case[:6], topk, window)
+    u = rng.standard_normal((b, s, hkv)).astype(np.float32)
+    u[rng.random(u.shape) < 0.1] = -np.inf
+    u = jnp.asarray(u)
+    out, lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
+                                 implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
+
+
+def test_kernels_agree():
+    """Same inputs on both kernels: each within the tolerance of the other (fp32 softmax,
+    fp16 P): a layout error in one of them would show as O(1) differences."""
+    q, k, v = make_qkv(1, 2048, 2048, 8, 2, 128, jnp.float16, seed=("agree",))
+
+    def run():
+        return jax.block_until_ready(sparsek_attention(q, k, v, is_causal=True,
+                                                       implementation="cuda", return_lse=True))
+
+    previous = os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL", None)
+    try:
+        out_default, lse_default = run()
+        os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = "mma_sync"
+        out_mma, lse_mma = run()
+    finally:
+        os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL", None)
+        if previous is not None:
+            os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = previous
+    diff = np.abs(np.asarray(out_default, np.float32) - np.asarray(out_mma, np.float32))
+    assert diff.max() < 2e-2, diff.max()
+    np.testing.assert_allclose(np.asarray(lse_default), np.asarray(lse_mma), atol=1e-3)
