@@ -42,6 +42,17 @@ struct KeySlots<Cfg, std::void_t<decltype(Cfg::kKeySlots)>> {
   static constexpr int value = Cfg::kKeySlots;
 };
 
+// Whether the gate multiplies the probability after the exponential (Cfg::kGateAfterExp, the
+// Hopper kernel) or enters the score as log2 of it before (default).
+template <typename Cfg, typename = void>
+struct GateAfterExp {
+  static constexpr bool value = false;
+};
+template <typename Cfg>
+struct GateAfterExp<Cfg, std::void_t<decltype(Cfg::kGateAfterExp)>> {
+  static constexpr bool value = Cfg::kGateAfterExp;
+};
+
 template <typename Cfg>
 struct SparseKKeyVisit {
   static constexpr int kBlockM = Cfg::kBlockM;
@@ -189,7 +200,10 @@ struct SparseKKeyVisit {
   // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out
   // as 0 and 1: saturation turns the NaN of -inf - -inf into 0.
   struct ChunkGate {
-    const float* u;
+    // volatile: each use re-reads shared memory. Gating after the exponential uses a key's
+    // score twice (the mask before the running max, the weight after the exponential), and a
+    // cached copy of a tile's 32 scores per thread would outlive the max: registers spilled.
+    const volatile float* u;
     float tau[Cfg::kMTiles][2];
     int lane;
     __device__ __forceinline__ float operator()(int mt, int nt, int r) const {
@@ -211,25 +225,45 @@ struct SparseKKeyVisit {
     }
   };
 
-  // The gate enters as log2(m) added to the (log2-domain) score: exp2(s + log2 m - max) =
-  // m * exp2(s - max), and a key with m = 0 becomes -inf, outside the running max. (Gates of
-  // 1 add exactly 0.) Multiplying after the exponential instead would keep the gates, or the
-  // inputs to recompute them, alive through the softmax: registers this kernel lacks.
-  template <typename Gate, typename Softmax, typename Scores, typename Acc>
+  // Two ways to weigh a pair by its gate m, both leaving keys with m = 0 out of the running
+  // max (as -inf) and giving m * exp2(s - max):
+  //  - log2(m) added to the (log2-domain) score before the softmax (gates of 1 add exactly
+  //    0): one MUFU operation a pair on top of the exponential, but nothing of the gate stays
+  //    alive through the softmax: the mma.sync kernel, 32 rows a warp, has no registers for it;
+  //  - m multiplied after the exponential, recomputed from u (shared memory) and tau
+  //    (registers) inside the softmax: a few ALU operations instead of the MUFU one, which
+  //    halves the MUFU work a pair. The Hopper kernel (16 rows a warp: kGateAfterExp) does
+  //    this on the planned candidates, most of a row's keys; on the contiguous range the
+  //    gate also needs the key's position and the row's, and recomputing it there spilled.
+  template <bool kAfterExp, typename Gate, typename Softmax, typename Scores, typename Acc>
   __device__ __forceinline__ static void gate_and_update(const Gate& gate, Scores& s, Acc& acc_o,
                                                          Softmax& softmax) {
+    if constexpr (kAfterExp) {
 #pragma unroll
-    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float m = gate(mt, nt, r);
-          s[mt][nt][r] = m > 0.f ? s[mt][nt][r] + __log2f(m) : -INFINITY;
+          for (int r = 0; r < 4; ++r) {
+            if (!(gate(mt, nt, r) > 0.f)) s[mt][nt][r] = -INFINITY;
+          }
         }
       }
+      softmax.update(s, acc_o, gate);
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const float m = gate(mt, nt, r);
+            s[mt][nt][r] = m > 0.f ? s[mt][nt][r] + __log2f(m) : -INFINITY;
+          }
+        }
+      }
+      softmax.update(s, acc_o, UnitGate{});
     }
-    softmax.update(s, acc_o, UnitGate{});
   }
 
   template <typename Softmax, typename Scores, typename Acc>
@@ -249,7 +283,7 @@ struct SparseKKeyVisit {
           gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
         }
       }
-      gate_and_update(gate, s, acc_o, softmax);
+      gate_and_update<GateAfterExp<Cfg>::value>(gate, s, acc_o, softmax);
     } else {
       RangeGate gate;
       gate.u = s_u(it);
@@ -264,7 +298,7 @@ struct SparseKKeyVisit {
           gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
         }
       }
-      gate_and_update(gate, s, acc_o, softmax);
+      gate_and_update<false>(gate, s, acc_o, softmax);
     }
   }
 };

@@ -77,6 +77,9 @@ struct FwdSm90TileConfig {
   static constexpr int kKStepsPV = kBlockN / 16;
   // SparseK: key positions of tiles it, it + 1 (loading) and it + 2 (being fetched).
   static constexpr int kKeySlots = 3;
+  // SparseK: the gate multiplies exp2(s - max) rather than adding log2(m) to s (one MUFU
+  // operation a pair fewer; 16 rows a warp leave the registers to recompute it).
+  static constexpr bool kGateAfterExp = true;
 
   using QLayout = Sw128Layout<kBlockM, kHeadDim>;
   using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
