@@ -91,8 +91,13 @@ SPARSEK_CASES = [
 ]
 
 
+def _sparsek_id(case):
+    b, t, s, hq, hkv, d, dtype, topk, window = case
+    return f"B{b}-T{t}-S{s}-Hq{hq}-Hkv{hkv}-D{d}-{jnp.dtype(dtype).name}-K{topk}-W{window}"
+
+
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
-@pytest.mark.parametrize("case", SPARSEK_CASES, ids=[str(c[:9]) for c in SPARSEK_CASES])
+@pytest.mark.parametrize("case", SPARSEK_CASES, ids=[_sparsek_id(c) for c in SPARSEK_CASES])
 def test_sparsek(forward_kernel, case):
     b, t, s, hq, hkv, d, dtype, topk, window = case
     q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-sparsek", forward_kernel))
