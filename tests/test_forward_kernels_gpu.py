@@ -8,7 +8,6 @@ with NaN before every run (conftest.py).
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +111,7 @@ def test_sparsek(forward_kernel, case):
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 
-def test_kernels_agree():
+def test_kernels_agree(monkeypatch):
     """Same inputs on both kernels: each within the tolerance of the other (fp32 softmax,
     fp16 P): a layout error in one of them would show as O(1) differences."""
     q, k, v = make_qkv(1, 2048, 2048, 8, 2, 128, jnp.float16, seed=("agree",))
@@ -121,15 +120,10 @@ def test_kernels_agree():
         return jax.block_until_ready(sparsek_attention(q, k, v, is_causal=True,
                                                        implementation="cuda", return_lse=True))
 
-    previous = os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL", None)
-    try:
-        out_default, lse_default = run()
-        os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = "mma_sync"
-        out_mma, lse_mma = run()
-    finally:
-        os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL", None)
-        if previous is not None:
-            os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = previous
+    monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    out_default, lse_default = run()
+    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
+    out_mma, lse_mma = run()
     diff = np.abs(np.asarray(out_default, np.float32) - np.asarray(out_mma, np.float32))
     assert diff.max() < 2e-2, diff.max()
     np.testing.assert_allclose(np.asarray(lse_default), np.asarray(lse_mma), atol=1e-3)

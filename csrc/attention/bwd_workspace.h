@@ -6,14 +6,14 @@
 
 #include <cstdint>
 
+#include "runtime/workspace_align.h"
+
 namespace sparsek {
 
 struct BwdWorkspaceLayout {
   int64_t delta_offset = 0;
   int64_t mean_offset = 0;  // == bytes when there is no mean buffer
   int64_t bytes = 0;
-
-  static int64_t align256(int64_t n) { return (n + 255) / 256 * 256; }
 
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t heads_q,
                                  bool sparsek) {

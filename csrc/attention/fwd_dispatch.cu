@@ -59,26 +59,26 @@ std::string poison_outputs(const AttentionFwdParams& p, cudaStream_t stream) {
 // 64 < D <= 128. D = 256 accumulators do not fit a warpgroup's registers; at D <= 64 its
 // 128-row CTAs, one per SM, lost to the mma.sync kernel's three per SM on the small seed
 // config (bench/NOTES.md, "Hopper forward kernel").
-std::string hopper_kernel_usable(bool& usable) {
-  usable = false;
-  if (!SPARSEK_HAVE_SM90A || mma_sync_forward_requested()) return {};
+std::string hopper_kernel_runs(int64_t head_dim, bool& runs) {
+  runs = false;
+  if (!SPARSEK_HAVE_SM90A || head_dim <= 64 || head_dim > 128 || mma_sync_forward_requested()) {
+    return {};
+  }
   int device = 0, major = 0, minor = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
   SPARSEK_RETURN_IF_CUDA_ERROR(
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   SPARSEK_RETURN_IF_CUDA_ERROR(
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  usable = major == 9 && minor == 0;
+  runs = major == 9 && minor == 0;
   return {};
 }
 
 template <typename Element>
 std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) {
-  if (p.head_dim <= 128) {
-    bool hopper = false;
-    if (std::string error = hopper_kernel_usable(hopper); !error.empty()) return error;
-    if (hopper && p.head_dim > 64) return run_attention_fwd_sm90<128, Element>(p, stream);
-  }
+  bool hopper = false;
+  if (std::string error = hopper_kernel_runs(p.head_dim, hopper); !error.empty()) return error;
+  if (hopper) return run_attention_fwd_sm90<128, Element>(p, stream);
   if (p.head_dim <= 64) return run_attention_fwd<64, Element>(p, stream);
   if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
   return run_attention_fwd<256, Element>(p, stream);
@@ -88,11 +88,11 @@ std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) 
 
 std::string forward_kernel_name(int64_t head_dim) {
   bool hopper = false;
-  if (std::string error = hopper_kernel_usable(hopper); !error.empty()) {
+  if (std::string error = hopper_kernel_runs(head_dim, hopper); !error.empty()) {
     cudaGetLastError();  // do not leave the error behind for the next launch check
     throw std::runtime_error(error);
   }
-  return hopper && head_dim > 64 && head_dim <= 128 ? "sm90_wgmma" : "mma_sync";
+  return hopper ? "sm90_wgmma" : "mma_sync";
 }
 
 std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {

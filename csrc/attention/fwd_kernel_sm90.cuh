@@ -21,6 +21,7 @@
 #include "attention/key_visit.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
+#include "attention/query_tile_block.cuh"
 #include "attention/sm90_instructions.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparse_key_visit.cuh"
@@ -101,25 +102,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   Element* sV0 = sK0 + Cfg::kKVStages * Cfg::kSmemKVElems;
   using Products = Sm90TileProducts<Cfg, Element>;
 
-  // Query tiles in reverse order: under causal masking the last tiles carry the most keys.
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int head = blockIdx.y;
-  const int64_t batch = blockIdx.z;
-  const int kv_head = head / static_cast<int>(p.heads_q / p.heads_kv);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int row0 = m_block * Cfg::kBlockM;
-  const int warp_row0 = row0 + warp * Cfg::kWarpRows;
-  const int head_dim = static_cast<int>(p.head_dim);
+  const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
+      query_tile_block<Cfg, Element>(p);
   // This warpgroup's 64 rows of Q: whole 8-row atoms, so the descriptors stay aligned.
   const Element* sQ_rows = sQ + (warp / 4) * Cfg::kWarpgroupRows * Cfg::QLayout::kRowPitch;
-
-  const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
-                     head * p.q_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + batch * p.k_batch_stride +
-                     kv_head * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
-                     kv_head * p.v_head_stride;
 
   KeyVisit visit(p, row0, batch * p.heads_kv + kv_head,
                  sV0 + Cfg::kKVStages * Cfg::kSmemKVElems);

@@ -4,16 +4,13 @@
 #include <string>
 
 #include "ffi/attention_ffi.h"
+#include "runtime/workspace_align.h"
 #include "sparsek_api.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr int64_t kAlign = 256;
-
-int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 // Fills the parameters from the buffers; an empty string when they fit.
 std::string decode_backward(int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -126,11 +123,11 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: scores and du must be [B, S, Hkv]");
   }
-  const int64_t selection_bytes = align_up(
+  const int64_t selection_bytes = sparsek::align256(
       sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
   const sparsek::KeySpanLayout span_layout =
       sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
-  const int64_t span_bytes = align_up(
+  const int64_t span_bytes = sparsek::align256(
       sparsek::sparsek_key_span_workspace_bytes(p.batch, p.seqlen_k, p.heads_kv));
   const int64_t needed = selection_bytes + span_bytes +
                          sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,

@@ -8,14 +8,13 @@
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
+#include "runtime/workspace_align.h"
 #include "selection/selection_kernels.cuh"
 #include "sparsek_api.h"
 
 namespace sparsek {
 
 namespace {
-
-int64_t align256(int64_t bytes) { return (bytes + 255) / 256 * 256; }
 
 std::string check_select_params(const SparseKSelectParams& p) {
   if (!p.scores || !p.tau || !p.workspace) return "a scores, tau or workspace pointer is null";

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "runtime/workspace_align.h"
+
 namespace sparsek {
 
 struct KeySpans {
@@ -54,7 +56,6 @@ struct KeySpanLayout {
   int64_t padded_keys() const { return spans * KeySpans::kKeySpan; }
 
   static KeySpanLayout make(int64_t batch_heads, int64_t seqlen_k) {
-    auto align256 = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
     KeySpanLayout l;
     l.spans = key_span_count(seqlen_k);
     const int64_t entries = batch_heads * l.padded_keys();

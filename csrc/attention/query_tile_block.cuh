@@ -1,0 +1,52 @@
+// Where a CTA of the forward's query-tile grid sits, and the slices of Q, K and V it reads:
+// the grid is (query tile, query head, batch) in both forward kernels (fwd_kernel.cuh,
+// fwd_kernel_sm90.cuh). Kernels unpack it with a structured binding:
+//   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
+//       query_tile_block<Cfg, Element>(p);
+#pragma once
+
+#include <cstdint>
+
+#include "attention/params.h"
+
+namespace sparsek {
+
+template <typename Element>
+struct QueryTileBlock {
+  int head;
+  int64_t batch;
+  int kv_head;    // the kv head of this query head's group
+  int warp;
+  int lane;
+  int row0;       // the tile's first query row
+  int warp_row0;  // the warp's first query row
+  int head_dim;
+  const Element* q;  // row 0 of this (batch, query head); rows q_row_stride apart
+  const Element* k;  // row 0 of this (batch, kv head)
+  const Element* v;
+};
+
+template <typename Cfg, typename Element>
+__device__ __forceinline__ QueryTileBlock<Element> query_tile_block(
+    const AttentionFwdParams& p) {
+  QueryTileBlock<Element> b;
+  // Query tiles in reverse order: under causal masking the last tiles carry the most keys,
+  // and starting them first shortens the tail of the grid.
+  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
+  b.head = blockIdx.y;
+  b.batch = blockIdx.z;
+  b.kv_head = b.head / static_cast<int>(p.heads_q / p.heads_kv);
+  b.warp = threadIdx.x / 32;
+  b.lane = threadIdx.x % 32;
+  b.row0 = m_block * Cfg::kBlockM;
+  b.warp_row0 = b.row0 + b.warp * Cfg::kWarpRows;
+  b.head_dim = static_cast<int>(p.head_dim);
+  b.q = static_cast<const Element*>(p.q) + b.batch * p.q_batch_stride + b.head * p.q_head_stride;
+  b.k = static_cast<const Element*>(p.k) + b.batch * p.k_batch_stride +
+        b.kv_head * p.k_head_stride;
+  b.v = static_cast<const Element*>(p.v) + b.batch * p.v_batch_stride +
+        b.kv_head * p.v_head_stride;
+  return b;
+}
+
+}  // namespace sparsek
