@@ -3,6 +3,7 @@
 
     python bench/backward_benchmark.py                     # dense configs, then SparseK
     python bench/backward_benchmark.py --dense foundation_t8192_causal --sparse-seq 32768
+    python bench/backward_benchmark.py --kernels default mma_sync   # both backward kernels
 
 Times (median over --reps, each a jitted program over distinct input sets):
     fwd        o = attention(q, k, v)
@@ -15,16 +16,22 @@ bench/benchmark.py; SparseK: B=1, Hq=32, Hkv=8, D=128, K=2048, W=512, T = S, sco
 u ~ N(0, 1), against cuDNN's dense causal backward (the pairs SparseK attends are counted
 exactly from the selection's tau, as bench/sparsek_benchmark.py does).
 
+--kernels: "default" is the kernel the device picks (the wgmma kernels on Hopper at
+64 < D <= 128), "mma_sync" sets JAX_SPARSEK_BACKWARD_KERNEL=mma_sync (read at every call) for
+its timings; each gets its own columns, against the same cuDNN timing.
+
 Correctness: for the dense configs our gradients are compared with cuDNN's (relative error;
 over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -36,6 +43,7 @@ from benchmark import CONFIGS  # noqa: E402
 from sparsek_benchmark import attended_pairs, time_program  # noqa: E402
 import sparsek_benchmark as skb  # noqa: E402
 
+import jax_sparsek  # noqa: E402
 from jax_sparsek import sparsek_attention  # noqa: E402
 from jax_sparsek._primitive import sparsek_select_cuda  # noqa: E402
 
@@ -43,6 +51,41 @@ TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2}
 DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
 DEFAULT_DENSE = ["foundation_t2048", "foundation_t2048_causal", "foundation_t8192",
                  "foundation_t8192_causal", "gqa_t8192"]
+
+
+@contextlib.contextmanager
+def backward_kernel_env(kernel: str):
+    """JAX_SPARSEK_BACKWARD_KERNEL=mma_sync while the mma.sync kernels are timed."""
+    previous = os.environ.pop("JAX_SPARSEK_BACKWARD_KERNEL", None)
+    if kernel != "default":
+        os.environ["JAX_SPARSEK_BACKWARD_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        os.environ.pop("JAX_SPARSEK_BACKWARD_KERNEL", None)
+        if previous is not None:
+            os.environ["JAX_SPARSEK_BACKWARD_KERNEL"] = previous
+
+
+def warm_up(seconds=2.0):
+    """Matmuls until the GPU has run `seconds` at load: the clocks ramp up from idle, which
+    otherwise inflates the first row's timings (seen: our forward at 1.6x its later time)."""
+    x = jnp.ones((8192, 8192), jnp.float16)
+    step = jax.jit(lambda x: (x @ x) * jnp.float16(1e-4))
+    jax.block_until_ready(step(x))
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x = jax.block_until_ready(step(x))
+
+
+_CUDNN_TIMES = {}
+
+
+def cudnn_times(key, measure):
+    """cuDNN's (fwd, fwd+bwd, bwd) for a config, measured once for all --kernels rows."""
+    if key not in _CUDNN_TIMES:
+        _CUDNN_TIMES[key] = measure()
+    return _CUDNN_TIMES[key]
 
 
 def grad_program(attn, argnums):
@@ -64,7 +107,7 @@ def time_fwd_bwd(attn, sets, argnums, iters, reps):
     return fwd, both, both - fwd
 
 
-def dense_row(name, dtype_key, iters, reps, num_sets=2):
+def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
     cfg = CONFIGS[name]
     dtype = DTYPES[dtype_key]
     sets = []
@@ -79,21 +122,24 @@ def dense_row(name, dtype_key, iters, reps, num_sets=2):
                              implementation="cuda")
     cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=cfg.causal,
                               implementation="cudnn")
-    g_ours = jax.jit(grad_program(ours, (0, 1, 2)))(*sets[0])
+    with backward_kernel_env(kernel):
+        g_ours = jax.block_until_ready(jax.jit(grad_program(ours, (0, 1, 2)))(*sets[0]))
+        t_ours = time_fwd_bwd(ours, sets, (0, 1, 2), iters, reps)
     g_ref = jax.jit(grad_program(cudnn, (0, 1, 2)))(*sets[0])
     err = max(rel(a, b) for a, b in zip(g_ours, g_ref))
     ok = err <= TOLERANCE[jnp.dtype(dtype).name]
     pairs = cfg.T * (cfg.T + 1) // 2 if cfg.causal else cfg.T * cfg.S
     fwd_flops = 4 * cfg.B * cfg.Hq * cfg.D * pairs
-    t_ours = time_fwd_bwd(ours, sets, (0, 1, 2), iters, reps)
-    t_cudnn = time_fwd_bwd(cudnn, sets, (0, 1, 2), iters, reps)
-    r = {"config": name, "dtype": jnp.dtype(dtype).name, "ours_fwd_s": t_ours[0],
+    t_cudnn = cudnn_times((name, dtype_key),
+                          lambda: time_fwd_bwd(cudnn, sets, (0, 1, 2), iters, reps))
+    r = {"config": name, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
+         "ours_fwd_s": t_ours[0],
          "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0], "cudnn_bwd_s": t_cudnn[2],
          "ours_bwd_tflops": 2.5 * fwd_flops / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * fwd_flops / t_cudnn[2] / 1e12,
          "bwd_ratio_vs_cudnn": t_cudnn[2] / t_ours[2], "grad_rel_err_vs_cudnn": err,
          "valid": ok}
-    print(f"{name:26s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
+    print(f"{name:26s} {kernel:8s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
           f"({r['ours_bwd_tflops']:5.1f} TFLOP/s) | cudnn {t_cudnn[2] * 1e3:8.3f} ms "
           f"({r['cudnn_bwd_tflops']:5.1f}) -> {r['bwd_ratio_vs_cudnn']:4.2f}x cudnn | fwd ours "
           f"{t_ours[0] * 1e3:7.3f} cudnn {t_cudnn[0] * 1e3:7.3f} ms | err {err:.1e}"
@@ -101,7 +147,7 @@ def dense_row(name, dtype_key, iters, reps, num_sets=2):
     return r
 
 
-def sparse_row(seq, dtype_key, iters, reps):
+def sparse_row(seq, dtype_key, iters, reps, kernel="default"):
     dtype = DTYPES[dtype_key]
     sets = [s + (jax.random.normal(jax.random.PRNGKey(100 + i), s[0].shape, jnp.float32),)
             for i, s in enumerate(skb.make_inputs(seq, dtype, 1.0, 2))]
@@ -113,20 +159,24 @@ def sparse_row(seq, dtype_key, iters, reps):
     tau = jax.block_until_ready(jax.jit(functools.partial(
         sparsek_select_cuda, num_queries=seq, topk=skb.TOPK, window=skb.WINDOW))(u))
     pairs = int(attended_pairs(u, tau, seq=seq)) * (skb.HQ // skb.HKV)
-    grads = jax.jit(grad_program(ours, (0, 1, 2, 3)))(*sets[0])
-    finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
-    t_ours = time_fwd_bwd(ours, sets, (0, 1, 2, 3), iters, reps)
+    with backward_kernel_env(kernel):
+        grads = jax.jit(grad_program(ours, (0, 1, 2, 3)))(*sets[0])
+        finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
+        t_ours = time_fwd_bwd(ours, sets, (0, 1, 2, 3), iters, reps)
     dense_sets = [s[:3] + s[4:] for s in sets]
-    t_cudnn = time_fwd_bwd(cudnn, dense_sets, (0, 1, 2), max(1, iters // 2), reps)
+    t_cudnn = cudnn_times(("sparsek", seq, dtype_key), lambda: time_fwd_bwd(
+        cudnn, dense_sets, (0, 1, 2), max(1, iters // 2), reps))
     dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
-    r = {"seq": seq, "dtype": jnp.dtype(dtype).name, "topk": skb.TOPK, "window": skb.WINDOW,
+    r = {"seq": seq, "kernel": kernel, "dtype": jnp.dtype(dtype).name, "topk": skb.TOPK,
+         "window": skb.WINDOW,
          "keys_per_row": pairs / (skb.B * skb.HQ * seq),
          "ours_fwd_s": t_ours[0], "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0],
          "cudnn_bwd_s": t_cudnn[2],
          "ours_bwd_tflops": 2.5 * 4 * skb.D * pairs / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * 4 * skb.D * dense_pairs / t_cudnn[2] / 1e12,
          "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite}
-    print(f"SparseK S={seq:6d} {r['dtype']:8s} keys/row {r['keys_per_row']:7.1f} | bwd ours "
+    print(f"SparseK S={seq:6d} {kernel:8s} {r['dtype']:8s} keys/row "
+          f"{r['keys_per_row']:7.1f} | bwd ours "
           f"{t_ours[2] * 1e3:8.3f} ms ({r['ours_bwd_tflops']:5.1f} TFLOP/s on attended pairs) "
           f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
           f"{r['bwd_speedup_vs_cudnn_causal']:5.2f}x | fwd ours {t_ours[0] * 1e3:7.3f} ms"
@@ -139,6 +189,8 @@ def main(argv=None):
     ap.add_argument("--dense", nargs="*", default=DEFAULT_DENSE)
     ap.add_argument("--sparse-seq", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16"])
+    ap.add_argument("--kernels", nargs="+", choices=["default", "mma_sync"],
+                    default=["default"])
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
@@ -146,11 +198,16 @@ def main(argv=None):
     if jax.default_backend() != "gpu":
         print("backward_benchmark: no GPU visible to JAX; nothing to time.")
         return 0
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; backward kernel "
+          f"{jax_sparsek.build_info().get('backward_kernel')}")
+    warm_up()
     results = []
     for dt in args.dtype:
-        results += [dense_row(name, dt, args.iters, args.reps) for name in args.dense]
-        results += [sparse_row(seq, dt, args.iters, args.reps) for seq in args.sparse_seq]
+        for kernel in args.kernels:
+            results += [dense_row(name, dt, args.iters, args.reps, kernel)
+                        for name in args.dense]
+            results += [sparse_row(seq, dt, args.iters, args.reps, kernel)
+                        for seq in args.sparse_seq]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "results": results}, f,

@@ -24,6 +24,10 @@ SPARSEK_API std::string attention_fwd(const AttentionFwdParams& params, void* st
 // a usable device.
 SPARSEK_API std::string forward_kernel_name(int64_t head_dim);
 
+// The same for the backward's dq and dk/dv kernels (JAX_SPARSEK_BACKWARD_KERNEL=mma_sync
+// forces "mma_sync").
+SPARSEK_API std::string backward_kernel_name(int64_t head_dim);
+
 // The SparseK selection stage (selection/selection_params.h): tau for every row and the
 // per-query-tile visit plan, on `stream`. Run it before attention_fwd in SparseK mode.
 SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* stream);

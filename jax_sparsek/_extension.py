@@ -129,8 +129,10 @@ def build_info() -> dict:
     if info["cuda_kernels_built"]:
         try:
             info["cuda_arch"] = ext.cuda_arch()
-            # Which forward kernel runs at head dim 128 here ('sm90_wgmma' or 'mma_sync').
+            # Which forward and backward kernels run at head dim 128 here ('sm90_wgmma' or
+            # 'mma_sync').
             info["forward_kernel"] = ext.forward_kernel(128)
+            info["backward_kernel"] = ext.backward_kernel(128)
         except RuntimeError:  # built with CUDA, running on a machine without a GPU
             pass
     return info

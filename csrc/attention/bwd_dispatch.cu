@@ -1,15 +1,18 @@
 // attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
-// and dk/dv kernels for the dtype and head dim (bwd_launch.cuh), all on the caller's stream.
+// and dk/dv kernels for the dtype, head dim and device (bwd_launch.cuh), all on the caller's
+// stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "attention/bwd_preprocess.h"
 #include "attention/bwd_workspace.h"
 #include "attention/check_problem.h"
+#include "attention/hopper_kernels.h"
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
@@ -20,6 +23,9 @@ namespace sparsek {
 template <int kHeadDim, typename Element>
 std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
                               cudaStream_t stream);
+template <int kHeadDim, typename Element>
+std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
+                                   cudaStream_t stream);
 
 namespace {
 
@@ -73,15 +79,37 @@ std::string poison_outputs(const AttentionBwdParams& p, cudaStream_t stream) {
   return {};
 }
 
+// The Hopper kernels (hopper_kernels.h), unless JAX_SPARSEK_BACKWARD_KERNEL=mma_sync asks for
+// the others.
+std::string hopper_kernels_run_backward(int64_t head_dim, bool& runs) {
+  runs = false;
+  if (mma_sync_backward_requested()) return {};
+  return hopper_kernels_run(head_dim, runs);
+}
+
 template <typename Element>
 std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* mean,
                               cudaStream_t stream) {
+  bool hopper = false;
+  if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
+    return error;
+  }
+  if (hopper) return run_attention_bwd_sm90<128, Element>(p, delta, mean, stream);
   if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, delta, mean, stream);
   if (p.head_dim <= 128) return run_attention_bwd<128, Element>(p, delta, mean, stream);
   return run_attention_bwd<256, Element>(p, delta, mean, stream);
 }
 
 }  // namespace
+
+std::string backward_kernel_name(int64_t head_dim) {
+  bool hopper = false;
+  if (std::string error = hopper_kernels_run_backward(head_dim, hopper); !error.empty()) {
+    cudaGetLastError();  // do not leave the error behind for the next launch check
+    throw std::runtime_error(error);
+  }
+  return hopper ? "sm90_wgmma" : "mma_sync";
+}
 
 int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                       int64_t heads_q, int64_t heads_kv, int64_t head_dim,

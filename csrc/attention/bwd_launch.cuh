@@ -1,6 +1,8 @@
 // Launching one instantiation of the backward's dq and dk/dv kernels (in that order: dk/dv
-// reads the SparseK means dq writes). Included only by the bwd_hdim*.cu files, each of which
-// instantiates one padded head dim (so they compile in parallel).
+// reads the SparseK means dq writes): the mma.sync ones (bwd_dq_kernel.cuh,
+// bwd_dkdv_kernel.cuh) or the Hopper ones (bwd_*_kernel_sm90.cuh). Included only by the
+// bwd_*hdim*.cu files, each of which instantiates one padded head dim of one kernel pair (so
+// they compile in parallel).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,7 +11,9 @@
 #include <string>
 
 #include "attention/bwd_dkdv_kernel.cuh"
+#include "attention/bwd_dkdv_kernel_sm90.cuh"
 #include "attention/bwd_dq_kernel.cuh"
+#include "attention/bwd_dq_kernel_sm90.cuh"
 #include "attention/bwd_tile_config.h"
 #include "attention/bwd_workspace.h"
 #include "runtime/cuda_check.h"
@@ -63,11 +67,10 @@ std::string allow_smem(Kernel kernel, size_t smem_bytes) {
 
 // delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK).
 template <typename DqCfg, typename DkDvCfg, typename Element, typename KeyVisit,
-          typename QueryVisit>
-std::string launch_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
+          typename QueryVisit, typename DqKernel, typename DkDvKernel>
+std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernel dkdv_kernel,
+                                 const AttentionBwdParams& p, float* delta, float* mean,
                                  cudaStream_t stream) {
-  auto dq_kernel = attention_bwd_dq_kernel<DqCfg, Element, KeyVisit>;
-  auto dkdv_kernel = attention_bwd_dkdv_kernel<DkDvCfg, Element, QueryVisit>;
   const size_t dq_smem = DqCfg::kSmemBytes + KeyVisit::smem_bytes(p);
   const size_t dkdv_smem = DkDvCfg::kSmemBytes + QueryVisit::smem_bytes(p);
   if (std::string error = allow_smem(dq_kernel, dq_smem); !error.empty()) return error;
@@ -106,11 +109,40 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
   using Dq = typename Sizes::Dq;
   using DkDv = typename Sizes::DkDv;
   if (p.sparsek) {
-    return launch_attention_bwd<Dq, DkDv, Element, SparseKKeyVisitBwd<Dq>,
-                                SparseKQueryVisit<DkDv>>(p, delta, mean, stream);
+    using KeyVisit = SparseKKeyVisitBwd<Dq>;
+    using QueryVisit = SparseKQueryVisit<DkDv>;
+    return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+        attention_bwd_dq_kernel<Dq, Element, KeyVisit>,
+        attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
   }
-  return launch_attention_bwd<Dq, DkDv, Element, DenseKeyVisitBwd<Dq>, DenseQueryVisit<DkDv>>(
-      p, delta, mean, stream);
+  using KeyVisit = DenseKeyVisitBwd<Dq>;
+  using QueryVisit = DenseQueryVisit<DkDv>;
+  return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+      attention_bwd_dq_kernel<Dq, Element, KeyVisit>,
+      attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+}
+
+// The Hopper kernels (BwdSm90TileSizes): dense modes take two-warpgroup dk/dv CTAs, SparseK
+// one-warpgroup ones.
+template <int kHeadDim, typename Element>
+std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
+                                   cudaStream_t stream) {
+  using Sizes = BwdSm90TileSizes<kHeadDim>;
+  using Dq = typename Sizes::Dq;
+  if (p.sparsek) {
+    using DkDv = typename Sizes::DkDvSparseK;
+    using KeyVisit = SparseKKeyVisitBwd<Dq>;
+    using QueryVisit = SparseKQueryVisit<DkDv>;
+    return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+        attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
+        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+  }
+  using DkDv = typename Sizes::DkDvDense;
+  using KeyVisit = DenseKeyVisitBwd<Dq>;
+  using QueryVisit = DenseQueryVisit<DkDv>;
+  return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+      attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
+      attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
 }
 
 }  // namespace sparsek
@@ -119,4 +151,10 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
   template std::string sparsek::run_attention_bwd<kHeadDim, __half>(                       \
       const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t);                   \
   template std::string sparsek::run_attention_bwd<kHeadDim, __nv_bfloat16>(                \
+      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t)
+
+#define SPARSEK_INSTANTIATE_BWD_SM90(kHeadDim)                                             \
+  template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __half>(                  \
+      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t);                   \
+  template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __nv_bfloat16>(           \
       const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t)

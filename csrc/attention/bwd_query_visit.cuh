@@ -51,8 +51,9 @@ struct DenseQueryVisit {
   template <typename Element>
   __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
                                             int64_t row_stride, int head_dim) const {
-    load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(tile, gmem, row_stride, key0,
-                                                                visibility.seqlen_k, head_dim);
+    using Layout = typename KVTileLayout<Cfg>::type;
+    load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads, Layout>(
+        tile, gmem, row_stride, key0, visibility.seqlen_k, head_dim);
   }
 
   __device__ __forceinline__ int key_position(int i) const {
@@ -63,6 +64,16 @@ struct DenseQueryVisit {
   __device__ __forceinline__ float gate(int key, float, int row, float, bool& fractional) const {
     fractional = false;
     return key >= 0 && visibility.visible(row, key) ? 1.f : 0.f;
+  }
+
+  // False when every row of [row0, row0 + kRows) sees every key of the tile (all gates 1; rows
+  // past T are left to their lse of -inf): the kernel then skips gate() (the Hopper kernel).
+  template <int kRows>
+  __device__ __forceinline__ bool block_needs_mask(int row0) const {
+    const int last_key = key0 + Cfg::kBlockN - 1;
+    const int first_pos = row0 + visibility.row_offset;
+    return last_key >= visibility.seqlen_k || (visibility.causal && last_key > first_pos) ||
+           (visibility.window > 0 && key0 <= first_pos + kRows - 1 - visibility.window);
   }
 };
 
@@ -161,8 +172,9 @@ struct SparseKQueryVisit {
   template <typename Element>
   __device__ __forceinline__ void load_keys(Element* tile, const Element* gmem,
                                             int64_t row_stride, int head_dim) const {
-    load_rows_gathered_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads>(tile, gmem, row_stride,
-                                                                          s_key, head_dim);
+    load_rows_gathered_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads,
+                             typename KVTileLayout<Cfg>::type>(tile, gmem, row_stride, s_key,
+                                                               head_dim);
   }
 
   __device__ __forceinline__ int key_position(int i) const { return s_key[i]; }

@@ -8,6 +8,7 @@
 // has kNTilesS n8 tiles, and the second product accumulates kNTilesO n8 tiles of dims.
 #pragma once
 
+#include "attention/smem_tile.cuh"
 #include "selection/selection_params.h"
 #include "selection/sort_key_spans.h"
 
@@ -103,6 +104,102 @@ template <>
 struct BwdTileSizes<256> {
   using Dq = BwdDqTileConfig<256, 128, 32, 8, 1>;
   using DkDv = BwdDkDvTileConfig<256, 64, 32, 8, 2, 1>;
+};
+
+// The Hopper (wgmma) backward kernels (bwd_dq_kernel_sm90.cuh, bwd_dkdv_kernel_sm90.cuh):
+// warpgroups of 4 warps, each owning the 64 rows of one wgmma m64 tile (16 a warp, so the
+// per-element code of the mma.sync kernels applies with kMTiles = 1); every product's other
+// side is 64 wide (N = 64) or the head dim (N = kHeadDim = 128). Tiles are stored in the
+// wgmma 128-byte-swizzle layout; field names are those of the mma.sync configs, which the
+// shared key and query visits read.
+//
+// dq: 128 query rows (two warpgroups) share each tile of 64 keys; K and V load a whole step
+// ahead, K in three stages so that dq += dS K of one tile runs on during the next one's score
+// products. Accumulators a thread: dq 64, S and dP 32 each.
+template <int kHeadDim_>
+struct BwdDqSm90TileConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 64;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 256;
+  static constexpr int kMinBlocksPerSm = 1;
+  static constexpr int kWarpgroupRows = 64;
+
+  static constexpr int kWarpRows = 16;
+  static constexpr int kMTiles = 1;
+  static constexpr int kNTilesS = kBlockN / 8;
+  static constexpr int kNTilesO = kHeadDim / 8;
+  static constexpr int kKStepsQK = kHeadDim / 16;
+  static constexpr int kKStepsPV = kBlockN / 16;
+  // SparseK: key positions of tiles it, it + 1 (loading) and it + 2 (being fetched).
+  static constexpr int kKeySlots = 3;
+
+  using QLayout = Sw128Layout<kBlockM, kHeadDim>;
+  using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
+  static constexpr int kKStages = 3;
+  static constexpr int kVStages = 2;
+  // wgmma's swizzle atoms need 1024-byte alignment: the kernel rounds the base up.
+  static constexpr int kSmemAlign = 1024;
+  // Q, dO, then K and V stages.
+  static constexpr int kSmemBytes =
+      (2 * kSmemQElems + (kKStages + kVStages) * kSmemKVElems) * 2 + kSmemAlign;
+
+  static_assert(SelectionTiles::kQueryTile % kBlockM == 0,
+                "a SparseK dq tile lies inside one plan tile");
+};
+
+// dk/dv: kWarpgroups x 64 keys a CTA, 64 query rows a step; Q, dO and the rows' lse, Delta,
+// tau and mean are double-buffered and load a whole step ahead. Accumulators a thread: dk
+// and dv 64 each, S^T and dP^T 32 each. Two warpgroups (128 keys, one CTA an SM) halve the Q
+// and dO bytes per product: the dense modes. SparseK takes one warpgroup (64 entries of a
+// sorted span: smaller tiles have lower top scores and visit fewer rows; two CTAs an SM).
+// Measured (bench/NOTES.md, "Hopper backward kernels"): 128-row dq CTAs beat 64-row ones in
+// every mode, and a third Q/dO stage (dv and dk running on into the next step) made ptxas
+// serialize the products (C7515) and the kernel slower.
+template <int kHeadDim_, int kWarpgroups_>
+struct BwdDkDvSm90TileConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
+  static constexpr int kBlockM = 64;                // query rows per step
+  static constexpr int kNWarps = 4 * kWarpgroups;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocksPerSm = kWarpgroups == 1 ? 2 : 1;
+  static constexpr int kDimSplit = 1;
+  static constexpr int kKeyWarps = kNWarps;
+
+  static constexpr int kWarpRows = 16;  // keys per warp
+  static constexpr int kMTiles = 1;
+  static constexpr int kNTilesS = kBlockM / 8;
+  static constexpr int kNTilesO = kHeadDim / 8;
+  static constexpr int kKStepsQK = kHeadDim / 16;
+  static constexpr int kKStepsPV = kBlockM / 16;
+
+  using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
+  using QLayout = Sw128Layout<kBlockM, kHeadDim>;
+  static constexpr int kSmemKVElems = kBlockN * kHeadDim;
+  static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kQStages = 2;
+  // Per query row and stage: lse (log2 domain), Delta, tau, mean of g over F_i.
+  static constexpr int kRowVectors = 4;
+  static constexpr int kSmemAlign = 1024;
+  // K, V, then Q and dO stages, then the row vectors.
+  static constexpr int kSmemBytes = (2 * kSmemKVElems + 2 * kQStages * kSmemQElems) * 2 +
+                                    kQStages * kRowVectors * kBlockM * 4 + kSmemAlign;
+
+  static_assert(KeySpans::kKeySpan % kBlockN == 0,
+                "a SparseK key tile is a slice of one sorted key span");
+};
+
+template <int kHeadDim>
+struct BwdSm90TileSizes {
+  static_assert(kHeadDim == 128, "the Hopper backward covers 64 < D <= 128");
+  using Dq = BwdDqSm90TileConfig<kHeadDim>;
+  using DkDvDense = BwdDkDvSm90TileConfig<kHeadDim, 2>;
+  using DkDvSparseK = BwdDkDvSm90TileConfig<kHeadDim, 1>;
 };
 
 }  // namespace sparsek

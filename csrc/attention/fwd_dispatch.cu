@@ -8,7 +8,7 @@
 #include <string>
 
 #include "attention/check_problem.h"
-#include "runtime/build_config.h"
+#include "attention/hopper_kernels.h"
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
@@ -55,23 +55,11 @@ std::string poison_outputs(const AttentionFwdParams& p, cudaStream_t stream) {
   return {};
 }
 
-// The Hopper kernel runs on compute capability 9.0 when this build holds sm_90a code, for
-// 64 < D <= 128. D = 256 accumulators do not fit a warpgroup's registers; at D <= 64 its
-// 128-row CTAs, one per SM, lost to the mma.sync kernel's three per SM on the small seed
-// config (bench/NOTES.md, "Hopper forward kernel").
+// The Hopper kernel, unless JAX_SPARSEK_FORWARD_KERNEL=mma_sync asks for the other one.
 std::string hopper_kernel_runs(int64_t head_dim, bool& runs) {
   runs = false;
-  if (!SPARSEK_HAVE_SM90A || head_dim <= 64 || head_dim > 128 || mma_sync_forward_requested()) {
-    return {};
-  }
-  int device = 0, major = 0, minor = 0;
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
-  SPARSEK_RETURN_IF_CUDA_ERROR(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  SPARSEK_RETURN_IF_CUDA_ERROR(
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  runs = major == 9 && minor == 0;
-  return {};
+  if (mma_sync_forward_requested()) return {};
+  return hopper_kernels_run(head_dim, runs);
 }
 
 template <typename Element>

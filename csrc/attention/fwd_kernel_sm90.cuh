@@ -23,68 +23,40 @@
 #include "attention/params.h"
 #include "attention/query_tile_block.cuh"
 #include "attention/sm90_instructions.cuh"
+#include "attention/sm90_tile_products.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparse_key_visit.cuh"
 
 namespace sparsek {
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define SPARSEK_SM90_KERNEL_BODY 1
-#endif
-
-// The tile products of one mainloop step on one warpgroup, issued asynchronously: the caller
-// commits, waits and fences (the kernel overlaps P V of one tile with the softmax of the next).
+// The tile products of one mainloop step on one warpgroup (sm90_tile_products.cuh), issued
+// asynchronously: the caller commits, waits and fences (the kernel overlaps P V of one tile
+// with the softmax of the next).
 template <typename Cfg, typename Element>
 struct Sm90TileProducts {
-  // Descriptor strides (bytes): 8 rows of 128 bytes per atom; column blocks of 64 dims.
-  static constexpr uint32_t kAtomBytes = 1024;
-  static constexpr uint32_t kUnusedLbo = 16;
-  static constexpr uint32_t kKVColumnBlockBytes = Cfg::KVLayout::kColumnBlockElems * 2;
-
   // P as the A fragments of the k steps of P V (k step kk: keys [16 kk, 16 kk + 16)).
   using PFragments = uint32_t[Cfg::kKStepsPV][4];
 
-#ifdef SPARSEK_SM90_KERNEL_BODY
-  // S = Q K^T over the head dim: k step ks is 16 dims, column block ks / 4, byte 32 (ks % 4)
-  // of each 128-byte row. Overwrites s.
+  // S = Q K^T over the head dim. Overwrites s.
   __device__ __forceinline__ static void issue_scores(float (&s)[Cfg::kNTilesS][4],
                                                       const Element* sQ_rows,
                                                       const Element* sK) {
-#pragma unroll
-    for (int ks = 0; ks < Cfg::kKStepsQK; ++ks) {
-      const int column = (ks & 3) * 16;
-      const uint64_t desc_q = sm90::smem_descriptor_sw128(
-          sQ_rows + (ks >> 2) * Cfg::QLayout::kColumnBlockElems + column, kUnusedLbo,
-          kAtomBytes);
-      const uint64_t desc_k = sm90::smem_descriptor_sw128(
-          sK + (ks >> 2) * Cfg::KVLayout::kColumnBlockElems + column, kUnusedLbo, kAtomBytes);
-      sm90::wgmma_ss<Element, Cfg::kBlockN>(s, desc_q, desc_k, ks > 0 ? 1 : 0);
-    }
+    sm90::issue_kmajor_product<Element, Cfg::kBlockN, Cfg::kKStepsQK,
+                               Cfg::QLayout::kColumnBlockElems,
+                               Cfg::KVLayout::kColumnBlockElems>(s, sQ_rows, sK);
   }
 
-  // The accumulator layout of score tiles 2 kk and 2 kk + 1 is the A fragment of k step kk.
   __device__ __forceinline__ static void pack_p(PFragments& a,
                                                 const float (&p)[Cfg::kNTilesS][4]) {
-#pragma unroll
-    for (int kk = 0; kk < Cfg::kKStepsPV; ++kk) {
-      a[kk][0] = sm80::pack2<Element>(p[2 * kk][0], p[2 * kk][1]);
-      a[kk][1] = sm80::pack2<Element>(p[2 * kk][2], p[2 * kk][3]);
-      a[kk][2] = sm80::pack2<Element>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-      a[kk][3] = sm80::pack2<Element>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-    }
+    sm90::pack_a_fragments<Element>(a, p);
   }
 
-  // O += P V over the keys: k step kk is two 8-row atoms of every column block of V.
+  // O += P V over the keys.
   __device__ __forceinline__ static void issue_pv(float (&acc_o)[Cfg::kNTilesO][4],
                                                   const PFragments& a, const Element* sV) {
-#pragma unroll
-    for (int kk = 0; kk < Cfg::kKStepsPV; ++kk) {
-      const uint64_t desc_v = sm90::smem_descriptor_sw128(sV + kk * 16 * Cfg::KVLayout::kRowPitch,
-                                                          kKVColumnBlockBytes, kAtomBytes);
-      sm90::wgmma_rs_mn_major_b<Element, Cfg::kHeadDim>(acc_o, a[kk], desc_v, 1);
-    }
+    sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
+                                   Cfg::KVLayout::kColumnBlockElems>(acc_o, a, sV);
   }
-#endif
 };
 
 template <typename Cfg, typename Element, typename KeyVisit>

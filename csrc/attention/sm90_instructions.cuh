@@ -1,22 +1,31 @@
-// Thin wrappers over the Hopper (sm_90a) warpgroup instructions the sm90 forward kernel uses:
+// Thin wrappers over the Hopper (sm_90a) warpgroup instructions of the sm90 kernels:
 // wgmma.mma_async (a 64-row tile product issued by the 4 warps of a warpgroup together, its
 // operands read from shared memory through 64-bit matrix descriptors), its fences, and the
 // proxy fence that makes cp.async writes to shared memory visible to it.
 //
-// Only what fwd_kernel_sm90.cuh issues is here: S = Q K^T as m64n128k16 with both operands
-// K-major in shared memory, and O += P V as m64n128k16 with P in registers and V read
-// MN-major (transposed) from shared memory. Accumulators are float32 in the register layout
-// of mma.sync m16n8 tiles: d[j] is n8 tile j of the warp's 16 rows (tile_mma.cuh's layout), so
-// the masks, gates and softmax of the mma.sync kernel apply unchanged.
+// Only the shapes the kernels issue are here:
+//   - both operands K-major in shared memory (score-like products: S = Q K^T in the forward,
+//     S, dP and their transposes in the backward), at N = 128 (forward: 128 keys) and N = 64
+//     (backward: 64 keys or 64 query rows);
+//   - A in registers and B read MN-major (transposed) from shared memory at N = 128 (the
+//     head dim: O += P V, dq += dS K, dv += P^T dO, dk += dS^T Q).
+// Accumulators are float32 in the register layout of mma.sync m16n8 tiles: d[j] is n8 tile j
+// of the warp's 16 rows (tile_mma.cuh's layout), so the masks, gates and softmax of the
+// mma.sync kernels apply unchanged.
 //
-// Compiled only for sm_90a: the instructions do not exist elsewhere (the __CUDA_ARCH_FEAT_SM90_ALL
-// guard in fwd_kernel_sm90.cuh keeps other targets from seeing them).
+// Compiled only for sm_90a: the instructions do not exist elsewhere (the
+// __CUDA_ARCH_FEAT_SM90_ALL guard in the sm90 kernels keeps other targets from seeing them).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+// Set where the sm90 kernels' bodies compile: sm_90a code only.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SPARSEK_SM90_KERNEL_BODY 1
+#endif
 
 namespace sparsek::sm90 {
 
@@ -72,6 +81,11 @@ template <typename Element, int kN>
 __device__ __forceinline__ void wgmma_ss(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b,
                                          int accumulate);
 
+// d = A B, as wgmma_ss with accumulate = 0 (defined at N = 64 only).
+template <typename Element, int kN>
+__device__ __forceinline__ void wgmma_ss_overwrite(float (&d)[kN / 8][4], uint64_t desc_a,
+                                                   uint64_t desc_b);
+
 // d (+)= A B for a 64 x 16 A in registers (the m16n8k16 A fragment of the warp's 16 rows) and
 // a 16 x kN B stored MN-major (kN contiguous) in shared memory.
 template <typename Element, int kN>
@@ -102,7 +116,7 @@ __device__ __forceinline__ void wgmma_rs_mn_major_b(float (&d)[kN / 8][4], const
   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), \
   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
 
-// Both products at N = 128 (the only shape the kernel issues) for one element type; ptx_type is
+// Both products at N = 128 for one element type; ptx_type is
 // its name in the instruction ("f16", "bf16"). Operands past the accumulators: SS takes the
 // two descriptors (%64, %65) and the accumulate flag (%66); RS the four A registers (%64-%67),
 // B's descriptor (%68) and the flag (%69). The immediates are scale-a, scale-b (1: no
@@ -133,5 +147,60 @@ SPARSEK_DEFINE_WGMMA_M64N128K16(__nv_bfloat16, "bf16")
 #undef SPARSEK_DEFINE_WGMMA_M64N128K16
 #undef SPARSEK_WGMMA_ACC_OPERANDS
 #undef SPARSEK_WGMMA_ACC_REGS
+
+// The 32 float32 accumulators of an m64n64 tile.
+#define SPARSEK_WGMMA_ACC_REGS_N64                                                  \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define SPARSEK_WGMMA_OUT_OPERANDS_N64(d) \
+  "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), \
+  "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), \
+  "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), \
+  "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), \
+  "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), \
+  "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), \
+  "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), \
+  "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3])
+#define SPARSEK_WGMMA_ACC_OPERANDS_N64(d) \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), \
+  "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+  "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), \
+  "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+  "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), \
+  "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+  "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
+  "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+
+// The SS product at N = 64 (the backward's score-like products); operands as at N = 128:
+// the descriptors are %32 and %33, the accumulate flag %34. wgmma_ss_overwrite is the same
+// product with scale-d 0, its accumulators output-only ("=f"): the compiler then knows the
+// previous values are dead, instead of keeping them alive from one mainloop step to the next.
+#define SPARSEK_DEFINE_WGMMA_M64N64K16(Element, ptx_type)                                    \
+  template <>                                                                                \
+  __device__ __forceinline__ void wgmma_ss<Element, 64>(                                      \
+      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
+                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                 \
+                 : SPARSEK_WGMMA_ACC_OPERANDS_N64(d)                                          \
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));                               \
+  }                                                                                          \
+  template <>                                                                                \
+  __device__ __forceinline__ void wgmma_ss_overwrite<Element, 64>(                            \
+      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
+                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                 \
+                 : SPARSEK_WGMMA_OUT_OPERANDS_N64(d)                                          \
+                 : "l"(desc_a), "l"(desc_b));                                                \
+  }
+
+SPARSEK_DEFINE_WGMMA_M64N64K16(__half, "f16")
+SPARSEK_DEFINE_WGMMA_M64N64K16(__nv_bfloat16, "bf16")
+
+#undef SPARSEK_DEFINE_WGMMA_M64N64K16
+#undef SPARSEK_WGMMA_ACC_OPERANDS_N64
+#undef SPARSEK_WGMMA_OUT_OPERANDS_N64
+#undef SPARSEK_WGMMA_ACC_REGS_N64
 
 }  // namespace sparsek::sm90

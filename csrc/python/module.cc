@@ -115,4 +115,7 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("forward_kernel", &sparsek::forward_kernel_name, nb::arg("head_dim"),
         "The forward kernel a call with this head dim runs on the current device: "
         "'sm90_wgmma' or 'mma_sync'");
+  m.def("backward_kernel", &sparsek::backward_kernel_name, nb::arg("head_dim"),
+        "The backward kernels a call with this head dim runs on the current device: "
+        "'sm90_wgmma' or 'mma_sync'");
 }

@@ -13,9 +13,17 @@ bool poison_outputs_requested() {
   return requested;
 }
 
-bool mma_sync_forward_requested() {
-  const char* value = std::getenv("JAX_SPARSEK_FORWARD_KERNEL");
-  return value != nullptr && std::strcmp(value, "mma_sync") == 0;
+namespace {
+bool env_equals(const char* name, const char* expected) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, expected) == 0;
+}
+}  // namespace
+
+bool mma_sync_forward_requested() { return env_equals("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync"); }
+
+bool mma_sync_backward_requested() {
+  return env_equals("JAX_SPARSEK_BACKWARD_KERNEL", "mma_sync");
 }
 
 }  // namespace sparsek

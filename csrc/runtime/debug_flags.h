@@ -12,4 +12,7 @@ bool poison_outputs_requested();
 // compare both in one process. Unset or "auto": the fastest kernel the device runs.
 bool mma_sync_forward_requested();
 
+// JAX_SPARSEK_BACKWARD_KERNEL=mma_sync: the same for the backward's dq and dk/dv kernels.
+bool mma_sync_backward_requested();
+
 }  // namespace sparsek

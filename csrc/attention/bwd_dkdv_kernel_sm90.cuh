@@ -1,0 +1,288 @@
+// The backward's dk/dv kernel on Hopper tensor cores (wgmma): one CTA per (kBlockN keys, kv
+// head, batch), each warpgroup owning 64 of the keys. It loops over the query heads of the kv
+// group and, in each, over the query rows that can see the tile's keys (bwd_query_visit.cuh),
+// 64 rows a step, accumulating for the warpgroup's keys (sm90_tile_products.cuh):
+//   S^T = K Q^T, dP^T = V dO^T      both operands from shared memory, issued together
+//   P^T = m exp(s - lse), dS^T = P^T (dP^T - Delta)
+//   dv += P^T dO, dk += dS^T Q      P^T and dS^T from registers
+//   du_j += sum_i [j in F_i] (g_ij - mean_i)   (SparseK; mean_i from the dq kernel)
+// as the mma.sync kernel (bwd_dkdv_kernel.cuh), whose per-element code this is with one m16
+// tile a warp: each dk, dv and du element is written by exactly one CTA, without atomics.
+//
+// K and V stay in shared memory. Q, dO and the rows' lse, Delta, tau and mean are
+// double-buffered: step + 1's copy has all of step `step` to land. The four products are
+// three commit groups: in the dense modes the exponentials of P^T overlap dP^T's product and
+// dS^T overlaps dv's, and blocks every row of which sees every key skip the gates; SparseK
+// waits for both scores and computes each gate once. One barrier a step.
+//
+// Tile config: BwdDkDvSm90TileConfig (bwd_tile_config.h). Compiled into sm_90a code only.
+#pragma once
+
+#include <cstdint>
+
+#include "attention/bwd_dq_kernel.cuh"
+#include "attention/bwd_epilogue.cuh"
+#include "attention/bwd_params.h"
+#include "attention/bwd_query_visit.cuh"
+#include "attention/online_softmax.cuh"
+#include "attention/sm90_instructions.cuh"
+#include "attention/sm90_tile_products.cuh"
+#include "attention/smem_tile.cuh"
+
+namespace sparsek {
+
+// delta, mean: [B, Hq, T] of this launch's batches (mean: SparseK only).
+template <typename Cfg, typename Element, typename QueryVisit>
+__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
+    attention_bwd_dkdv_sm90_kernel(const __grid_constant__ AttentionBwdParams p,
+                                   const float* __restrict__ delta,
+                                   const float* __restrict__ mean) {
+#ifdef SPARSEK_SM90_KERNEL_BODY
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - raw_address % Cfg::kSmemAlign) %
+                                    Cfg::kSmemAlign);
+  // K, V, Q stages, dO stages, then per stage the rows' lse (log2), Delta, tau and mean, then
+  // the query visit's own.
+  using QBlock = typename Cfg::QLayout;
+  using KVBlock = typename Cfg::KVLayout;
+  Element* sK = reinterpret_cast<Element*>(smem);
+  Element* sV = sK + Cfg::kSmemKVElems;
+  Element* sQ0 = sV + Cfg::kSmemKVElems;
+  Element* sdO0 = sQ0 + Cfg::kQStages * Cfg::kSmemQElems;
+  float* s_rows0 = reinterpret_cast<float*>(sdO0 + Cfg::kQStages * Cfg::kSmemQElems);
+  constexpr int kRowsStageFloats = Cfg::kRowVectors * Cfg::kBlockM;
+
+  const int tile = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int64_t batch = blockIdx.z;
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int head_dim = static_cast<int>(p.head_dim);
+  const int seqlen_q = static_cast<int>(p.seqlen_q);
+  const int64_t batch_head = batch * p.heads_kv + kv_head;
+  // This warpgroup's 64 keys of K and V.
+  const int wg_rows = (warp / 4) * 64 * KVBlock::kRowPitch;
+  const Element* sK_rows = sK + wg_rows;
+  const Element* sV_rows = sV + wg_rows;
+
+  const Element* k = static_cast<const Element*>(p.k) + batch * p.k_batch_stride +
+                     kv_head * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
+                     kv_head * p.v_head_stride;
+
+  const QueryVisit visit(p, tile, batch_head, s_rows0 + Cfg::kQStages * kRowsStageFloats);
+  const int row_lo = visit.row_lo;
+  const int row_tiles = (visit.num_rows + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int steps = group * row_tiles;
+
+  // The thread's keys: rows lane / 4 and lane / 4 + 8 of the warp's 16.
+  int key_pos[Cfg::kMTiles][2];
+  float key_u[Cfg::kMTiles][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = warp * Cfg::kWarpRows + (lane >> 2) + 8 * h;
+    key_pos[0][h] = visit.key_position(i);
+    key_u[0][h] = visit.key_score(i);
+  }
+
+  float acc_dk[Cfg::kMTiles][Cfg::kNTilesO][4];
+  float acc_dv[Cfg::kMTiles][Cfg::kNTilesO][4];
+#pragma unroll
+  for (int dt = 0; dt < Cfg::kNTilesO; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc_dk[0][dt][r] = acc_dv[0][dt][r] = 0.f;
+  }
+  float du[Cfg::kMTiles][2] = {{0.f, 0.f}};  // this lane's share of du of its keys
+
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Step `step` is query head kv_head * group + step / row_tiles, rows row_lo +
+  // (step % row_tiles) kBlockM and on.
+  auto step_head = [&](int step) { return kv_head * group + step / row_tiles; };
+  auto step_row0 = [&](int step) { return row_lo + (step % row_tiles) * Cfg::kBlockM; };
+  // Q and dO rows of the step into stage `stage`, and its rows' lse (log2), Delta, tau and
+  // mean (plain stores, visible after the next barrier). Rows past T: lse -inf (P = 0), tau
+  // +inf (not in F).
+  auto load_step = [&](int step, int stage) {
+    const int head = step_head(step);
+    const int row0 = step_row0(step);
+    const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
+                       head * p.q_head_stride;
+    const Element* d_out = static_cast<const Element*>(p.d_out) + batch * p.do_batch_stride +
+                           head * p.do_head_stride;
+    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads, QBlock>(
+        sQ0 + stage * Cfg::kSmemQElems, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
+    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads, QBlock>(
+        sdO0 + stage * Cfg::kSmemQElems, d_out, p.do_row_stride, row0, p.seqlen_q, head_dim);
+    sm80::cp_async_commit();
+    float* s_rows = s_rows0 + stage * kRowsStageFloats;
+    const int64_t rows_base = (batch * p.heads_q + head) * p.seqlen_q;
+    for (int i = threadIdx.x; i < Cfg::kBlockM; i += Cfg::kNThreads) {
+      const int row = row0 + i;
+      const bool valid = row < seqlen_q;
+      s_rows[i] = valid ? p.lse[rows_base + row] * kLog2e : -INFINITY;
+      s_rows[Cfg::kBlockM + i] = valid ? delta[rows_base + row] : 0.f;
+      if constexpr (QueryVisit::kSparseK) {
+        s_rows[2 * Cfg::kBlockM + i] = valid ? p.tau[batch_head * p.seqlen_q + row] : INFINITY;
+        s_rows[3 * Cfg::kBlockM + i] = valid ? mean[rows_base + row] : 0.f;
+      }
+    }
+  };
+
+  if (steps > 0) {
+    visit.load_keys(sK, k, p.k_row_stride, head_dim);
+    visit.load_keys(sV, v, p.v_row_stride, head_dim);
+    load_step(0, 0);
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    const int row0 = step_row0(step);
+    const int stage = step % Cfg::kQStages;
+    // Q(step), dO(step) (and K, V) have landed and are published to the async proxy; every
+    // thread is done with step - 1 (its products were waited on), so its stage is free.
+    sm80::cp_async_wait<0>();
+    sm90::fence_async_shared();
+    __syncthreads();
+    const Element* sQ = sQ0 + stage * Cfg::kSmemQElems;
+    const Element* sdO = sdO0 + stage * Cfg::kSmemQElems;
+    const float* s_lse2 = s_rows0 + stage * kRowsStageFloats;
+    const float* s_delta = s_lse2 + Cfg::kBlockM;
+    const float* s_tau = s_lse2 + 2 * Cfg::kBlockM;
+    const float* s_mean = s_lse2 + 3 * Cfg::kBlockM;
+
+    // S^T and dP^T are outputs only (issue_kmajor_product's kOutputOnly), in two commit
+    // groups; the next step's Q and dO copies start behind them.
+    float st[Cfg::kMTiles][Cfg::kNTilesS][4];
+    float dpt[Cfg::kMTiles][Cfg::kNTilesS][4];
+    sm90::wgmma_fence();
+    sm90::issue_kmajor_product<Element, Cfg::kBlockM, Cfg::kKStepsQK,
+                               KVBlock::kColumnBlockElems, QBlock::kColumnBlockElems, true>(
+        st[0], sK_rows, sQ);
+    sm90::wgmma_commit();
+    sm90::issue_kmajor_product<Element, Cfg::kBlockM, Cfg::kKStepsQK,
+                               KVBlock::kColumnBlockElems, QBlock::kColumnBlockElems, true>(
+        dpt[0], sV_rows, sdO);
+    sm90::wgmma_commit();
+    if (step + 1 < steps) load_step(step + 1, (step + 1) % Cfg::kQStages);
+
+    // Element r of st[0][nt]: key row lane / 4 + 8 (r / 2) of the warp's 16, query column
+    // 8 nt + 2 (lane % 4) + r % 2. The column's row data is read once for both key rows.
+    if constexpr (QueryVisit::kSparseK) {
+      // SparseK: P^T = m exp(s - lse), dS^T and du's g - mean (j in F_i) in one pass once
+      // both products are in, so that the gate (most of the per-element work) is computed
+      // once.
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(st[0]);
+      sm90::fence_registers(dpt[0]);
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + (lane & 3) * 2 + c;
+          const float lse2 = s_lse2[col];
+          const float row_delta = s_delta[col];
+          const float tau = s_tau[col];
+          const float row_mean = s_mean[col];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = 2 * h + c;
+            bool fractional;
+            const float m = visit.gate(key_pos[0][h], key_u[0][h], row0 + col, tau, fractional);
+            const bool live = m > 0.f && lse2 > -INFINITY;
+            const float e = live ? fast_exp2(st[0][nt][r] * scale_log2 - lse2) : 0.f;
+            const float diff = dpt[0][nt][r] - row_delta;
+            st[0][nt][r] = m * e;                 // P^T
+            dpt[0][nt][r] = st[0][nt][r] * diff;  // dS^T
+            if (fractional) du[0][h] += e * diff - row_mean;
+          }
+        }
+      }
+    } else {
+      // Dense modes: P^T while dP^T is still in the tensor cores. Blocks every row of which
+      // sees every key (most of them) skip the gates.
+      const bool masked = visit.template block_needs_mask<Cfg::kBlockM>(row0);
+      sm90::wgmma_wait<1>();
+      sm90::fence_registers(st[0]);
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + (lane & 3) * 2 + c;
+          const float lse2 = s_lse2[col];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = 2 * h + c;
+            bool visible = true;
+            if (masked) {
+              bool fractional;
+              visible = visit.gate(key_pos[0][h], 0.f, row0 + col, 0.f, fractional) > 0.f;
+            }
+            // lse = -inf (rows past T, or that see no key): P = 0.
+            st[0][nt][r] = visible && lse2 > -INFINITY
+                               ? fast_exp2(st[0][nt][r] * scale_log2 - lse2)
+                               : 0.f;
+          }
+        }
+      }
+    }
+    uint32_t pt[Cfg::kKStepsPV][4];
+    sm90::pack_a_fragments<Element>(pt, st[0]);
+    sm90::wgmma_fence();
+    sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
+                                   QBlock::kColumnBlockElems>(acc_dv[0], pt, sdO);
+    sm90::wgmma_commit();
+    if constexpr (!QueryVisit::kSparseK) {
+      // dS^T = P^T (dP^T - Delta) while dv += P^T dO is in the tensor cores.
+      sm90::wgmma_wait<1>();
+      sm90::fence_registers(dpt[0]);
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float row_delta = s_delta[nt * 8 + (lane & 3) * 2 + c];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = 2 * h + c;
+            dpt[0][nt][r] = st[0][nt][r] * (dpt[0][nt][r] - row_delta);
+          }
+        }
+      }
+    }
+    uint32_t dst[Cfg::kKStepsPV][4];
+    sm90::pack_a_fragments<Element>(dst, dpt[0]);
+    sm90::wgmma_fence();
+    sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
+                                   QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
+    sm90::wgmma_commit();
+    // Both products read Q and dO (stage), which step + 2's copies overwrite after step + 1's
+    // barrier.
+    sm90::wgmma_wait<0>();
+  }
+  sm90::fence_registers(acc_dv[0]);
+  sm90::fence_registers(acc_dk[0]);
+  sm80::cp_async_wait<0>();
+
+  // dk, dv are contiguous [B, S, Hkv, D].
+  const int64_t out_offset = (batch * p.seqlen_k * p.heads_kv + kv_head) * p.head_dim;
+  const int64_t out_row_stride = p.heads_kv * p.head_dim;
+  store_scaled_rows(acc_dk, p.scale, static_cast<Element*>(p.dk) + out_offset, out_row_stride,
+                    key_pos, 0, head_dim, lane);
+  store_scaled_rows(acc_dv, 1.f, static_cast<Element*>(p.dv) + out_offset, out_row_stride,
+                    key_pos, 0, head_dim, lane);
+
+  if constexpr (QueryVisit::kSparseK) {
+    // du [B, S, Hkv]: the four lanes of a quad share a key.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float total = quad_sum(du[0][h]);
+      if ((lane & 3) == 0 && key_pos[0][h] >= 0) {
+        p.du[(batch * p.seqlen_k + key_pos[0][h]) * p.heads_kv + kv_head] = total;
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace sparsek

@@ -1,0 +1,23 @@
+#include "attention/hopper_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include "runtime/build_config.h"
+#include "runtime/cuda_check.h"
+
+namespace sparsek {
+
+std::string hopper_kernels_run(int64_t head_dim, bool& runs) {
+  runs = false;
+  if (!SPARSEK_HAVE_SM90A || head_dim <= 64 || head_dim > 128) return {};
+  int device = 0, major = 0, minor = 0;
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  SPARSEK_RETURN_IF_CUDA_ERROR(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SPARSEK_RETURN_IF_CUDA_ERROR(
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  runs = major == 9 && minor == 0;
+  return {};
+}
+
+}  // namespace sparsek

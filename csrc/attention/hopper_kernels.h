@@ -1,0 +1,18 @@
+// Where the Hopper (wgmma) kernels run: the forward's (fwd_kernel_sm90.cuh) and the
+// backward's (bwd_*_kernel_sm90.cuh), one decision for both dispatchers and for the kernel
+// names reported to Python.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace sparsek {
+
+// Sets `runs` when the current device has compute capability 9.0, this build holds sm_90a
+// code and 64 < head_dim <= 128. D = 256 accumulators do not fit a warpgroup's registers; at
+// D <= 64 the forward's 128-row CTAs, one per SM, lost to the mma.sync kernel's three per SM
+// on the small seed config (bench/NOTES.md, "Hopper forward kernel"). Returns the failed CUDA
+// call's message, if any.
+std::string hopper_kernels_run(int64_t head_dim, bool& runs);
+
+}  // namespace sparsek
