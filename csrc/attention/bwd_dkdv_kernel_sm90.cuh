@@ -176,28 +176,40 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       sm90::wgmma_wait<0>();
       sm90::fence_registers(st[0]);
       sm90::fence_registers(dpt[0]);
+      // gate_of(h, row, tau): m of the thread's key h and the row.
+      auto sparse_pass = [&](auto gate_of) {
 #pragma unroll
-      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + (lane & 3) * 2 + c;
-          const float lse2 = s_lse2[col];
-          const float row_delta = s_delta[col];
-          const float tau = s_tau[col];
-          const float row_mean = s_mean[col];
+          for (int c = 0; c < 2; ++c) {
+            const int col = nt * 8 + (lane & 3) * 2 + c;
+            const float lse2 = s_lse2[col];
+            const float row_delta = s_delta[col];
+            const float tau = s_tau[col];
+            const float row_mean = s_mean[col];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = 2 * h + c;
-            bool fractional;
-            const float m = visit.gate(key_pos[0][h], key_u[0][h], row0 + col, tau, fractional);
-            const bool live = m > 0.f && lse2 > -INFINITY;
-            const float e = live ? fast_exp2(st[0][nt][r] * scale_log2 - lse2) : 0.f;
-            const float diff = dpt[0][nt][r] - row_delta;
-            st[0][nt][r] = m * e;                 // P^T
-            dpt[0][nt][r] = st[0][nt][r] * diff;  // dS^T
-            if (fractional) du[0][h] += e * diff - row_mean;
+            for (int h = 0; h < 2; ++h) {
+              const int r = 2 * h + c;
+              const float m = gate_of(h, row0 + col, tau);
+              const bool live = m > 0.f && lse2 > -INFINITY;
+              const float e = live ? fast_exp2(st[0][nt][r] * scale_log2 - lse2) : 0.f;
+              const float diff = dpt[0][nt][r] - row_delta;
+              st[0][nt][r] = m * e;                 // P^T
+              dpt[0][nt][r] = st[0][nt][r] * diff;  // dS^T
+              if (sparsek_fractional(m)) du[0][h] += e * diff - row_mean;
+            }
           }
         }
+      };
+      // Blocks whose keys are all in every row's sparse domain (most, far from the diagonal)
+      // skip the positions.
+      if (visit.block_in_sparse_domain(row0)) {
+        sparse_pass([&](int h, int, float tau) { return __saturatef(key_u[0][h] - tau); });
+      } else {
+        sparse_pass([&](int h, int row, float tau) {
+          bool fractional;
+          return visit.gate(key_pos[0][h], key_u[0][h], row, tau, fractional);
+        });
       }
     } else {
       // Dense modes: P^T while dP^T is still in the tensor cores. Blocks every row of which

@@ -156,24 +156,37 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
         sm90::wgmma_wait<0>();
         sm90::fence_registers(s[0]);
         sm90::fence_registers(dp[0]);
+        // gate_of(nt, r, m, fractional): the gate of element r of tile nt.
+        auto sparse_pass = [&](auto gate_of) {
 #pragma unroll
-        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+          for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const int h = r >> 1;
-            float m;
-            bool fractional;
-            gate(0, nt, r, m, fractional);
-            const bool live = m > 0.f && lse2[0][h] > -INFINITY;
-            // Scale before subtracting: a negative scale must not meet a hidden -inf.
-            const float e = live ? fast_exp2(s[0][nt][r] * scale_log2 - lse2[0][h]) : 0.f;
-            const float diff = dp[0][nt][r] - row_delta[0][h];
-            s[0][nt][r] = m * e * diff;  // dS
-            if (fractional) {
-              sum_g[0][h] += e * diff;
-              count[0][h] += 1.f;
+            for (int r = 0; r < 4; ++r) {
+              const int h = r >> 1;
+              float m;
+              bool fractional;
+              gate_of(nt, r, m, fractional);
+              const bool live = m > 0.f && lse2[0][h] > -INFINITY;
+              // Scale before subtracting: a negative scale must not meet a hidden -inf.
+              const float e = live ? fast_exp2(s[0][nt][r] * scale_log2 - lse2[0][h]) : 0.f;
+              const float diff = dp[0][nt][r] - row_delta[0][h];
+              s[0][nt][r] = m * e * diff;  // dS
+              if (fractional) {
+                sum_g[0][h] += e * diff;
+                count[0][h] += 1.f;
+              }
             }
           }
+        };
+        // Tiles of planned candidates (most of a row's keys) skip the positions.
+        if (visit.is_candidate_tile(it)) {
+          sparse_pass([&](int nt, int r, float& m, bool& fractional) {
+            gate.candidate(0, nt, r, m, fractional);
+          });
+        } else {
+          sparse_pass([&](int nt, int r, float& m, bool& fractional) {
+            gate(0, nt, r, m, fractional);
+          });
         }
       } else {
         // Dense modes: P while dP is still in the tensor cores, then dS. Tiles every row of

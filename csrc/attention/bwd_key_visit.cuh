@@ -67,7 +67,19 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
                        tau[mt][r >> 1]);
       fractional = sparsek_fractional(m);
     }
+    // The same gate on a tile of planned candidates (is_candidate_tile), whose keys are in the
+    // sparse domain of every row: clip(u - tau, 0, 1) without the positions (padding
+    // entries, u = -inf, give 0 as in operator()).
+    __device__ __forceinline__ void candidate(int mt, int nt, int r, float& m,
+                                              bool& fractional) const {
+      m = __saturatef(u[nt * 8 + (lane & 3) * 2 + (r & 1)] - tau[mt][r >> 1]);
+      fractional = sparsek_fractional(m);
+    }
   };
+
+  __device__ __forceinline__ bool is_candidate_tile(int it) const {
+    return it < this->sparse_tiles();
+  }
 
   template <typename Params>
   __device__ __forceinline__ TileGate tile_gate(const Params& p, int it, int warp_row0,

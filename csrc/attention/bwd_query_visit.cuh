@@ -102,6 +102,7 @@ struct SparseKQueryVisit {
   float* s_u;
   int window;
   int row_offset;
+  int max_key;  // the tile's largest key position (-1: padding entries only)
   int row_lo, num_rows;
 
   template <typename Params>
@@ -153,7 +154,8 @@ struct SparseKQueryVisit {
       s_bounds[2] = lo;
     }
     __syncthreads();
-    const int64_t min_key = s_bounds[0], max_key = s_bounds[1];
+    const int64_t min_key = s_bounds[0];
+    max_key = s_bounds[1];
     const int64_t sparse_hi = s_bounds[2];
     if (max_key < 0) {  // a tile of padding entries only
       row_lo = 0;
@@ -185,6 +187,13 @@ struct SparseKQueryVisit {
     const float m = sparsek_gate(key, row + row_offset, window, &u, tau);
     fractional = sparsek_fractional(m);
     return m;
+  }
+
+  // True when every key of the tile is in the sparse domain of every row from row0 on
+  // (p(row0) - W at or past the largest key): gate() is then clip(u - tau, 0, 1), which
+  // also gives the padding entries (u = -inf) their 0 (the Hopper kernel).
+  __device__ __forceinline__ bool block_in_sparse_domain(int row0) const {
+    return max_key <= row0 + row_offset - window;
   }
 };
 
