@@ -110,6 +110,23 @@ def pytest_report_header(config):
 # Inputs
 
 
+def use_kernel(monkeypatch, variable: str, kernel: str) -> None:
+    """Kernel choice through JAX_SPARSEK_FORWARD_KERNEL / JAX_SPARSEK_BACKWARD_KERNEL (read at
+    every call): "default" unsets the variable (the device's own choice), else sets it."""
+    if kernel == "default":
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, kernel)
+
+
+def on_hopper_build() -> bool:
+    """Whether the Hopper (wgmma) kernels can run here: an sm_90 device and sm_90a code."""
+    from jax_sparsek import _extension
+
+    ext = _extension.load_extension()
+    return ext.cuda_arch() == "sm_90" and "sm_90a" in ext.supported_archs()
+
+
 def tolerance(dtype) -> float:
     return TOLERANCE[jnp.dtype(dtype).type]
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import requires_cuda
+from conftest import on_hopper_build, requires_cuda, use_kernel
 from jax_sparsek import _extension
 from test_gradients_gpu import Case, _check, _grads, _inputs, reference_grads
 
@@ -26,22 +26,14 @@ KERNELS = ["default", "mma_sync"]
 
 @pytest.fixture
 def backward_kernel(request, monkeypatch):
-    if request.param == "default":
-        monkeypatch.delenv("JAX_SPARSEK_BACKWARD_KERNEL", raising=False)
-    else:
-        monkeypatch.setenv("JAX_SPARSEK_BACKWARD_KERNEL", request.param)
+    use_kernel(monkeypatch, "JAX_SPARSEK_BACKWARD_KERNEL", request.param)
     return request.param
-
-
-def _on_hopper_build() -> bool:
-    ext = _extension.load_extension()
-    return ext.cuda_arch() == "sm_90" and "sm_90a" in ext.supported_archs()
 
 
 def test_kernel_choice(monkeypatch):
     ext = _extension.load_extension()
     monkeypatch.delenv("JAX_SPARSEK_BACKWARD_KERNEL", raising=False)
-    expected = "sm90_wgmma" if _on_hopper_build() else "mma_sync"
+    expected = "sm90_wgmma" if on_hopper_build() else "mma_sync"
     assert ext.backward_kernel(72) == expected
     assert ext.backward_kernel(128) == expected
     assert ext.backward_kernel(64) == "mma_sync"

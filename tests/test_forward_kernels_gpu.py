@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import (assert_attention_close, make_qkv, numpy_attention,
-                      numpy_sparsek_attention, requires_cuda, rng_for)
+                      numpy_sparsek_attention, on_hopper_build, requires_cuda, rng_for,
+                      use_kernel)
 from jax_sparsek import _extension, sparsek_attention
 
 pytestmark = requires_cuda
@@ -25,22 +26,14 @@ KERNELS = ["default", "mma_sync"]
 
 @pytest.fixture
 def forward_kernel(request, monkeypatch):
-    if request.param == "default":
-        monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
-    else:
-        monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", request.param)
+    use_kernel(monkeypatch, "JAX_SPARSEK_FORWARD_KERNEL", request.param)
     return request.param
-
-
-def _on_hopper_build() -> bool:
-    ext = _extension.load_extension()
-    return ext.cuda_arch() == "sm_90" and "sm_90a" in ext.supported_archs()
 
 
 def test_kernel_choice(monkeypatch):
     ext = _extension.load_extension()
     monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
-    expected = "sm90_wgmma" if _on_hopper_build() else "mma_sync"
+    expected = "sm90_wgmma" if on_hopper_build() else "mma_sync"
     assert ext.forward_kernel(80) == expected
     assert ext.forward_kernel(128) == expected
     assert ext.forward_kernel(64) == "mma_sync"

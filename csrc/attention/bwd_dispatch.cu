@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 #include "attention/bwd_preprocess.h"
@@ -104,11 +103,8 @@ std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* 
 
 std::string backward_kernel_name(int64_t head_dim) {
   bool hopper = false;
-  if (std::string error = hopper_kernels_run_backward(head_dim, hopper); !error.empty()) {
-    cudaGetLastError();  // do not leave the error behind for the next launch check
-    throw std::runtime_error(error);
-  }
-  return hopper ? "sm90_wgmma" : "mma_sync";
+  const std::string error = hopper_kernels_run_backward(head_dim, hopper);
+  return kernel_name(error, hopper);
 }
 
 int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,

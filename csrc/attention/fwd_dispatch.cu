@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 #include "attention/check_problem.h"
@@ -76,11 +75,8 @@ std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) 
 
 std::string forward_kernel_name(int64_t head_dim) {
   bool hopper = false;
-  if (std::string error = hopper_kernel_runs(head_dim, hopper); !error.empty()) {
-    cudaGetLastError();  // do not leave the error behind for the next launch check
-    throw std::runtime_error(error);
-  }
-  return hopper ? "sm90_wgmma" : "mma_sync";
+  const std::string error = hopper_kernel_runs(head_dim, hopper);
+  return kernel_name(error, hopper);
 }
 
 std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {

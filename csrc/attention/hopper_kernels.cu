@@ -2,6 +2,8 @@
 
 #include <cuda_runtime.h>
 
+#include <stdexcept>
+
 #include "runtime/build_config.h"
 #include "runtime/cuda_check.h"
 
@@ -18,6 +20,14 @@ std::string hopper_kernels_run(int64_t head_dim, bool& runs) {
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   runs = major == 9 && minor == 0;
   return {};
+}
+
+std::string kernel_name(const std::string& error, bool hopper) {
+  if (!error.empty()) {
+    cudaGetLastError();  // do not leave the error behind for the next launch check
+    throw std::runtime_error(error);
+  }
+  return hopper ? "sm90_wgmma" : "mma_sync";
 }
 
 }  // namespace sparsek

@@ -15,4 +15,9 @@ namespace sparsek {
 // call's message, if any.
 std::string hopper_kernels_run(int64_t head_dim, bool& runs);
 
+// The name a dispatcher's choice is reported by ("sm90_wgmma" or "mma_sync"), for the
+// Python-facing forward_kernel_name and backward_kernel_name; a failed CUDA call's message
+// (`error`, non-empty) is thrown as std::runtime_error instead.
+std::string kernel_name(const std::string& error, bool hopper);
+
 }  // namespace sparsek
