@@ -26,7 +26,6 @@ over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -39,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import CONFIGS  # noqa: E402
+from benchmark import CONFIGS, kernel_env  # noqa: E402
 from sparsek_benchmark import attended_pairs, time_program  # noqa: E402
 import sparsek_benchmark as skb  # noqa: E402
 
@@ -53,18 +52,9 @@ DEFAULT_DENSE = ["foundation_t2048", "foundation_t2048_causal", "foundation_t819
                  "foundation_t8192_causal", "gqa_t8192"]
 
 
-@contextlib.contextmanager
 def backward_kernel_env(kernel: str):
     """JAX_SPARSEK_BACKWARD_KERNEL=mma_sync while the mma.sync kernels are timed."""
-    previous = os.environ.pop("JAX_SPARSEK_BACKWARD_KERNEL", None)
-    if kernel != "default":
-        os.environ["JAX_SPARSEK_BACKWARD_KERNEL"] = kernel
-    try:
-        yield
-    finally:
-        os.environ.pop("JAX_SPARSEK_BACKWARD_KERNEL", None)
-        if previous is not None:
-            os.environ["JAX_SPARSEK_BACKWARD_KERNEL"] = previous
+    return kernel_env("JAX_SPARSEK_BACKWARD_KERNEL", kernel)
 
 
 def warm_up(seconds=2.0):

@@ -218,20 +218,28 @@ def relative_error(out, ref) -> float:
 # ------------------------------------------------------------------------------ JAX timing
 
 @contextlib.contextmanager
-def forward_kernel_env(impl: str):
-    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs (read at every call)."""
-    if impl != "ours-mma-sync":
+def kernel_env(variable: str, kernel: str | None):
+    """A kernel choice (JAX_SPARSEK_FORWARD_KERNEL / JAX_SPARSEK_BACKWARD_KERNEL, read at
+    every call) for the duration: None leaves the variable as it is, "default" unsets it (the
+    device's own choice), anything else sets it; the previous value comes back on exit."""
+    if kernel is None:
         yield
         return
-    previous = os.environ.get("JAX_SPARSEK_FORWARD_KERNEL")
-    os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = "mma_sync"
+    previous = os.environ.pop(variable, None)
+    if kernel != "default":
+        os.environ[variable] = kernel
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("JAX_SPARSEK_FORWARD_KERNEL")
-        else:
-            os.environ["JAX_SPARSEK_FORWARD_KERNEL"] = previous
+        os.environ.pop(variable, None)
+        if previous is not None:
+            os.environ[variable] = previous
+
+
+def forward_kernel_env(impl: str):
+    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs."""
+    return kernel_env("JAX_SPARSEK_FORWARD_KERNEL",
+                      "mma_sync" if impl == "ours-mma-sync" else None)
 
 
 def jax_attention_fn(impl: str, cfg: Config, platform_is_gpu: bool):

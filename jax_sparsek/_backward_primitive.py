@@ -102,13 +102,14 @@ def _sparsek_cuda_impl(query, key, value, scores, out, lse, d_out, d_lse, *,
     b, t, hq, d = query.shape
     s, hkv = key.shape[1], key.shape[2]
     ext = _extension.load_extension()
+    def align256(n):
+        return (n + 255) // 256 * 256
+
     # The selection's buffers, the span sort's (the dk/dv kernel's key order), the backward's
     # own, each at a 256-byte boundary (csrc/ffi/attention_bwd_ffi.cc).
-    selection = ext.sparsek_workspace_bytes(b, t, s, hkv)
-    selection = (selection + 255) // 256 * 256
-    spans = ext.sparsek_key_span_workspace_bytes(b, s, hkv)
-    spans = (spans + 255) // 256 * 256
-    size = selection + spans + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True)
+    size = (align256(ext.sparsek_workspace_bytes(b, t, s, hkv))
+            + align256(ext.sparsek_key_span_workspace_bytes(b, s, hkv))
+            + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True))
     call = jax.ffi.ffi_call(
         _extension.FFI_TARGET_SPARSEK_BWD,
         (jax.ShapeDtypeStruct(query.shape, query.dtype),

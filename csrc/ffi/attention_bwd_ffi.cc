@@ -127,8 +127,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
   const sparsek::KeySpanLayout span_layout =
       sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
-  const int64_t span_bytes = sparsek::align256(
-      sparsek::sparsek_key_span_workspace_bytes(p.batch, p.seqlen_k, p.heads_kv));
+  const int64_t span_bytes = span_layout.workspace_bytes;  // a multiple of 256
   const int64_t needed = selection_bytes + span_bytes +
                          sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,
                                                                 p.seqlen_k, p.heads_q,
