@@ -3,7 +3,7 @@
 
     python bench/backward_benchmark.py                     # dense configs, then SparseK
     python bench/backward_benchmark.py --dense foundation_t8192_causal --sparse-seq 32768
-    python bench/backward_benchmark.py --kernels default mma_sync   # both backward kernels
+    python bench/backward_benchmark.py --kernels default deterministic mma_sync
 
 Times (median over --reps, each a jitted program over distinct input sets):
     fwd        o = attention(q, k, v)
@@ -17,8 +17,11 @@ u ~ N(0, 1), against cuDNN's dense causal backward (the pairs SparseK attends ar
 exactly from the selection's tau, as bench/sparsek_benchmark.py does).
 
 --kernels: "default" is the kernel the device picks (the wgmma kernels on Hopper at
-64 < D <= 128), "mma_sync" sets JAX_SPARSEK_BACKWARD_KERNEL=mma_sync (read at every call) for
-its timings; each gets its own columns, against the same cuDNN timing.
+64 < D <= 128, whose dense dk/dv kernel also adds dq with atomics), "deterministic" the same
+with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (dq in its own kernel), "mma_sync" sets
+JAX_SPARSEK_BACKWARD_KERNEL=mma_sync; the variables are read at every call (and the
+deterministic choice also when the program is traced, which happens inside its timing). Each
+gets its own rows, against the same cuDNN timing.
 
 Correctness: for the dense configs our gradients are compared with cuDNN's (relative error;
 over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
@@ -26,6 +29,7 @@ over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -52,9 +56,14 @@ DEFAULT_DENSE = ["foundation_t2048", "foundation_t2048_causal", "foundation_t819
                  "foundation_t8192_causal", "gqa_t8192"]
 
 
+@contextlib.contextmanager
 def backward_kernel_env(kernel: str):
-    """JAX_SPARSEK_BACKWARD_KERNEL=mma_sync while the mma.sync kernels are timed."""
-    return kernel_env("JAX_SPARSEK_BACKWARD_KERNEL", kernel)
+    """JAX_SPARSEK_BACKWARD_KERNEL=mma_sync while the mma.sync kernels are timed,
+    JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 while the deterministic ones are."""
+    deterministic = kernel == "deterministic"
+    with kernel_env("JAX_SPARSEK_BACKWARD_KERNEL", "default" if deterministic else kernel), \
+            kernel_env("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1" if deterministic else "default"):
+        yield
 
 
 def warm_up(seconds=2.0):
@@ -129,7 +138,7 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
          "cudnn_bwd_tflops": 2.5 * fwd_flops / t_cudnn[2] / 1e12,
          "bwd_ratio_vs_cudnn": t_cudnn[2] / t_ours[2], "grad_rel_err_vs_cudnn": err,
          "valid": ok}
-    print(f"{name:26s} {kernel:8s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
+    print(f"{name:26s} {kernel:13s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
           f"({r['ours_bwd_tflops']:5.1f} TFLOP/s) | cudnn {t_cudnn[2] * 1e3:8.3f} ms "
           f"({r['cudnn_bwd_tflops']:5.1f}) -> {r['bwd_ratio_vs_cudnn']:4.2f}x cudnn | fwd ours "
           f"{t_ours[0] * 1e3:7.3f} cudnn {t_cudnn[0] * 1e3:7.3f} ms | err {err:.1e}"
@@ -165,7 +174,7 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default"):
          "ours_bwd_tflops": 2.5 * 4 * skb.D * pairs / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * 4 * skb.D * dense_pairs / t_cudnn[2] / 1e12,
          "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite}
-    print(f"SparseK S={seq:6d} {kernel:8s} {r['dtype']:8s} keys/row "
+    print(f"SparseK S={seq:6d} {kernel:13s} {r['dtype']:8s} keys/row "
           f"{r['keys_per_row']:7.1f} | bwd ours "
           f"{t_ours[2] * 1e3:8.3f} ms ({r['ours_bwd_tflops']:5.1f} TFLOP/s on attended pairs) "
           f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
@@ -179,7 +188,7 @@ def main(argv=None):
     ap.add_argument("--dense", nargs="*", default=DEFAULT_DENSE)
     ap.add_argument("--sparse-seq", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16"])
-    ap.add_argument("--kernels", nargs="+", choices=["default", "mma_sync"],
+    ap.add_argument("--kernels", nargs="+", choices=["default", "deterministic", "mma_sync"],
                     default=["default"])
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)

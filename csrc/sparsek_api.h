@@ -28,6 +28,14 @@ SPARSEK_API std::string forward_kernel_name(int64_t head_dim);
 // forces "mma_sync").
 SPARSEK_API std::string backward_kernel_name(int64_t head_dim);
 
+// How the backward computes dq for this head dim and mode on the current device:
+// "dkdv_atomic" (the dense Hopper backward: the dk/dv kernel adds dS K into a float32
+// accumulator with atomics; the order of the additions varies from run to run) or
+// "dq_kernel" (a kernel of its own, bitwise reproducible: SparseK, the mma.sync kernels, and
+// wherever JAX_SPARSEK_DETERMINISTIC_BACKWARD=1). Throws std::runtime_error without a usable
+// device.
+SPARSEK_API std::string backward_dq_name(int64_t head_dim, bool sparsek);
+
 // The SparseK selection stage (selection/selection_params.h): tau for every row and the
 // per-query-tile visit plan, on `stream`. Run it before attention_fwd in SparseK mode.
 SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* stream);
@@ -47,15 +55,22 @@ SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seql
 
 // Launches the attention backward on `stream`: dq, dk, dv (and du in SparseK mode, after
 // sparsek_select and sparsek_sort_key_spans have filled their buffers for the same scores).
-// Deterministic.
+// Deterministic where backward_dq_name says "dq_kernel"; with "dkdv_atomic", dq's float32
+// sums are added in a varying order (dk, dv and du are always deterministic).
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 
-// Bytes of device workspace attention_bwd needs (AttentionBwdParams::workspace).
+// Bytes of device workspace to give attention_bwd (AttentionBwdParams::workspace): with the
+// float32 dq accumulator where backward_dq_name says "dkdv_atomic".
 SPARSEK_API int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q,
                                                   int64_t seqlen_k, int64_t heads_q,
                                                   int64_t heads_kv, int64_t head_dim,
                                                   bool sparsek);
+// The least it runs with (no accumulator: dq then has its own kernel).
+SPARSEK_API int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q,
+                                                      int64_t seqlen_k, int64_t heads_q,
+                                                      int64_t heads_kv, int64_t head_dim,
+                                                      bool sparsek);
 
 // "sm_90" for the current device; throws std::runtime_error when there is no CUDA device.
 SPARSEK_API std::string current_device_arch();

@@ -130,9 +130,11 @@ def build_info() -> dict:
         try:
             info["cuda_arch"] = ext.cuda_arch()
             # Which forward and backward kernels run at head dim 128 here ('sm90_wgmma' or
-            # 'mma_sync').
+            # 'mma_sync'), and how the dense backward computes dq ('dkdv_atomic' or
+            # 'dq_kernel').
             info["forward_kernel"] = ext.forward_kernel(128)
             info["backward_kernel"] = ext.backward_kernel(128)
+            info["backward_dq"] = ext.backward_dq(128, False)
         except RuntimeError:  # built with CUDA, running on a machine without a GPU
             pass
     return info

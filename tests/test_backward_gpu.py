@@ -7,7 +7,8 @@ K >= the domain, W = 0 and W >= S, several sorted key spans (the dk/dv kernel's 
 scores, for fp16 and bf16. Outputs are poisoned with NaN before every kernel run
 (conftest.py), so "no NaN" means every element was written. Also: a long
 SparseK case against implementation='xla' on the GPU (too large for the float64 oracle), and
-run-to-run determinism (the kernels use no atomics).
+run-to-run determinism of SparseK (its kernels use no atomics; the dense modes' atomic dq is
+covered in test_backward_kernels_gpu.py).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def test_sparsek_backward_long_against_xla(dtype):
 
 @pytest.mark.parametrize("name", ["T640_K100_W32_gqa8_d128", "T1100_S2600_K96_W40_gqa8_d128"])
 def test_backward_deterministic(name):
-    """Two runs give bitwise-equal gradients (no atomics in the kernels)."""
+    """Two SparseK runs give bitwise-equal gradients (no atomics in its kernels)."""
     case = SPARSEK_CASES[name]
     first, _ = _api_grads(case, jnp.float16)
     second, _ = _api_grads(case, jnp.float16)

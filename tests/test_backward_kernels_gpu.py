@@ -3,10 +3,12 @@ same device.
 
 On Hopper (compute capability 9.0, built for sm_90a) the backward runs on the wgmma kernels
 (bwd_dq_kernel_sm90.cuh, bwd_dkdv_kernel_sm90.cuh) for head dims 72 to 128, which
-test_backward_gpu.py and test_gradients_gpu.py then exercise; JAX_SPARSEK_BACKWARD_KERNEL=
-mma_sync sends calls to the mma.sync kernels, which every other GPU runs. The variable is
-read at every call, so one process can check both. Outputs are poisoned with NaN before
-every run (conftest.py).
+test_backward_gpu.py and test_gradients_gpu.py then exercise; in the dense modes the dk/dv
+kernel also computes dq (float32 atomics), unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps
+the dq kernel. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync sends calls to the mma.sync kernels,
+which every other GPU runs. Both variables are read at every call, so one process can check
+every choice ("deterministic" below). Outputs are poisoned with NaN before every run
+(conftest.py).
 """
 from __future__ import annotations
 
@@ -21,12 +23,21 @@ from test_gradients_gpu import Case, _check, _grads, _inputs, reference_grads
 
 pytestmark = requires_cuda
 
-KERNELS = ["default", "mma_sync"]
+KERNELS = ["default", "deterministic", "mma_sync"]
+
+
+def use_backward_kernel(monkeypatch, kernel: str) -> None:
+    """'default', 'mma_sync', or 'deterministic' (the default kernels with dq in a kernel of
+    its own, no atomics)."""
+    use_kernel(monkeypatch, "JAX_SPARSEK_BACKWARD_KERNEL",
+               "default" if kernel == "deterministic" else kernel)
+    use_kernel(monkeypatch, "JAX_SPARSEK_DETERMINISTIC_BACKWARD",
+               "1" if kernel == "deterministic" else "default")
 
 
 @pytest.fixture
 def backward_kernel(request, monkeypatch):
-    use_kernel(monkeypatch, "JAX_SPARSEK_BACKWARD_KERNEL", request.param)
+    use_backward_kernel(monkeypatch, request.param)
     return request.param
 
 
@@ -42,6 +53,22 @@ def test_kernel_choice(monkeypatch):
     assert ext.backward_kernel(128) == "mma_sync"
     # The forward's choice is its own.
     assert ext.forward_kernel(128) == expected
+
+
+def test_dq_choice(monkeypatch):
+    """dq comes from the dk/dv kernel's atomics only in the dense modes on the Hopper kernels,
+    and JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the mma.sync kernels turn that off."""
+    ext = _extension.load_extension()
+    use_backward_kernel(monkeypatch, "default")
+    atomic = "dkdv_atomic" if on_hopper_build() else "dq_kernel"
+    assert ext.backward_dq(128, False) == atomic
+    assert ext.backward_dq(96, False) == atomic
+    assert ext.backward_dq(128, True) == "dq_kernel"
+    assert ext.backward_dq(64, False) == "dq_kernel"
+    assert _extension.build_info()["backward_dq"] == atomic
+    for kernel in ("deterministic", "mma_sync"):
+        use_backward_kernel(monkeypatch, kernel)
+        assert ext.backward_dq(128, False) == "dq_kernel", kernel
 
 
 # Several dq row tiles (128) and dk/dv key tiles (128 dense, 64 SparseK), lengths that are
@@ -83,32 +110,73 @@ def test_backward_kernels(backward_kernel, name):
         assert np.all(du[np.isneginf(np.asarray(u))] == 0.0), "du of -inf scores"
 
 
-def test_kernels_agree(monkeypatch):
-    """Same inputs on both kernel pairs, a size past the float64 oracle: each within the
-    tolerance of the other (a layout error would show as O(1) differences)."""
-    case = Case(1, 3000, 3000, 8, 2, d=128, is_causal=True)
+@pytest.mark.parametrize("mode", ["causal", "sparsek"])
+def test_kernels_agree(monkeypatch, mode):
+    """Same inputs on every kernel choice, a size past the float64 oracle: each within the
+    tolerance of the mma.sync kernels (a layout error would show as O(1) differences)."""
+    if mode == "causal":
+        case = Case(1, 3000, 3000, 8, 2, d=128, is_causal=True)
+    else:
+        case = Case(1, 3000, 3000, 8, 2, d=128, is_causal=True, topk=200, window=64)
     q, k, v, u, w_out, w_lse = _inputs(case, jnp.float16)
     fn = jax.jit(lambda *a: _grads(case, "cuda", *a))
 
-    monkeypatch.delenv("JAX_SPARSEK_BACKWARD_KERNEL", raising=False)
-    default = jax.block_until_ready(fn(q, k, v, u, w_out, w_lse))
-    monkeypatch.setenv("JAX_SPARSEK_BACKWARD_KERNEL", "mma_sync")
-    mma = jax.block_until_ready(fn(q, k, v, u, w_out, w_lse))
-    for name in mma:
-        a = np.asarray(default[name].astype(jnp.float32), np.float64)
-        b = np.asarray(mma[name].astype(jnp.float32), np.float64)
-        err = np.linalg.norm(a - b) / np.linalg.norm(b)
-        assert err < 4e-3, f"d{name}: kernels differ by {err:.3g}"
+    results = {}
+    for kernel in KERNELS:
+        use_backward_kernel(monkeypatch, kernel)
+        results[kernel] = jax.block_until_ready(fn(q, k, v, u, w_out, w_lse))
+    mma = results["mma_sync"]
+    for kernel in ("default", "deterministic"):
+        for name in mma:
+            a = np.asarray(results[kernel][name].astype(jnp.float32), np.float64)
+            b = np.asarray(mma[name].astype(jnp.float32), np.float64)
+            err = np.linalg.norm(a - b) / np.linalg.norm(b)
+            assert err < 4e-3, f"{kernel} d{name}: kernels differ by {err:.3g}"
 
 
-def test_hopper_backward_deterministic(monkeypatch):
-    """The wgmma kernels, like the others, use no atomics: two runs are bitwise equal."""
-    monkeypatch.delenv("JAX_SPARSEK_BACKWARD_KERNEL", raising=False)
-    case = Case(1, 1100, 2600, 8, 1, d=128, is_causal=True, topk=96, window=40)
+@pytest.mark.parametrize("mode", ["causal", "sparsek"])
+def test_hopper_backward_deterministic(monkeypatch, mode):
+    """With JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (and always in SparseK mode) two runs are
+    bitwise equal. Without it, the dense modes' dk and dv still are (only dq is added with
+    atomics)."""
+    if mode == "causal":
+        case = Case(1, 1100, 2600, 8, 1, d=128, is_causal=True)
+    else:
+        case = Case(1, 1100, 2600, 8, 1, d=128, is_causal=True, topk=96, window=40)
     inputs = _inputs(case, jnp.float16)
     fn = jax.jit(lambda *a: _grads(case, "cuda", *a))
-    first = jax.block_until_ready(fn(*inputs))
-    second = jax.block_until_ready(fn(*inputs))
-    for name in first:
-        assert np.array_equal(np.asarray(first[name].astype(jnp.float32)),
-                              np.asarray(second[name].astype(jnp.float32))), name
+    for kernel in ("deterministic", "default"):
+        use_backward_kernel(monkeypatch, kernel)
+        first = jax.block_until_ready(fn(*inputs))
+        second = jax.block_until_ready(fn(*inputs))
+        for name in first:
+            if kernel == "default" and mode == "causal" and name == "q":
+                continue
+            assert np.array_equal(np.asarray(first[name].astype(jnp.float32)),
+                                  np.asarray(second[name].astype(jnp.float32))), (kernel, name)
+
+
+def test_deterministic_at_trace_time(monkeypatch):
+    """A program traced with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 reserved no dq accumulator:
+    called after the variable is unset, it keeps the dq kernel (bitwise equal to the traced
+    choice) instead of failing; one traced without it and called with it set reserves the
+    accumulator but takes the dq kernel."""
+    case = Case(1, 700, 900, 8, 2, d=128, is_causal=True, window=200)
+    inputs = _inputs(case, jnp.float16)
+    ref = reference_grads(case, *inputs)
+    use_backward_kernel(monkeypatch, "deterministic")
+    fn = jax.jit(lambda *a: _grads(case, "cuda", *a))
+    traced_deterministic = jax.block_until_ready(fn(*inputs))
+    use_backward_kernel(monkeypatch, "default")
+    later = jax.block_until_ready(fn(*inputs))
+    for name in later:
+        assert np.array_equal(np.asarray(later[name].astype(jnp.float32)),
+                              np.asarray(traced_deterministic[name].astype(jnp.float32))), name
+    fn2 = jax.jit(lambda *a: _grads(case, "cuda", *a))
+    jax.block_until_ready(fn2(*inputs))  # traced with the accumulator
+    use_backward_kernel(monkeypatch, "deterministic")
+    again = jax.block_until_ready(fn2(*inputs))
+    for name in again:
+        assert np.array_equal(np.asarray(again[name].astype(jnp.float32)),
+                              np.asarray(traced_deterministic[name].astype(jnp.float32))), name
+    _check(case, later, ref, jnp.float16, context="deterministic at trace time")

@@ -1,11 +1,14 @@
 // attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
 // and dk/dv kernels for the dtype, head dim and device (bwd_launch.cuh), all on the caller's
-// stream.
+// stream. The dense Hopper backward computes dq inside the dk/dv kernel (atomics into a
+// float32 accumulator in the workspace) unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the
+// workspace has no room for it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "attention/bwd_preprocess.h"
@@ -24,7 +27,7 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
                               cudaStream_t stream);
 template <int kHeadDim, typename Element>
 std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
-                                   cudaStream_t stream);
+                                   float* dq_accum, cudaStream_t stream);
 
 namespace {
 
@@ -34,6 +37,12 @@ std::string check_params(const AttentionBwdParams& p) {
   }
   if (!p.dq || !p.dk || !p.dv) return "a dq, dk or dv pointer is null";
   if (!p.workspace) return "the workspace pointer is null";
+  if (p.workspace_bytes != 0 &&
+      p.workspace_bytes < BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.head_dim,
+                                                   p.sparsek, false)
+                              .bytes) {
+    return "the workspace is smaller than attention_bwd_min_workspace_bytes";
+  }
   if (std::string error = check_problem(p); !error.empty()) return error;
   if (p.sparsek && !p.du) return "SparseK mode needs the du pointer";
   if (p.sparsek) {
@@ -86,14 +95,23 @@ std::string hopper_kernels_run_backward(int64_t head_dim, bool& runs) {
   return hopper_kernels_run(head_dim, runs);
 }
 
+// Whether the dk/dv kernel would add dq with atomics: the dense modes on the Hopper kernels,
+// unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1.
+std::string backward_adds_dq_atomically(int64_t head_dim, bool sparsek, bool& atomic) {
+  atomic = false;
+  if (sparsek || deterministic_backward_requested()) return {};
+  return hopper_kernels_run_backward(head_dim, atomic);
+}
+
+// dq_accum: the workspace's accumulator when the dk/dv kernel adds dq, else null.
 template <typename Element>
 std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* mean,
-                              cudaStream_t stream) {
+                              float* dq_accum, cudaStream_t stream) {
   bool hopper = false;
   if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
     return error;
   }
-  if (hopper) return run_attention_bwd_sm90<128, Element>(p, delta, mean, stream);
+  if (hopper) return run_attention_bwd_sm90<128, Element>(p, delta, mean, dq_accum, stream);
   if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, delta, mean, stream);
   if (p.head_dim <= 128) return run_attention_bwd<128, Element>(p, delta, mean, stream);
   return run_attention_bwd<256, Element>(p, delta, mean, stream);
@@ -107,14 +125,30 @@ std::string backward_kernel_name(int64_t head_dim) {
   return kernel_name(error, hopper);
 }
 
+std::string backward_dq_name(int64_t head_dim, bool sparsek) {
+  bool atomic = false;
+  const std::string error = backward_adds_dq_atomically(head_dim, sparsek, atomic);
+  if (!error.empty()) throw std::runtime_error(error);
+  return atomic ? "dkdv_atomic" : "dq_kernel";
+}
+
 int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                       int64_t heads_q, int64_t heads_kv, int64_t head_dim,
                                       bool sparsek) {
-  // Only per-row buffers today; the other sizes are part of the interface for later use.
+  // A failed device query reserves no accumulator: the call then takes the dq kernel.
+  bool atomic = false;
+  (void)backward_adds_dq_atomically(head_dim, sparsek, atomic);
   (void)seqlen_k;
   (void)heads_kv;
-  (void)head_dim;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, head_dim, sparsek, atomic).bytes;
+}
+
+int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                          int64_t heads_q, int64_t heads_kv, int64_t head_dim,
+                                          bool sparsek) {
+  (void)seqlen_k;
+  (void)heads_kv;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, head_dim, sparsek, false).bytes;
 }
 
 std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
@@ -126,15 +160,26 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
   if (poison_outputs_requested()) {
     if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
   }
-  const BwdWorkspaceLayout layout =
-      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek);
+  bool atomic = false;
+  if (std::string error = backward_adds_dq_atomically(p.head_dim, p.sparsek, atomic);
+      !error.empty()) {
+    return error;
+  }
+  const BwdWorkspaceLayout with_accumulator =
+      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.head_dim, p.sparsek, true);
+  // A workspace reserved while JAX_SPARSEK_DETERMINISTIC_BACKWARD was set has no room for the
+  // accumulator: that call keeps the dq kernel.
+  atomic = atomic && p.workspace_bytes >= with_accumulator.bytes;
+  const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(
+      p.batch, p.seqlen_q, p.heads_q, p.head_dim, p.sparsek, atomic);
   float* delta = layout.delta(p.workspace);
   float* mean = layout.mean(p.workspace, p.sparsek);
+  float* dq_accum = atomic ? layout.dq_accum(p.workspace) : nullptr;
   if (std::string error = launch_bwd_preprocess(p, delta, stream); !error.empty()) return error;
   if (p.dtype == DType::kBFloat16) {
-    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, stream);
+    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, dq_accum, stream);
   }
-  return dispatch_head_dim<__half>(p, delta, mean, stream);
+  return dispatch_head_dim<__half>(p, delta, mean, dq_accum, stream);
 }
 
 }  // namespace sparsek

@@ -8,6 +8,12 @@
 //   du_j += sum_i [j in F_i] (g_ij - mean_i)   (SparseK; mean_i from the dq kernel)
 // as the mma.sync kernel (bwd_dkdv_kernel.cuh), whose per-element code this is with one m16
 // tile a warp: each dk, dv and du element is written by exactly one CTA, without atomics.
+// With Cfg::kFuseDq (dense modes) the kernel also computes dq, and the dq kernel does not
+// run: dS goes to shared memory (stmatrix, transposed), and after a barrier each warpgroup
+// issues dq = dS K for half the head dim over the CTA's 128 keys and adds it into a float32
+// accumulator of 64-row tiles (bwd_dq_accumulator.h; its conversion scales it into dq) with
+// coalesced 16-byte atomics. Row steps start at multiples of 64 (one tile each). The order of the additions varies from run to run: JAX_SPARSEK_DETERMINISTIC_BACKWARD=1
+// keeps the dq kernel instead.
 //
 // K and V stay in shared memory. Q, dO and the rows' lse, Delta, tau and mean are
 // double-buffered: step + 1's copy has all of step `step` to land. The four products are
@@ -20,10 +26,12 @@
 
 #include <cstdint>
 
+#include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_epilogue.cuh"
 #include "attention/bwd_params.h"
 #include "attention/bwd_query_visit.cuh"
+#include "attention/bwd_tile_config.h"
 #include "attention/online_softmax.cuh"
 #include "attention/sm90_instructions.cuh"
 #include "attention/sm90_tile_products.cuh"
@@ -31,26 +39,31 @@
 
 namespace sparsek {
 
-// delta, mean: [B, Hq, T] of this launch's batches (mean: SparseK only).
+// delta, mean: [B, Hq, T] of this launch's batches (mean: SparseK only); dq_accum: the
+// zeroed accumulator tiles of the same batches (Cfg::kFuseDq only).
 template <typename Cfg, typename Element, typename QueryVisit>
 __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     attention_bwd_dkdv_sm90_kernel(const __grid_constant__ AttentionBwdParams p,
                                    const float* __restrict__ delta,
-                                   const float* __restrict__ mean) {
+                                   const float* __restrict__ mean,
+                                   float* __restrict__ dq_accum) {
+  static_assert(!(Cfg::kFuseDq && QueryVisit::kSparseK),
+                "SparseK's dq kernel also computes the means du needs");
 #ifdef SPARSEK_SM90_KERNEL_BODY
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - raw_address % Cfg::kSmemAlign) %
                                     Cfg::kSmemAlign);
-  // K, V, Q stages, dO stages, then per stage the rows' lse (log2), Delta, tau and mean, then
-  // the query visit's own.
+  // K, V, Q stages, dO stages, dS (kFuseDq), then per stage the rows' lse (log2), Delta, tau
+  // and mean, then the query visit's own.
   using QBlock = typename Cfg::QLayout;
   using KVBlock = typename Cfg::KVLayout;
   Element* sK = reinterpret_cast<Element*>(smem);
   Element* sV = sK + Cfg::kSmemKVElems;
   Element* sQ0 = sV + Cfg::kSmemKVElems;
   Element* sdO0 = sQ0 + Cfg::kQStages * Cfg::kSmemQElems;
-  float* s_rows0 = reinterpret_cast<float*>(sdO0 + Cfg::kQStages * Cfg::kSmemQElems);
+  Element* sdS = sdO0 + Cfg::kQStages * Cfg::kSmemQElems;
+  float* s_rows0 = reinterpret_cast<float*>(sdS + Cfg::kSmemDsElems);
   constexpr int kRowsStageFloats = Cfg::kRowVectors * Cfg::kBlockM;
 
   const int tile = blockIdx.x;
@@ -73,8 +86,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                      kv_head * p.v_head_stride;
 
   const QueryVisit visit(p, tile, batch_head, s_rows0 + Cfg::kQStages * kRowsStageFloats);
-  const int row_lo = visit.row_lo;
-  const int row_tiles = (visit.num_rows + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  // kFuseDq: steps aligned to the accumulator's tiles (the rows added in front see none of
+  // the keys: their gates are 0).
+  const int row_lo = Cfg::kFuseDq ? visit.row_lo - visit.row_lo % Cfg::kBlockM : visit.row_lo;
+  const int row_tiles =
+      visit.num_rows > 0
+          ? (visit.num_rows + (visit.row_lo - row_lo) + Cfg::kBlockM - 1) / Cfg::kBlockM
+          : 0;
   const int steps = group * row_tiles;
 
   // The thread's keys: rows lane / 4 and lane / 4 + 8 of the warp's 16.
@@ -264,13 +282,50 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     }
     uint32_t dst[Cfg::kKStepsPV][4];
     sm90::pack_a_fragments<Element>(dst, dpt[0]);
+    if constexpr (Cfg::kFuseDq) {
+      // dS (query rows x the CTA's keys) for dq = dS K; the warp's keys are columns 16 warp.
+      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS, dst, warp * 16, lane);
+    }
     sm90::wgmma_fence();
     sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
                                    QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
     sm90::wgmma_commit();
-    // Both products read Q and dO (stage), which step + 2's copies overwrite after step + 1's
-    // barrier.
-    sm90::wgmma_wait<0>();
+    if constexpr (Cfg::kFuseDq) {
+      const int wg = warp / 4;
+      const int wg_thread = threadIdx.x % 128;
+      // This step's tile half (row0 is a multiple of 64).
+      float* dq_half =
+          dq_accum +
+          ((batch * p.heads_q + step_head(step)) * DqAccumulatorTiles::row_blocks(p.seqlen_q) +
+           row0 / DqAccumulatorTiles::kRows) *
+              DqAccumulatorTiles::kTileFloats +
+          wg * DqAccumulatorTiles::kHalfFloats;
+      // Every warp's dS is in before either warpgroup reads it (dk's product runs meanwhile);
+      // the next write of sdS comes after the next step's barrier, by which time every
+      // thread has waited for its dq product.
+      sm90::fence_async_shared();
+      __syncthreads();
+      float acc_dq[Cfg::kDqDims / 8][4];
+      sm90::issue_shared_a_product<Element, Cfg::kDqDims, Cfg::kKStepsDq,
+                                   Cfg::DsLayout::kColumnBlockElems,
+                                   KVBlock::kColumnBlockElems>(
+          acc_dq, sdS, sK + wg * KVBlock::kColumnBlockElems);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(acc_dq);
+      // acc_dq[j] is float4 j * 128 + wg_thread of the tile half (bwd_dq_accumulator.h):
+      // a warp's accesses are 512 consecutive bytes. Rows past T and dims past the head dim
+      // add zeros to the padding.
+#pragma unroll
+      for (int j = 0; j < Cfg::kDqDims / 8; ++j) {
+        atomicAdd(reinterpret_cast<float4*>(dq_half) + j * 128 + wg_thread,
+                  make_float4(acc_dq[j][0], acc_dq[j][1], acc_dq[j][2], acc_dq[j][3]));
+      }
+    } else {
+      // Both products read Q and dO (stage), which step + 2's copies overwrite after step +
+      // 1's barrier.
+      sm90::wgmma_wait<0>();
+    }
   }
   sm90::fence_registers(acc_dv[0]);
   sm90::fence_registers(acc_dk[0]);

@@ -1,6 +1,7 @@
 // Launching one instantiation of the backward's dq and dk/dv kernels (in that order: dk/dv
 // reads the SparseK means dq writes): the mma.sync ones (bwd_dq_kernel.cuh,
-// bwd_dkdv_kernel.cuh) or the Hopper ones (bwd_*_kernel_sm90.cuh). Included only by the
+// bwd_dkdv_kernel.cuh) or the Hopper ones (bwd_*_kernel_sm90.cuh), whose dense dk/dv kernel
+// can also compute dq (atomics into a float32 accumulator; no dq kernel). Included only by the
 // bwd_*hdim*.cu files, each of which instantiates one padded head dim of one kernel pair (so
 // they compile in parallel).
 #pragma once
@@ -11,6 +12,7 @@
 #include <string>
 
 #include "attention/bwd_dkdv_kernel.cuh"
+#include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dkdv_kernel_sm90.cuh"
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_dq_kernel_sm90.cuh"
@@ -65,12 +67,30 @@ std::string allow_smem(Kernel kernel, size_t smem_bytes) {
   return {};
 }
 
-// delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK).
+// The dk/dv kernels: the mma.sync one and the Hopper one (which also takes the dq
+// accumulator, null unless it computes dq).
+using DkDvKernel = void (*)(AttentionBwdParams, const float*, const float*);
+using DkDvSm90Kernel = void (*)(AttentionBwdParams, const float*, const float*, float*);
+
+inline void launch_dkdv(DkDvKernel kernel, dim3 grid, int threads, size_t smem,
+                        cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
+                        const float* mean, float*) {
+  kernel<<<grid, threads, smem, stream>>>(p, delta, mean);
+}
+inline void launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int threads, size_t smem,
+                        cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
+                        const float* mean, float* dq_accum) {
+  kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
+}
+
+// delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK). dq_accum: the
+// zeroed float32 [B, T, Hq, D] accumulator when the dk/dv kernel computes dq (the dq kernel
+// is then not launched), else null.
 template <typename DqCfg, typename DkDvCfg, typename Element, typename KeyVisit,
-          typename QueryVisit, typename DqKernel, typename DkDvKernel>
-std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernel dkdv_kernel,
+          typename QueryVisit, typename DqKernel, typename DkDvKernelT>
+std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                                  const AttentionBwdParams& p, float* delta, float* mean,
-                                 cudaStream_t stream) {
+                                 float* dq_accum, cudaStream_t stream) {
   const size_t dq_smem = DqCfg::kSmemBytes + KeyVisit::smem_bytes(p);
   const size_t dkdv_smem = DkDvCfg::kSmemBytes + QueryVisit::smem_bytes(p);
   if (std::string error = allow_smem(dq_kernel, dq_smem); !error.empty()) return error;
@@ -89,14 +109,19 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernel dkdv_kernel,
     const int64_t rows = b0 * p.heads_q * p.seqlen_q;
     float* chunk_delta = delta + rows;
     float* chunk_mean = mean ? mean + rows : nullptr;
-    const dim3 dq_grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
-                       static_cast<unsigned>(count));
-    dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta, chunk_mean);
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    if (!dq_accum) {
+      const dim3 dq_grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
+                         static_cast<unsigned>(count));
+      dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta,
+                                                                chunk_mean);
+      SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    }
+    float* chunk_dq_accum =
+        dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
     const dim3 dkdv_grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(p.heads_kv),
                          static_cast<unsigned>(count));
-    dkdv_kernel<<<dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream>>>(chunk, chunk_delta,
-                                                                       chunk_mean);
+    launch_dkdv(dkdv_kernel, dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
+                chunk_delta, chunk_mean, chunk_dq_accum);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }
   return {};
@@ -113,20 +138,22 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
     using QueryVisit = SparseKQueryVisit<DkDv>;
     return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
         attention_bwd_dq_kernel<Dq, Element, KeyVisit>,
-        attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+        attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr,
+        stream);
   }
   using KeyVisit = DenseKeyVisitBwd<Dq>;
   using QueryVisit = DenseQueryVisit<DkDv>;
   return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
       attention_bwd_dq_kernel<Dq, Element, KeyVisit>,
-      attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+      attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr, stream);
 }
 
 // The Hopper kernels (BwdSm90TileSizes): dense modes take two-warpgroup dk/dv CTAs, SparseK
-// one-warpgroup ones.
+// one-warpgroup ones. dq_accum (dense modes; null for the dq kernel): the workspace's float32
+// [B, T, Hq, D] buffer, zeroed here, into which the dk/dv kernel adds dq.
 template <int kHeadDim, typename Element>
 std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
-                                   cudaStream_t stream) {
+                                   float* dq_accum, cudaStream_t stream) {
   using Sizes = BwdSm90TileSizes<kHeadDim>;
   using Dq = typename Sizes::Dq;
   if (p.sparsek) {
@@ -135,14 +162,31 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, fl
     using QueryVisit = SparseKQueryVisit<DkDv>;
     return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
         attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr,
+        stream);
+  }
+  using KeyVisit = DenseKeyVisitBwd<Dq>;
+  if (dq_accum) {
+    if (std::string error = zero_dq_accumulator(p, dq_accum, stream); !error.empty()) {
+      return error;
+    }
+    using DkDv = typename Sizes::DkDvDenseAtomicDq;
+    using QueryVisit = DenseQueryVisit<DkDv>;
+    if (std::string error = launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+            attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
+            attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean,
+            dq_accum, stream);
+        !error.empty()) {
+      return error;
+    }
+    return store_dq_from_accumulator(p, dq_accum, stream);
   }
   using DkDv = typename Sizes::DkDvDense;
-  using KeyVisit = DenseKeyVisitBwd<Dq>;
   using QueryVisit = DenseQueryVisit<DkDv>;
   return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
       attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-      attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, stream);
+      attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr,
+      stream);
 }
 
 }  // namespace sparsek
@@ -155,6 +199,6 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, fl
 
 #define SPARSEK_INSTANTIATE_BWD_SM90(kHeadDim)                                             \
   template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __half>(                  \
-      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t);                   \
+      const sparsek::AttentionBwdParams&, float*, float*, float*, cudaStream_t);           \
   template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __nv_bfloat16>(           \
-      const sparsek::AttentionBwdParams&, float*, float*, cudaStream_t)
+      const sparsek::AttentionBwdParams&, float*, float*, float*, cudaStream_t)

@@ -55,9 +55,12 @@ struct AttentionBwdParams {
   const int32_t* span_sorted_key = nullptr;
   int64_t key_spans = 0;
 
-  // attention_bwd_workspace_bytes(...) bytes of device memory, 256-byte aligned, for the
-  // backward's own intermediates (row sums such as Delta).
+  // workspace_bytes (at least attention_bwd_min_workspace_bytes(...); 0 means that many) of
+  // device memory, 256-byte aligned, for the backward's own intermediates (row sums such as
+  // Delta, and where it fits the dq accumulator of the dense Hopper backward:
+  // attention_bwd_workspace_bytes(...)).
   void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 
   // Fills the strides of contiguous [B, T, H, D] tensors.
   void set_contiguous_strides() {

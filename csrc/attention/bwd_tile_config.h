@@ -8,6 +8,7 @@
 // has kNTilesS n8 tiles, and the second product accumulates kNTilesO n8 tiles of dims.
 #pragma once
 
+#include "attention/bwd_dq_accumulator.h"
 #include "attention/smem_tile.cuh"
 #include "selection/selection_params.h"
 #include "selection/sort_key_spans.h"
@@ -156,13 +157,24 @@ struct BwdDqSm90TileConfig {
 // and dv 64 each, S^T and dP^T 32 each. Two warpgroups (128 keys, one CTA an SM) halve the Q
 // and dO bytes per product: the dense modes. SparseK takes one warpgroup (64 entries of a
 // sorted span: smaller tiles have lower top scores and visit fewer rows; two CTAs an SM).
+// kDqReduce != kNone (dense modes, two warpgroups): the step's dS also goes to shared memory
+// (the rows x the CTA's keys) and each warpgroup computes half the head dim of dq = dS K (32
+// more accumulators, live only after dv and dk are issued) and adds it into the float32
+// accumulator (bwd_dq_accumulator.h) by coalesced 16-byte atomics from registers; the dq
+// kernel does not run. (Staging it in shared memory for one bulk asynchronous reduction a
+// warpgroup, FA3's way, measured 7% slower end to end: bench/NOTES.md.)
 // Measured (bench/NOTES.md, "Hopper backward kernels"): 128-row dq CTAs beat 64-row ones in
 // every mode, and a third Q/dO stage (dv and dk running on into the next step) made ptxas
 // serialize the products (C7515) and the kernel slower.
-template <int kHeadDim_, int kWarpgroups_>
+// How the dk/dv kernel adds dq: not at all (the dq kernel computes it) or with atomics.
+enum class DqReduce { kNone, kAtomic };
+
+template <int kHeadDim_, int kWarpgroups_, DqReduce kDqReduce_ = DqReduce::kNone>
 struct BwdDkDvSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr DqReduce kDqReduce = kDqReduce_;
+  static constexpr bool kFuseDq = kDqReduce != DqReduce::kNone;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                // query rows per step
   static constexpr int kNWarps = 4 * kWarpgroups;
@@ -177,21 +189,32 @@ struct BwdDkDvSm90TileConfig {
   static constexpr int kNTilesO = kHeadDim / 8;
   static constexpr int kKStepsQK = kHeadDim / 16;
   static constexpr int kKStepsPV = kBlockM / 16;
+  // dq = dS K: a warpgroup's share of the head dim, over all the CTA's keys.
+  static constexpr int kDqDims = kHeadDim / kWarpgroups;
+  static constexpr int kKStepsDq = kBlockN / 16;
 
   using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
   using QLayout = Sw128Layout<kBlockM, kHeadDim>;
+  using DsLayout = Sw128Layout<kBlockM, kBlockN>;  // dS: query rows x the CTA's keys
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;
   static constexpr int kSmemQElems = kBlockM * kHeadDim;
+  static constexpr int kSmemDsElems = kFuseDq ? kBlockM * kBlockN : 0;
   static constexpr int kQStages = 2;
   // Per query row and stage: lse (log2 domain), Delta, tau, mean of g over F_i.
   static constexpr int kRowVectors = 4;
   static constexpr int kSmemAlign = 1024;
-  // K, V, then Q and dO stages, then the row vectors.
-  static constexpr int kSmemBytes = (2 * kSmemKVElems + 2 * kQStages * kSmemQElems) * 2 +
-                                    kQStages * kRowVectors * kBlockM * 4 + kSmemAlign;
+  // K, V, then Q and dO stages, then dS (kFuseDq), then the row vectors.
+  static constexpr int kSmemBytes =
+      (2 * kSmemKVElems + 2 * kQStages * kSmemQElems + kSmemDsElems) * 2 +
+      kQStages * kRowVectors * kBlockM * 4 + kSmemAlign;
 
   static_assert(KeySpans::kKeySpan % kBlockN == 0,
                 "a SparseK key tile is a slice of one sorted key span");
+  static_assert(!kFuseDq || (kWarpgroups == 2 && kDqDims == 64 &&
+                              kBlockM == DqAccumulatorTiles::kRows &&
+                              kHeadDim == DqAccumulatorTiles::kDims),
+                "dq = dS K is issued at N = 64 (half of D = 128 a warpgroup), into the "
+                "accumulator's 64-row tiles");
 };
 
 template <int kHeadDim>
@@ -199,6 +222,7 @@ struct BwdSm90TileSizes {
   static_assert(kHeadDim == 128, "the Hopper backward covers 64 < D <= 128");
   using Dq = BwdDqSm90TileConfig<kHeadDim>;
   using DkDvDense = BwdDkDvSm90TileConfig<kHeadDim, 2>;
+  using DkDvDenseAtomicDq = BwdDkDvSm90TileConfig<kHeadDim, 2, DqReduce::kAtomic>;
   using DkDvSparseK = BwdDkDvSm90TileConfig<kHeadDim, 1>;
 };
 

@@ -8,7 +8,9 @@
 //     S, dP and their transposes in the backward), at N = 128 (forward: 128 keys) and N = 64
 //     (backward: 64 keys or 64 query rows);
 //   - A in registers and B read MN-major (transposed) from shared memory at N = 128 (the
-//     head dim: O += P V, dq += dS K, dv += P^T dO, dk += dS^T Q).
+//     head dim: O += P V, dq += dS K, dv += P^T dO, dk += dS^T Q);
+//   - A K-major and B MN-major, both in shared memory, at N = 64 (the backward's dq = dS K
+//     inside the dk/dv kernel: dS stored by stmatrix, half the head dim a warpgroup).
 // Accumulators are float32 in the register layout of mma.sync m16n8 tiles: d[j] is n8 tile j
 // of the warp's 16 rows (tile_mma.cuh's layout), so the masks, gates and softmax of the
 // mma.sync kernels apply unchanged.
@@ -148,6 +150,25 @@ SPARSEK_DEFINE_WGMMA_M64N128K16(__nv_bfloat16, "bf16")
 #undef SPARSEK_WGMMA_ACC_OPERANDS
 #undef SPARSEK_WGMMA_ACC_REGS
 
+// d (+)= A B for a 64 x 16 A stored K-major and a 16 x kN B stored MN-major, both in shared
+// memory; wgmma_ss_mn_major_b_overwrite is the same with d output-only (defined at N = 64).
+template <typename Element, int kN>
+__device__ __forceinline__ void wgmma_ss_mn_major_b(float (&d)[kN / 8][4], uint64_t desc_a,
+                                                    uint64_t desc_b);
+template <typename Element, int kN>
+__device__ __forceinline__ void wgmma_ss_mn_major_b_overwrite(float (&d)[kN / 8][4],
+                                                              uint64_t desc_a, uint64_t desc_b);
+
+// Stores four 8 x 8 b16 matrices transposed: register i holds, in every lane, the two
+// elements (lane / 4, 2 (lane % 4) + {0, 1}) of matrix i (an mma.sync accumulator pair), and
+// lane 8 i + j gives the shared-memory address of row j of matrix i's transpose (16 bytes).
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t address, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   address),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // The 32 float32 accumulators of an m64n64 tile.
 #define SPARSEK_WGMMA_ACC_REGS_N64                                                  \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
@@ -171,8 +192,9 @@ SPARSEK_DEFINE_WGMMA_M64N128K16(__nv_bfloat16, "bf16")
   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), \
   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
 
-// The SS product at N = 64 (the backward's score-like products); operands as at N = 128:
-// the descriptors are %32 and %33, the accumulate flag %34. wgmma_ss_overwrite is the same
+// The SS products at N = 64 (the backward's score-like products, and dq = dS K with B read
+// MN-major: the last immediate); operands as at N = 128: the descriptors are %32 and %33,
+// the accumulate flag %34. wgmma_ss_overwrite is the same
 // product with scale-d 0, its accumulators output-only ("=f"): the compiler then knows the
 // previous values are dead, instead of keeping them alive from one mainloop step to the next.
 #define SPARSEK_DEFINE_WGMMA_M64N64K16(Element, ptx_type)                                    \
@@ -191,6 +213,24 @@ SPARSEK_DEFINE_WGMMA_M64N128K16(__nv_bfloat16, "bf16")
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                  \
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
                  SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                 \
+                 : SPARSEK_WGMMA_OUT_OPERANDS_N64(d)                                          \
+                 : "l"(desc_a), "l"(desc_b));                                                \
+  }                                                                                          \
+  template <>                                                                                \
+  __device__ __forceinline__ void wgmma_ss_mn_major_b<Element, 64>(                           \
+      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
+                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 1;\n}\n"                 \
+                 : SPARSEK_WGMMA_ACC_OPERANDS_N64(d)                                          \
+                 : "l"(desc_a), "l"(desc_b));                                                \
+  }                                                                                          \
+  template <>                                                                                \
+  __device__ __forceinline__ void wgmma_ss_mn_major_b_overwrite<Element, 64>(                 \
+      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
+                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 1;\n}\n"                 \
                  : SPARSEK_WGMMA_OUT_OPERANDS_N64(d)                                          \
                  : "l"(desc_a), "l"(desc_b));                                                \
   }

@@ -8,7 +8,11 @@
 //   pack_a_fragments: an accumulator block as the register A operand of the next product
 //     (the accumulator layout of n8 tiles 2 kk and 2 kk + 1 is the A fragment of k step kk);
 //   issue_register_a_product: d += A B with A in registers and B stored reduction dim x
-//     head dim (O += P V, dq += dS K, dv += P^T dO, dk += dS^T Q).
+//     head dim (O += P V, dq += dS K, dv += P^T dO, dk += dS^T Q);
+//   store_a_fragments_transposed: packed A fragments (a block of the warpgroup's rows x the
+//     reduction dim) into a swizzled tile of their transpose, by stmatrix;
+//   issue_shared_a_product: d = A B with A stored rows x reduction dim and B stored
+//     reduction dim x head dim, both in shared memory (dq = dS K in the dk/dv kernel).
 #pragma once
 
 #include <cstdint>
@@ -73,6 +77,45 @@ __device__ __forceinline__ void issue_register_a_product(float (&d)[kN / 8][4],
   for (int kk = 0; kk < kKSteps; ++kk) {
     const uint64_t desc_b = smem_descriptor_sw128(b + kk * 16 * 64, kBBlockElems * 2, kAtomBytes);
     wgmma_rs_mn_major_b<Element, kN>(d, a[kk], desc_b, 1);
+  }
+}
+
+// The warp's packed fragments a[kk] (kk: 16 columns 16 kk..16 kk + 15 of its 16 rows, as
+// pack_a_fragments leaves them) stored transposed into a Layout tile (smem_tile.cuh): the
+// warp's row r, column c lands at tile row c, column first_column + r. Register i of a[kk] is
+// the 8 x 8 matrix of rows 8 (i % 2) and columns 16 kk + 8 (i / 2): its transpose is 8 tile
+// rows of 8 columns, one 16-byte chunk each.
+template <typename Layout, typename Element, int kKSteps>
+__device__ __forceinline__ void store_a_fragments_transposed(Element* tile,
+                                                             const uint32_t (&a)[kKSteps][4],
+                                                             int first_column, int lane) {
+  const int i = lane >> 3;
+  const int chunk = (first_column >> 3) + (i & 1);
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    const int row = 16 * kk + 8 * (i >> 1) + (lane & 7);
+    stmatrix_x4_trans(base + 2 * Layout::offset(row, chunk), a[kk]);
+  }
+}
+
+// d = A B over kKSteps steps of 16: A's step ks is column block ks / 4, byte 32 (ks % 4) of
+// each 128-byte row (K-major, as issue_kmajor_product); B's is rows [16 ks, 16 ks + 16) of a
+// reduction dim x kN tile stored MN-major (as issue_register_a_product). d is output-only.
+template <typename Element, int kN, int kKSteps, int kABlockElems, int kBBlockElems>
+__device__ __forceinline__ void issue_shared_a_product(float (&d)[kN / 8][4], const Element* a,
+                                                       const Element* b) {
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    const uint64_t desc_a = smem_descriptor_sw128(a + (ks >> 2) * kABlockElems + (ks & 3) * 16,
+                                                  kUnusedLbo, kAtomBytes);
+    const uint64_t desc_b =
+        smem_descriptor_sw128(b + ks * 16 * 64, kBBlockElems * 2, kAtomBytes);
+    if (ks == 0) {
+      wgmma_ss_mn_major_b_overwrite<Element, kN>(d, desc_a, desc_b);
+    } else {
+      wgmma_ss_mn_major_b<Element, kN>(d, desc_a, desc_b);
+    }
   }
 }
 

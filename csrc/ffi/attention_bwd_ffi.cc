@@ -85,12 +85,15 @@ ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
   }
   p.is_causal = is_causal != 0;
   p.window = window;
-  const int64_t needed = sparsek::attention_bwd_workspace_bytes(
+  // The lowering reserved attention_bwd_workspace_bytes (with the dq accumulator where the
+  // dk/dv kernel adds dq); the kernels run with the minimum.
+  const int64_t needed = sparsek::attention_bwd_min_workspace_bytes(
       p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim, false);
   if (std::string error = check_workspace(workspace, needed); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_attention_bwd: " + error);
   }
   p.workspace = workspace->untyped_data();
+  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes());
   if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_attention_bwd: " + error);
   }
@@ -129,9 +132,10 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
   const int64_t span_bytes = span_layout.workspace_bytes;  // a multiple of 256
   const int64_t needed = selection_bytes + span_bytes +
-                         sparsek::attention_bwd_workspace_bytes(p.batch, p.seqlen_q,
-                                                                p.seqlen_k, p.heads_q,
-                                                                p.heads_kv, p.head_dim, true);
+                         sparsek::attention_bwd_min_workspace_bytes(p.batch, p.seqlen_q,
+                                                                    p.seqlen_k, p.heads_q,
+                                                                    p.heads_kv, p.head_dim,
+                                                                    true);
   if (std::string error = check_workspace(workspace, needed); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
   }
@@ -165,6 +169,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.key_spans = span_layout.spans;
   p.du = du->typed_data();
   p.workspace = span_workspace + span_bytes;
+  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - selection_bytes - span_bytes;
   if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }

@@ -118,4 +118,8 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("backward_kernel", &sparsek::backward_kernel_name, nb::arg("head_dim"),
         "The backward kernels a call with this head dim runs on the current device: "
         "'sm90_wgmma' or 'mma_sync'");
+  m.def("backward_dq", &sparsek::backward_dq_name, nb::arg("head_dim"), nb::arg("sparsek"),
+        "How the backward computes dq on the current device: 'dkdv_atomic' (added by the "
+        "dk/dv kernel with float32 atomics, not bitwise reproducible) or 'dq_kernel' "
+        "(deterministic; JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 asks for it)");
 }

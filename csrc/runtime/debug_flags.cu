@@ -26,4 +26,8 @@ bool mma_sync_backward_requested() {
   return env_equals("JAX_SPARSEK_BACKWARD_KERNEL", "mma_sync");
 }
 
+bool deterministic_backward_requested() {
+  return env_equals("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1");
+}
+
 }  // namespace sparsek

@@ -15,4 +15,9 @@ bool mma_sync_forward_requested();
 // JAX_SPARSEK_BACKWARD_KERNEL=mma_sync: the same for the backward's dq and dk/dv kernels.
 bool mma_sync_backward_requested();
 
+// JAX_SPARSEK_DETERMINISTIC_BACKWARD=1: the dense Hopper backward computes dq in its own
+// kernel (bitwise reproducible) instead of adding it with atomics in the dk/dv kernel. Read
+// at every call; the workspace that jit reserves follows the value at trace time.
+bool deterministic_backward_requested();
+
 }  // namespace sparsek
