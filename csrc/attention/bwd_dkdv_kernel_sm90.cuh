@@ -282,14 +282,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     }
     uint32_t dst[Cfg::kKStepsPV][4];
     sm90::pack_a_fragments<Element>(dst, dpt[0]);
+    auto issue_dk = [&] {
+      sm90::wgmma_fence();
+      sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
+                                     QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
+      sm90::wgmma_commit();
+    };
     if constexpr (Cfg::kFuseDq) {
       // dS (query rows x the CTA's keys) for dq = dS K; the warp's keys are columns 16 warp.
       sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS, dst, warp * 16, lane);
     }
-    sm90::wgmma_fence();
-    sm90::issue_register_a_product<Element, Cfg::kHeadDim, Cfg::kKStepsPV,
-                                   QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
-    sm90::wgmma_commit();
     if constexpr (Cfg::kFuseDq) {
       const int wg = warp / 4;
       const int wg_thread = threadIdx.x % 128;
@@ -300,9 +302,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
            row0 / DqAccumulatorTiles::kRows) *
               DqAccumulatorTiles::kTileFloats +
           wg * DqAccumulatorTiles::kHalfFloats;
-      // Every warp's dS is in before either warpgroup reads it (dk's product runs meanwhile);
-      // the next write of sdS comes after the next step's barrier, by which time every
-      // thread has waited for its dq product.
+      // Every warp's dS is in before either warpgroup reads it; the next write of sdS comes
+      // after the next step's barrier, by which time every thread has waited for its dq
+      // product. dq is issued before dk, so that dk's product runs during the atomics.
       sm90::fence_async_shared();
       __syncthreads();
       float acc_dq[Cfg::kDqDims / 8][4];
@@ -311,7 +313,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                    KVBlock::kColumnBlockElems>(
           acc_dq, sdS, sK + wg * KVBlock::kColumnBlockElems);
       sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
+      issue_dk();
+      sm90::wgmma_wait<1>();  // dv and dq; dk runs on during the atomics
       sm90::fence_registers(acc_dq);
       // acc_dq[j] is float4 j * 128 + wg_thread of the tile half (bwd_dq_accumulator.h):
       // a warp's accesses are 512 consecutive bytes. Rows past T and dims past the head dim
@@ -321,7 +324,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
         atomicAdd(reinterpret_cast<float4*>(dq_half) + j * 128 + wg_thread,
                   make_float4(acc_dq[j][0], acc_dq[j][1], acc_dq[j][2], acc_dq[j][3]));
       }
+      sm90::wgmma_wait<0>();
     } else {
+      issue_dk();
       // Both products read Q and dO (stage), which step + 2's copies overwrite after step +
       // 1's barrier.
       sm90::wgmma_wait<0>();
