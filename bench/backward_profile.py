@@ -1,11 +1,14 @@
 """One backward (jax.grad) call of ours, for Nsight Compute: the dq and dk/dv kernels' times.
 
     ncu --clock-control none -k regex:attention_bwd_d --launch-skip 2 --launch-count 2 \\
-        --metrics gpu__time_duration.sum python bench/backward_profile.py foundation_t8192_causal
-    ncu ... python bench/backward_profile.py sparsek 32768
+        --metrics gpu__time_duration.sum python bench/backward_profile.py sparsek 32768
+    JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 ncu ... python bench/backward_profile.py \\
+        foundation_t8192_causal
 
 The first call compiles and runs once (its two kernels skipped by --launch-skip 2), the
-second is profiled. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync profiles the mma.sync kernels.
+second is profiled. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync profiles the mma.sync kernels. The
+dense modes' default on Hopper runs no dq kernel (the dk/dv kernel adds dq): there use
+-k regex:"attention_bwd_dkdv|store_dq" (the conversion kernel) with the same counts.
 """
 from __future__ import annotations
 
