@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 #include "attention/bwd_preprocess.h"
@@ -38,9 +37,8 @@ std::string check_params(const AttentionBwdParams& p) {
   if (!p.dq || !p.dk || !p.dv) return "a dq, dk or dv pointer is null";
   if (!p.workspace) return "the workspace pointer is null";
   if (p.workspace_bytes != 0 &&
-      p.workspace_bytes < BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.head_dim,
-                                                   p.sparsek, false)
-                              .bytes) {
+      p.workspace_bytes <
+          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, false).bytes) {
     return "the workspace is smaller than attention_bwd_min_workspace_bytes";
   }
   if (std::string error = check_problem(p); !error.empty()) return error;
@@ -95,22 +93,24 @@ std::string hopper_kernels_run_backward(int64_t head_dim, bool& runs) {
   return hopper_kernels_run(head_dim, runs);
 }
 
-// Whether the dk/dv kernel would add dq with atomics: the dense modes on the Hopper kernels,
-// unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1.
-std::string backward_adds_dq_atomically(int64_t head_dim, bool sparsek, bool& atomic) {
-  atomic = false;
-  if (sparsek || deterministic_backward_requested()) return {};
-  return hopper_kernels_run_backward(head_dim, atomic);
+// Whether the dk/dv kernel adds dq with atomics: the dense modes on the Hopper kernels, unless
+// JAX_SPARSEK_DETERMINISTIC_BACKWARD=1.
+bool dq_in_dkdv_kernel(bool hopper, bool sparsek) {
+  return hopper && !sparsek && !deterministic_backward_requested();
 }
 
-// dq_accum: the workspace's accumulator when the dk/dv kernel adds dq, else null.
+std::string backward_adds_dq_atomically(int64_t head_dim, bool sparsek, bool& atomic) {
+  bool hopper = false;
+  const std::string error = hopper_kernels_run_backward(head_dim, hopper);
+  atomic = dq_in_dkdv_kernel(hopper, sparsek);
+  return error;
+}
+
+// hopper: hopper_kernels_run_backward's answer; dq_accum: the workspace's accumulator when the
+// dk/dv kernel adds dq, else null.
 template <typename Element>
 std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* mean,
-                              float* dq_accum, cudaStream_t stream) {
-  bool hopper = false;
-  if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
-    return error;
-  }
+                              float* dq_accum, bool hopper, cudaStream_t stream) {
   if (hopper) return run_attention_bwd_sm90<128, Element>(p, delta, mean, dq_accum, stream);
   if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, delta, mean, stream);
   if (p.head_dim <= 128) return run_attention_bwd<128, Element>(p, delta, mean, stream);
@@ -127,8 +127,7 @@ std::string backward_kernel_name(int64_t head_dim) {
 
 std::string backward_dq_name(int64_t head_dim, bool sparsek) {
   bool atomic = false;
-  const std::string error = backward_adds_dq_atomically(head_dim, sparsek, atomic);
-  if (!error.empty()) throw std::runtime_error(error);
+  throw_if_error(backward_adds_dq_atomically(head_dim, sparsek, atomic));
   return atomic ? "dkdv_atomic" : "dq_kernel";
 }
 
@@ -140,7 +139,7 @@ int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t s
   (void)backward_adds_dq_atomically(head_dim, sparsek, atomic);
   (void)seqlen_k;
   (void)heads_kv;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, head_dim, sparsek, atomic).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek, atomic).bytes;
 }
 
 int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
@@ -148,7 +147,8 @@ int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64
                                           bool sparsek) {
   (void)seqlen_k;
   (void)heads_kv;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, head_dim, sparsek, false).bytes;
+  (void)head_dim;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek, false).bytes;
 }
 
 std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
@@ -160,26 +160,26 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
   if (poison_outputs_requested()) {
     if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
   }
-  bool atomic = false;
-  if (std::string error = backward_adds_dq_atomically(p.head_dim, p.sparsek, atomic);
-      !error.empty()) {
+  bool hopper = false;
+  if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
     return error;
   }
-  const BwdWorkspaceLayout with_accumulator =
-      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.head_dim, p.sparsek, true);
   // A workspace reserved while JAX_SPARSEK_DETERMINISTIC_BACKWARD was set has no room for the
   // accumulator: that call keeps the dq kernel.
-  atomic = atomic && p.workspace_bytes >= with_accumulator.bytes;
-  const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(
-      p.batch, p.seqlen_q, p.heads_q, p.head_dim, p.sparsek, atomic);
+  const bool atomic =
+      dq_in_dkdv_kernel(hopper, p.sparsek) &&
+      p.workspace_bytes >=
+          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, true).bytes;
+  const BwdWorkspaceLayout layout =
+      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, atomic);
   float* delta = layout.delta(p.workspace);
   float* mean = layout.mean(p.workspace, p.sparsek);
   float* dq_accum = atomic ? layout.dq_accum(p.workspace) : nullptr;
   if (std::string error = launch_bwd_preprocess(p, delta, stream); !error.empty()) return error;
   if (p.dtype == DType::kBFloat16) {
-    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, dq_accum, stream);
+    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, dq_accum, hopper, stream);
   }
-  return dispatch_head_dim<__half>(p, delta, mean, dq_accum, stream);
+  return dispatch_head_dim<__half>(p, delta, mean, dq_accum, hopper, stream);
 }
 
 }  // namespace sparsek

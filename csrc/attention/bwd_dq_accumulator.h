@@ -7,7 +7,7 @@
 // the warpgroup's register order: float4 (j * 128 + thread) holds accumulator block j of the
 // warpgroup's thread `thread` (its m64n64 tile: n8 tile j, rows 16 (thread / 32) +
 // (thread % 32) / 4 + {0, 8}, dims 8 j + 2 (thread % 4) + {0, 1}). A step's addition is then
-// 16 KB of consecutive float4s a warpgroup: coalesced atomics, or one bulk reduction.
+// 16 KB of consecutive float4s a warpgroup, added by fully coalesced 16-byte atomics.
 // Rows past T and dims past the head dim are padding (they receive zeros).
 #pragma once
 

@@ -84,8 +84,8 @@ inline void launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int threads, size_t sm
 }
 
 // delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK). dq_accum: the
-// zeroed float32 [B, T, Hq, D] accumulator when the dk/dv kernel computes dq (the dq kernel
-// is then not launched), else null.
+// zeroed float32 accumulator (bwd_dq_accumulator.h) when the dk/dv kernel computes dq (the dq
+// kernel is then not launched), else null.
 template <typename DqCfg, typename DkDvCfg, typename Element, typename KeyVisit,
           typename QueryVisit, typename DqKernel, typename DkDvKernelT>
 std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
@@ -93,7 +93,9 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                                  float* dq_accum, cudaStream_t stream) {
   const size_t dq_smem = DqCfg::kSmemBytes + KeyVisit::smem_bytes(p);
   const size_t dkdv_smem = DkDvCfg::kSmemBytes + QueryVisit::smem_bytes(p);
-  if (std::string error = allow_smem(dq_kernel, dq_smem); !error.empty()) return error;
+  if (!dq_accum) {
+    if (std::string error = allow_smem(dq_kernel, dq_smem); !error.empty()) return error;
+  }
   if (std::string error = allow_smem(dkdv_kernel, dkdv_smem); !error.empty()) return error;
 
   const int64_t m_blocks = (p.seqlen_q + DqCfg::kBlockM - 1) / DqCfg::kBlockM;
@@ -150,7 +152,7 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
 
 // The Hopper kernels (BwdSm90TileSizes): dense modes take two-warpgroup dk/dv CTAs, SparseK
 // one-warpgroup ones. dq_accum (dense modes; null for the dq kernel): the workspace's float32
-// [B, T, Hq, D] buffer, zeroed here, into which the dk/dv kernel adds dq.
+// accumulator (bwd_dq_accumulator.h), zeroed here, into which the dk/dv kernel adds dq.
 template <int kHeadDim, typename Element>
 std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
                                    float* dq_accum, cudaStream_t stream) {
@@ -166,27 +168,23 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, fl
         stream);
   }
   using KeyVisit = DenseKeyVisitBwd<Dq>;
-  if (dq_accum) {
-    if (std::string error = zero_dq_accumulator(p, dq_accum, stream); !error.empty()) {
-      return error;
-    }
-    using DkDv = typename Sizes::DkDvDenseAtomicDq;
+  auto launch_dense = [&](auto dkdv_config, float* accum) {
+    using DkDv = decltype(dkdv_config);
     using QueryVisit = DenseQueryVisit<DkDv>;
-    if (std::string error = launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
-            attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-            attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean,
-            dq_accum, stream);
-        !error.empty()) {
-      return error;
-    }
-    return store_dq_from_accumulator(p, dq_accum, stream);
+    return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
+        attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
+        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, accum,
+        stream);
+  };
+  if (!dq_accum) return launch_dense(typename Sizes::DkDvDense{}, nullptr);
+  if (std::string error = zero_dq_accumulator(p, dq_accum, stream); !error.empty()) {
+    return error;
   }
-  using DkDv = typename Sizes::DkDvDense;
-  using QueryVisit = DenseQueryVisit<DkDv>;
-  return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
-      attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-      attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr,
-      stream);
+  if (std::string error = launch_dense(typename Sizes::DkDvDenseFusedDq{}, dq_accum);
+      !error.empty()) {
+    return error;
+  }
+  return store_dq_from_accumulator(p, dq_accum, stream);
 }
 
 }  // namespace sparsek

@@ -157,24 +157,20 @@ struct BwdDqSm90TileConfig {
 // and dv 64 each, S^T and dP^T 32 each. Two warpgroups (128 keys, one CTA an SM) halve the Q
 // and dO bytes per product: the dense modes. SparseK takes one warpgroup (64 entries of a
 // sorted span: smaller tiles have lower top scores and visit fewer rows; two CTAs an SM).
-// kDqReduce != kNone (dense modes, two warpgroups): the step's dS also goes to shared memory
-// (the rows x the CTA's keys) and each warpgroup computes half the head dim of dq = dS K (32
-// more accumulators, live only after dv and dk are issued) and adds it into the float32
+// kFuseDq (dense modes, two warpgroups): the step's dS also goes to shared memory (the rows x
+// the CTA's keys) and each warpgroup computes half the head dim of dq = dS K (32 more
+// accumulators, live only once S^T and dP^T are dead) and adds it into the float32
 // accumulator (bwd_dq_accumulator.h) by coalesced 16-byte atomics from registers; the dq
 // kernel does not run. (Staging it in shared memory for one bulk asynchronous reduction a
-// warpgroup, FA3's way, measured 7% slower end to end: bench/NOTES.md.)
+// warpgroup, FA3's way, measured 6% slower end to end: bench/NOTES.md.)
 // Measured (bench/NOTES.md, "Hopper backward kernels"): 128-row dq CTAs beat 64-row ones in
 // every mode, and a third Q/dO stage (dv and dk running on into the next step) made ptxas
 // serialize the products (C7515) and the kernel slower.
-// How the dk/dv kernel adds dq: not at all (the dq kernel computes it) or with atomics.
-enum class DqReduce { kNone, kAtomic };
-
-template <int kHeadDim_, int kWarpgroups_, DqReduce kDqReduce_ = DqReduce::kNone>
+template <int kHeadDim_, int kWarpgroups_, bool kFuseDq_ = false>
 struct BwdDkDvSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarpgroups = kWarpgroups_;
-  static constexpr DqReduce kDqReduce = kDqReduce_;
-  static constexpr bool kFuseDq = kDqReduce != DqReduce::kNone;
+  static constexpr bool kFuseDq = kFuseDq_;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                // query rows per step
   static constexpr int kNWarps = 4 * kWarpgroups;
@@ -222,7 +218,7 @@ struct BwdSm90TileSizes {
   static_assert(kHeadDim == 128, "the Hopper backward covers 64 < D <= 128");
   using Dq = BwdDqSm90TileConfig<kHeadDim>;
   using DkDvDense = BwdDkDvSm90TileConfig<kHeadDim, 2>;
-  using DkDvDenseAtomicDq = BwdDkDvSm90TileConfig<kHeadDim, 2, DqReduce::kAtomic>;
+  using DkDvDenseFusedDq = BwdDkDvSm90TileConfig<kHeadDim, 2, true>;
   using DkDvSparseK = BwdDkDvSm90TileConfig<kHeadDim, 1>;
 };
 

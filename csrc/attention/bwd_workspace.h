@@ -19,14 +19,14 @@ struct BwdWorkspaceLayout {
   int64_t dq_accum_offset = 0;  // == bytes when there is no accumulator
   int64_t bytes = 0;
 
+  // The accumulator's tiles are padded to 128 dims: its size does not depend on the head dim.
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t heads_q,
-                                 int64_t head_dim, bool sparsek, bool with_dq_accumulator) {
+                                 bool sparsek, bool with_dq_accumulator) {
     BwdWorkspaceLayout l;
     const int64_t rows_bytes = align256(batch * heads_q * seqlen_q * int64_t{4});
     l.delta_offset = 0;
     l.mean_offset = rows_bytes;
     l.dq_accum_offset = rows_bytes * (sparsek ? 2 : 1);
-    (void)head_dim;  // the tiles are padded to 128 dims
     l.bytes = l.dq_accum_offset +
               (with_dq_accumulator
                    ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)

@@ -22,11 +22,15 @@ std::string hopper_kernels_run(int64_t head_dim, bool& runs) {
   return {};
 }
 
-std::string kernel_name(const std::string& error, bool hopper) {
+void throw_if_error(const std::string& error) {
   if (!error.empty()) {
     cudaGetLastError();  // do not leave the error behind for the next launch check
     throw std::runtime_error(error);
   }
+}
+
+std::string kernel_name(const std::string& error, bool hopper) {
+  throw_if_error(error);
   return hopper ? "sm90_wgmma" : "mma_sync";
 }
 

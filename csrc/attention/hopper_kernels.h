@@ -15,6 +15,10 @@ namespace sparsek {
 // call's message, if any.
 std::string hopper_kernels_run(int64_t head_dim, bool& runs);
 
+// Throws `error` as std::runtime_error when it is non-empty (a failed CUDA call's message),
+// clearing CUDA's last error first, for the Python-facing reports below.
+void throw_if_error(const std::string& error);
+
 // The name a dispatcher's choice is reported by ("sm90_wgmma" or "mma_sync"), for the
 // Python-facing forward_kernel_name and backward_kernel_name; a failed CUDA call's message
 // (`error`, non-empty) is thrown as std::runtime_error instead.

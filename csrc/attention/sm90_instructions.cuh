@@ -194,9 +194,23 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t address, const uint32
 
 // The SS products at N = 64 (the backward's score-like products, and dq = dS K with B read
 // MN-major: the last immediate); operands as at N = 128: the descriptors are %32 and %33,
-// the accumulate flag %34. wgmma_ss_overwrite is the same
-// product with scale-d 0, its accumulators output-only ("=f"): the compiler then knows the
-// previous values are dead, instead of keeping them alive from one mainloop step to the next.
+// the accumulate flag %34. The _overwrite products have scale-d 0 and their accumulators
+// output-only ("=f"): the compiler then knows the previous values are dead, instead of
+// keeping them alive from one mainloop step to the next.
+//
+// SPARSEK_WGMMA_SS_N64: one product whose scale-d is the constant `scale_d` (1 accumulates,
+// 0 overwrites), B's transpose immediate `trans_b`, and `operands` the accumulators'
+// constraint list (SPARSEK_WGMMA_ACC_OPERANDS_N64 or SPARSEK_WGMMA_OUT_OPERANDS_N64).
+#define SPARSEK_WGMMA_SS_N64(Element, ptx_type, name, scale_d, trans_b, operands)           \
+  template <>                                                                                \
+  __device__ __forceinline__ void name<Element, 64>(float(&d)[8][4], uint64_t desc_a,        \
+                                                    uint64_t desc_b) {                       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " #scale_d ", 0;\n"                        \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
+                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, " #trans_b ";\n}\n"      \
+                 : operands(d)                                                               \
+                 : "l"(desc_a), "l"(desc_b));                                                \
+  }
 #define SPARSEK_DEFINE_WGMMA_M64N64K16(Element, ptx_type)                                    \
   template <>                                                                                \
   __device__ __forceinline__ void wgmma_ss<Element, 64>(                                      \
@@ -207,38 +221,18 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t address, const uint32
                  : SPARSEK_WGMMA_ACC_OPERANDS_N64(d)                                          \
                  : "l"(desc_a), "l"(desc_b), "r"(accumulate));                               \
   }                                                                                          \
-  template <>                                                                                \
-  __device__ __forceinline__ void wgmma_ss_overwrite<Element, 64>(                            \
-      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
-                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                 \
-                 : SPARSEK_WGMMA_OUT_OPERANDS_N64(d)                                          \
-                 : "l"(desc_a), "l"(desc_b));                                                \
-  }                                                                                          \
-  template <>                                                                                \
-  __device__ __forceinline__ void wgmma_ss_mn_major_b<Element, 64>(                           \
-      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
-                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 1;\n}\n"                 \
-                 : SPARSEK_WGMMA_ACC_OPERANDS_N64(d)                                          \
-                 : "l"(desc_a), "l"(desc_b));                                                \
-  }                                                                                          \
-  template <>                                                                                \
-  __device__ __forceinline__ void wgmma_ss_mn_major_b_overwrite<Element, 64>(                 \
-      float(&d)[8][4], uint64_t desc_a, uint64_t desc_b) {                                   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"                                  \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." ptx_type "." ptx_type "\n"    \
-                 SPARSEK_WGMMA_ACC_REGS_N64 ", %32, %33, p, 1, 1, 0, 1;\n}\n"                 \
-                 : SPARSEK_WGMMA_OUT_OPERANDS_N64(d)                                          \
-                 : "l"(desc_a), "l"(desc_b));                                                \
-  }
+  SPARSEK_WGMMA_SS_N64(Element, ptx_type, wgmma_ss_overwrite, 0, 0,                          \
+                       SPARSEK_WGMMA_OUT_OPERANDS_N64)                                       \
+  SPARSEK_WGMMA_SS_N64(Element, ptx_type, wgmma_ss_mn_major_b, 1, 1,                         \
+                       SPARSEK_WGMMA_ACC_OPERANDS_N64)                                       \
+  SPARSEK_WGMMA_SS_N64(Element, ptx_type, wgmma_ss_mn_major_b_overwrite, 0, 1,               \
+                       SPARSEK_WGMMA_OUT_OPERANDS_N64)
 
 SPARSEK_DEFINE_WGMMA_M64N64K16(__half, "f16")
 SPARSEK_DEFINE_WGMMA_M64N64K16(__nv_bfloat16, "bf16")
 
 #undef SPARSEK_DEFINE_WGMMA_M64N64K16
+#undef SPARSEK_WGMMA_SS_N64
 #undef SPARSEK_WGMMA_ACC_OPERANDS_N64
 #undef SPARSEK_WGMMA_OUT_OPERANDS_N64
 #undef SPARSEK_WGMMA_ACC_REGS_N64
