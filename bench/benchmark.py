@@ -78,9 +78,11 @@ XLA_LOGITS_LIMIT = 8 * 2**30  # jax-xla materialises B*Hq*T*S float32 logits (an
 # (dense fp16/bf16 matrix rate FLOP/s, device-to-device copy bytes/s).
 CEILINGS = {"H100": (798e12, 3.0e12), "H200": (788e12, 4.3e12)}
 # ours-mma-sync: ours with JAX_SPARSEK_FORWARD_KERNEL=mma_sync (the mma.sync kernel where the
-# Hopper kernel would run), to compare the two kernels in one run.
-IMPLS = ("ours", "ours-mma-sync", "jax-cudnn", "jax-xla", "torch-flash", "torch-efficient",
-         "torch-cudnn")
+# Hopper kernel would run), ours-lockstep with JAX_SPARSEK_FORWARD_KERNEL=sm90_lockstep (the
+# Hopper kernel without a producer warp), to compare the kernels in one run.
+OURS_KERNELS = {"ours": None, "ours-mma-sync": "mma_sync", "ours-lockstep": "sm90_lockstep"}
+IMPLS = ("ours", "ours-mma-sync", "ours-lockstep", "jax-cudnn", "jax-xla", "torch-flash",
+         "torch-efficient", "torch-cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,15 +239,15 @@ def kernel_env(variable: str, kernel: str | None):
 
 
 def forward_kernel_env(impl: str):
-    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs."""
-    return kernel_env("JAX_SPARSEK_FORWARD_KERNEL",
-                      "mma_sync" if impl == "ours-mma-sync" else None)
+    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs (sm90_lockstep: while
+    ours-lockstep runs)."""
+    return kernel_env("JAX_SPARSEK_FORWARD_KERNEL", OURS_KERNELS.get(impl))
 
 
 def jax_attention_fn(impl: str, cfg: Config, platform_is_gpu: bool):
     """f(q, k, v) -> o for a JAX implementation, or raises why it can't run this config."""
-    if impl in ("ours", "ours-mma-sync"):
-        if impl == "ours-mma-sync" and not platform_is_gpu:
+    if impl in OURS_KERNELS:
+        if impl != "ours" and not platform_is_gpu:
             raise NotImplementedError("needs a GPU")
         return functools.partial(jax_sparsek.sparsek_attention, is_causal=cfg.causal,
                                  window=cfg.window,

@@ -1,10 +1,11 @@
-"""Both CUDA forward kernels against the float64 reference, on the same device.
+"""The CUDA forward kernels against the float64 reference, on the same device.
 
-On Hopper (compute capability 9.0, built for sm_90a) the forward runs on the wgmma kernel
-(fwd_kernel_sm90.cuh) for head dims 72 to 128, which the other GPU test files then exercise;
-JAX_SPARSEK_FORWARD_KERNEL=mma_sync sends calls to the mma.sync kernel, which every other GPU
-runs. The variable is read at every call, so one process can check both. Outputs are poisoned
-with NaN before every run (conftest.py).
+On Hopper (compute capability 9.0, built for sm_90a) the forward runs on the warp-specialized
+wgmma kernel (fwd_kernel_sm90_ws.cuh) for head dims 72 to 128, which the other GPU test files
+then exercise; JAX_SPARSEK_FORWARD_KERNEL=sm90_lockstep sends calls to the wgmma kernel
+without a producer warp (fwd_kernel_sm90.cuh), =mma_sync to the mma.sync kernel, which every
+other GPU runs. The variable is read at every call, so one process can check all three.
+Outputs are poisoned with NaN before every run (conftest.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from jax_sparsek import _extension, sparsek_attention
 
 pytestmark = requires_cuda
 
-KERNELS = ["default", "mma_sync"]
+KERNELS = ["default", "sm90_lockstep", "mma_sync"]
 
 
 @pytest.fixture
@@ -40,6 +41,8 @@ def test_kernel_choice(monkeypatch):
     assert ext.forward_kernel(256) == "mma_sync"
     monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
     assert ext.forward_kernel(128) == "mma_sync"
+    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "sm90_lockstep")
+    assert ext.forward_kernel(128) == expected
 
 
 # (B, T, S, Hq, Hkv, D, dtype, is_causal, window): ragged lengths, T != S, GQA, windows.
@@ -74,12 +77,15 @@ def test_dense_modes(forward_kernel, case):
                            context=f"{forward_kernel} {_dense_id(case)}")
 
 
-# (B, T, S, Hq, Hkv, D, dtype, topk, window): several gathered key tiles and the tail range.
+# (B, T, S, Hq, Hkv, D, dtype, topk, window): several gathered key tiles and the tail range;
+# the last case visits enough tiles (up to 9 a query tile) that every stage and key slot of
+# the warp-specialized kernel is reused several times.
 SPARSEK_CASES = [
     (1, 600, 600, 4, 1, 128, jnp.float16, 40, 32),
     (2, 333, 333, 8, 2, 64, jnp.bfloat16, 100, 0),
     (1, 1, 900, 4, 2, 128, jnp.bfloat16, 64, 16),
     (1, 250, 700, 4, 4, 128, jnp.float16, 150, 200),
+    (1, 2500, 2500, 4, 2, 128, jnp.bfloat16, 700, 300),
 ]
 
 
@@ -104,9 +110,11 @@ def test_sparsek(forward_kernel, case):
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 
-def test_kernels_agree(monkeypatch):
-    """Same inputs on both kernels: each within the tolerance of the other (fp32 softmax,
-    fp16 P): a layout error in one of them would show as O(1) differences."""
+@pytest.mark.parametrize("other", ["sm90_lockstep", "mma_sync"])
+def test_kernels_agree(monkeypatch, other):
+    """Same inputs on the default kernel and another one: each within the tolerance of the
+    other (fp32 softmax, fp16 P): a layout or schedule error in one of them would show as
+    O(1) differences."""
     q, k, v = make_qkv(1, 2048, 2048, 8, 2, 128, jnp.float16, seed=("agree",))
 
     def run():
@@ -115,8 +123,8 @@ def test_kernels_agree(monkeypatch):
 
     monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
     out_default, lse_default = run()
-    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
-    out_mma, lse_mma = run()
-    diff = np.abs(np.asarray(out_default, np.float32) - np.asarray(out_mma, np.float32))
+    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", other)
+    out_other, lse_other = run()
+    diff = np.abs(np.asarray(out_default, np.float32) - np.asarray(out_other, np.float32))
     assert diff.max() < 2e-2, diff.max()
-    np.testing.assert_allclose(np.asarray(lse_default), np.asarray(lse_mma), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(lse_default), np.asarray(lse_other), atol=1e-3)

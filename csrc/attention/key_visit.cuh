@@ -4,6 +4,9 @@
 //   num_tiles()                    how many key tiles of kBlockN keys the query tile visits;
 //   load_keys(smem, gmem, ..., it) the copy of the K or V rows of tile `it`;
 //   prefetch(it) / stash(it, ...)  (SparseK) fetching tile it's key positions a step early;
+//   prefetch_row / stash_row / load_keys_by
+//                                  the same for one key row, by a producer warp
+//                                  (fwd_kernel_sm90_ws.cuh);
 //   mask_and_update(...)           hiding the keys a row does not see, weighing the others,
 //                                  and the online-softmax update.
 // The dense modes are a contiguous range of key tiles: full, causal (keys j <= p(i)) and the
@@ -89,6 +92,22 @@ struct DenseKeyVisit : DenseVisibility {
                                             int64_t row_stride, int it, int head_dim) const {
     load_tile_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads, typename KVTileLayout<Cfg>::type>(
         tile, gmem, row_stride, int64_t{key_tile(it)} * kBlockN, seqlen_k, head_dim);
+  }
+
+  // The warp-specialized kernel's producer (fwd_kernel_sm90_ws.cuh): key positions need no
+  // fetching, and the copy is made by kThreads threads of which this is `thread`.
+  static constexpr bool kMaskReadsKeySlots = false;
+  template <typename Params>
+  __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int) const {
+    return {};
+  }
+  __device__ __forceinline__ void stash_row(int, int, const Prefetch&) {}
+  template <int kThreads, typename Element>
+  __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
+                                               int64_t row_stride, int it,
+                                               int head_dim) const {
+    load_tile_async_by<kBlockN, Cfg::kHeadDim, kThreads, typename KVTileLayout<Cfg>::type>(
+        thread, tile, gmem, row_stride, int64_t{key_tile(it)} * kBlockN, seqlen_k, head_dim);
   }
 
   // True when some key of tile n is hidden from some row of the query tile.

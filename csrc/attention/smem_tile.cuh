@@ -115,4 +115,52 @@ __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const El
   }
 }
 
+// The copies above made by kThreads threads of which this one is `thread`, for any thread
+// count that covers whole rows (a producer warp: kThreads = 32, two rows a pass). The
+// swizzled offset is recomputed every pass, since a thread's row modulo 8 may change.
+template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
+__device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
+                                                   const Element* gmem, int64_t row_stride,
+                                                   int64_t row0, int64_t num_rows,
+                                                   int head_dim) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
+                "each pass copies whole rows");
+  const int r = thread / kChunksPerRow;
+  const int c = thread % kChunksPerRow;
+  const bool column_valid = c * 8 < head_dim;
+  const Element* src = gmem + (row0 + r) * row_stride + c * 8;
+  const int64_t pass_stride = kRowsPerPass * row_stride;
+#pragma unroll 4
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int row = r + i * kRowsPerPass;
+    const bool valid = column_valid && row0 + row < num_rows;
+    sm80::cp_async_16(tile + Layout::offset(row, c), valid ? src : gmem, valid);
+    src += pass_stride;
+  }
+}
+
+template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
+__device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element* tile,
+                                                            const Element* gmem,
+                                                            int64_t row_stride,
+                                                            const int* keys, int head_dim) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
+                "each pass copies whole rows");
+  const int r = thread / kChunksPerRow;
+  const int c = thread % kChunksPerRow;
+  const bool column_valid = c * 8 < head_dim;
+#pragma unroll 4
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int row = r + i * kRowsPerPass;
+    const int key = keys[row];
+    const bool valid = column_valid && key >= 0;
+    const Element* src = gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + c * 8;
+    sm80::cp_async_16(tile + Layout::offset(row, c), src, valid);
+  }
+}
+
 }  // namespace sparsek

@@ -145,9 +145,15 @@ struct SparseKKeyVisit {
   // are read from the kernel parameters when needed rather than kept in registers.)
   template <typename Params>
   __device__ __forceinline__ Prefetch prefetch(const Params& p, int it) const {
-    Prefetch f{-1, -INFINITY};
     const int t = threadIdx.x;
-    if (t >= kBlockN) return f;
+    if (t >= kBlockN) return Prefetch{-1, -INFINITY};
+    return prefetch_row(p, it, t);
+  }
+
+  // Row t of key tile `it` (t < kBlockN): its position and score, or -1 and -inf for padding.
+  template <typename Params>
+  __device__ __forceinline__ Prefetch prefetch_row(const Params& p, int it, int t) const {
+    Prefetch f{-1, -INFINITY};
     const int sparse = sparse_tiles();
     const int* plan = s_plan();
     if (it < sparse) {
@@ -177,10 +183,11 @@ struct SparseKKeyVisit {
   }
 
   __device__ __forceinline__ void stash(int it, const Prefetch& f) {
-    if (static_cast<int>(threadIdx.x) < kBlockN) {
-      s_key(it)[threadIdx.x] = f.key;
-      s_u(it)[threadIdx.x] = f.u;
-    }
+    if (static_cast<int>(threadIdx.x) < kBlockN) stash_row(it, threadIdx.x, f);
+  }
+  __device__ __forceinline__ void stash_row(int it, int t, const Prefetch& f) {
+    s_key(it)[t] = f.key;
+    s_u(it)[t] = f.u;
   }
 
   template <typename Params>
@@ -195,6 +202,19 @@ struct SparseKKeyVisit {
     load_rows_gathered_async<kBlockN, Cfg::kHeadDim, Cfg::kNThreads,
                              typename KVTileLayout<Cfg>::type>(tile, gmem, row_stride,
                                                                s_key(it), head_dim);
+  }
+
+  // The producer warp's copy (fwd_kernel_sm90_ws.cuh), from the positions it stashed; the
+  // mask reads the slot's positions and scores, so its K stage is released after the mask.
+  static constexpr bool kMaskReadsKeySlots = true;
+  template <int kThreads, typename Element>
+  __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
+                                               int64_t row_stride, int it,
+                                               int head_dim) const {
+    load_rows_gathered_async_by<kBlockN, Cfg::kHeadDim, kThreads,
+                                typename KVTileLayout<Cfg>::type>(thread, tile, gmem,
+                                                                  row_stride, s_key(it),
+                                                                  head_dim);
   }
 
   // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out

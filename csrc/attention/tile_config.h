@@ -93,10 +93,33 @@ struct FwdSm90TileConfig {
       (kSmemQElems + 2 * kKVStages * kSmemKVElems) * 2 + kSmemAlign;
 };
 
+// The warp-specialized Hopper kernel (fwd_kernel_sm90_ws.cuh): the same tiles, plus a
+// producer warpgroup (warps 8-11) that copies K and V (and, in SparseK, fetches the key
+// positions) into the two stages, handing them to the consumers through mbarriers. (One
+// producer warp was too few: its 128 cp.async instructions a step made it the bottleneck.)
+// The register file is split between the SM's four schedulers, so a ninth warp costs as much
+// as a fourth: the producer warpgroup gives its registers to the consumers instead
+// (kProducerRegisters + 2 kConsumerRegisters <= 512 a scheduler lane).
+template <int kHeadDim_>
+struct FwdSm90WsTileConfig : FwdSm90TileConfig<kHeadDim_> {
+  using Base = FwdSm90TileConfig<kHeadDim_>;
+  static constexpr int kNConsumerThreads = 256;
+  static constexpr int kNProducerThreads = 128;
+  static constexpr int kNThreads = kNConsumerThreads + kNProducerThreads;
+  static constexpr int kProducerRegisters = 56;
+  static constexpr int kConsumerRegisters = 224;
+  // SparseK: key positions of tiles it - 1 and it (being read) and it + 1 (stashed early).
+  static constexpr int kKeySlots = Base::kKVStages + 1;
+  // full and empty mbarriers of each K and V stage.
+  static constexpr int kNumStageBarriers = 4 * Base::kKVStages;
+  static constexpr int kSmemBytes = Base::kSmemBytes + kNumStageBarriers * 8;
+};
+
 template <int kHeadDim>
 struct FwdSm90TileSizes {
   static_assert(kHeadDim == 128, "the Hopper kernel covers 64 < D <= 128");
   using Config = FwdSm90TileConfig<kHeadDim>;
+  using WsConfig = FwdSm90WsTileConfig<kHeadDim>;
 };
 
 }  // namespace sparsek
