@@ -78,11 +78,10 @@ XLA_LOGITS_LIMIT = 8 * 2**30  # jax-xla materialises B*Hq*T*S float32 logits (an
 # (dense fp16/bf16 matrix rate FLOP/s, device-to-device copy bytes/s).
 CEILINGS = {"H100": (798e12, 3.0e12), "H200": (788e12, 4.3e12)}
 # ours-mma-sync: ours with JAX_SPARSEK_FORWARD_KERNEL=mma_sync (the mma.sync kernel where the
-# Hopper kernel would run), ours-lockstep with JAX_SPARSEK_FORWARD_KERNEL=sm90_lockstep (the
-# Hopper kernel without a producer warp), to compare the kernels in one run.
-OURS_KERNELS = {"ours": None, "ours-mma-sync": "mma_sync", "ours-lockstep": "sm90_lockstep"}
-IMPLS = ("ours", "ours-mma-sync", "ours-lockstep", "jax-cudnn", "jax-xla", "torch-flash",
-         "torch-efficient", "torch-cudnn")
+# Hopper kernel would run), to compare the two kernels in one run.
+OURS_KERNELS = {"ours": None, "ours-mma-sync": "mma_sync"}
+IMPLS = ("ours", "ours-mma-sync", "jax-cudnn", "jax-xla", "torch-flash", "torch-efficient",
+         "torch-cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +238,7 @@ def kernel_env(variable: str, kernel: str | None):
 
 
 def forward_kernel_env(impl: str):
-    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs (sm90_lockstep: while
-    ours-lockstep runs)."""
+    """JAX_SPARSEK_FORWARD_KERNEL=mma_sync while ours-mma-sync runs."""
     return kernel_env("JAX_SPARSEK_FORWARD_KERNEL", OURS_KERNELS.get(impl))
 
 

@@ -1,10 +1,9 @@
-"""The CUDA forward kernels against the float64 reference, on the same device.
+"""Both CUDA forward kernels against the float64 reference, on the same device.
 
 On Hopper (compute capability 9.0, built for sm_90a) the forward runs on the warp-specialized
-wgmma kernel (fwd_kernel_sm90_ws.cuh) for head dims 72 to 128, which the other GPU test files
-then exercise; JAX_SPARSEK_FORWARD_KERNEL=sm90_lockstep sends calls to the wgmma kernel
-without a producer warp (fwd_kernel_sm90.cuh), =mma_sync to the mma.sync kernel, which every
-other GPU runs. The variable is read at every call, so one process can check all three.
+wgmma kernel (fwd_kernel_sm90.cuh) for head dims 72 to 128, which the other GPU test files
+then exercise; JAX_SPARSEK_FORWARD_KERNEL=mma_sync sends calls to the mma.sync kernel, which
+every other GPU runs. The variable is read at every call, so one process can check both.
 Outputs are poisoned with NaN before every run (conftest.py).
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ from jax_sparsek import _extension, sparsek_attention
 
 pytestmark = requires_cuda
 
-KERNELS = ["default", "sm90_lockstep", "mma_sync"]
+KERNELS = ["default", "mma_sync"]
 
 
 @pytest.fixture
@@ -41,8 +40,6 @@ def test_kernel_choice(monkeypatch):
     assert ext.forward_kernel(256) == "mma_sync"
     monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
     assert ext.forward_kernel(128) == "mma_sync"
-    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "sm90_lockstep")
-    assert ext.forward_kernel(128) == expected
 
 
 # (B, T, S, Hq, Hkv, D, dtype, is_causal, window): ragged lengths, T != S, GQA, windows.
@@ -110,20 +107,26 @@ def test_sparsek(forward_kernel, case):
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 
-@pytest.mark.parametrize("other", ["sm90_lockstep", "mma_sync"])
-def test_kernels_agree(monkeypatch, other):
-    """Same inputs on the default kernel and another one: each within the tolerance of the
-    other (fp32 softmax, fp16 P): a layout or schedule error in one of them would show as
-    O(1) differences."""
+@pytest.mark.parametrize("sparsek", [False, True], ids=["causal", "sparsek"])
+def test_kernels_agree(monkeypatch, sparsek):
+    """Same inputs on both kernels: each within the tolerance of the other (fp32 softmax,
+    fp16 P): a layout or schedule error in one of them would show as O(1) differences. 16
+    query tiles of up to 16 key tiles: every stage and key slot of the Hopper kernel's
+    pipeline is reused many times."""
     q, k, v = make_qkv(1, 2048, 2048, 8, 2, 128, jnp.float16, seed=("agree",))
 
+    u = None
+    if sparsek:
+        u = jnp.asarray(rng_for("agree-scores").standard_normal((1, 2048, 2), np.float32))
+
     def run():
-        return jax.block_until_ready(sparsek_attention(q, k, v, is_causal=True,
-                                                       implementation="cuda", return_lse=True))
+        return jax.block_until_ready(sparsek_attention(
+            q, k, v, u, topk=512 if sparsek else None, window=128 if sparsek else None,
+            is_causal=True, implementation="cuda", return_lse=True))
 
     monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
     out_default, lse_default = run()
-    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", other)
+    monkeypatch.setenv("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync")
     out_other, lse_other = run()
     diff = np.abs(np.asarray(out_default, np.float32) - np.asarray(out_other, np.float32))
     assert diff.max() < 2e-2, diff.max()

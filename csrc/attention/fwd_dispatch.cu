@@ -18,8 +18,7 @@ namespace sparsek {
 template <int kHeadDim, typename Element>
 std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream);
 template <int kHeadDim, typename Element>
-std::string run_attention_fwd_sm90(const AttentionFwdParams& p, bool warp_specialized,
-                                   cudaStream_t stream);
+std::string run_attention_fwd_sm90(const AttentionFwdParams& p, cudaStream_t stream);
 
 namespace {
 
@@ -66,9 +65,7 @@ template <typename Element>
 std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   if (std::string error = hopper_kernel_runs(p.head_dim, hopper); !error.empty()) return error;
-  if (hopper) {
-    return run_attention_fwd_sm90<128, Element>(p, !lockstep_forward_requested(), stream);
-  }
+  if (hopper) return run_attention_fwd_sm90<128, Element>(p, stream);
   if (p.head_dim <= 64) return run_attention_fwd<64, Element>(p, stream);
   if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
   return run_attention_fwd<256, Element>(p, stream);

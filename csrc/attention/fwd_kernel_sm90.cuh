@@ -1,11 +1,21 @@
-// The attention forward kernel on Hopper tensor cores (wgmma): one CTA of two warpgroups per
-// (128 query rows, query head, batch), each warpgroup owning 64 rows. Q stays in shared
-// memory; K and V tiles are double-buffered, each copy (cp.async, gathered rows in SparseK)
-// having a whole step to land. The two tile products are wgmma.mma_async over a warpgroup's
-// 64 x 128 tile instead of per-warp mma.sync: S = Q K^T reads both operands from shared
-// memory, O += P V takes P from registers and V from shared memory. The P V product of tile
-// it - 1 runs in the tensor cores during tile it's softmax (FlashAttention-3's
-// intra-warpgroup overlap), which is why V lags K by one step. One barrier a step.
+// The attention forward kernel on Hopper tensor cores (wgmma), warp-specialized: one CTA of
+// three warpgroups per (128 query rows, query head, batch).
+//
+// - The producer warpgroup (warps 8-11, with few registers: it hands the rest to the
+//   consumers) copies K and V tiles into two stages with cp.async (in SparseK it also
+//   fetches each tile's key positions and scores into a slot of shared memory, then gathers
+//   the rows), and signals each stage's "full" mbarrier when its copies land. Consumers
+//   release a stage through its "empty" mbarrier (one arrival a warp) once their products
+//   have read it (in SparseK, once their masks have read its slot). No barrier stops the
+//   whole CTA inside the mainloop.
+// - The consumer warpgroups (0 and 1, 64 query rows each; Q stays in shared memory) take
+//   turns issuing their tile products, ordered by two named barriers (FlashAttention-3's
+//   ping-pong): warpgroup 0 issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1), and once
+//   its S is in lets warpgroup 1 issue its own; its softmax runs while the tensor cores work
+//   on the other's products. Within a warpgroup, P(it - 1) V(it - 1) runs during tile it's
+//   softmax, which is why V lags K by one step.
+// The tile products are wgmma.mma_async over a warpgroup's 64 x 128 tile: S reads both
+// operands from shared memory, P V takes P from registers and V from shared memory.
 //
 // The key visit policies (key_visit.cuh, sparse_key_visit.cuh), the online softmax and the
 // epilogue are the mma.sync kernel's: the wgmma accumulators have the register layout of a
@@ -23,6 +33,7 @@
 #include "attention/params.h"
 #include "attention/query_tile_block.cuh"
 #include "attention/sm90_instructions.cuh"
+#include "attention/sm90_pipeline.cuh"
 #include "attention/sm90_tile_products.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparse_key_visit.cuh"
@@ -59,28 +70,131 @@ struct Sm90TileProducts {
   }
 };
 
+// The full and empty mbarriers of the K and V stages, in shared memory.
+template <int kStages>
+struct KVStageBarriers {
+  uint64_t* base;
+
+  __device__ __forceinline__ uint64_t* k_full(int stage) const { return base + stage; }
+  __device__ __forceinline__ uint64_t* k_empty(int stage) const {
+    return base + kStages + stage;
+  }
+  __device__ __forceinline__ uint64_t* v_full(int stage) const {
+    return base + 2 * kStages + stage;
+  }
+  __device__ __forceinline__ uint64_t* v_empty(int stage) const {
+    return base + 3 * kStages + stage;
+  }
+
+  // Full: one arrival per producer thread (each also arrives when its copies land). Empty:
+  // one per consumer warp.
+  __device__ __forceinline__ void init(int producer_threads, int consumer_warps) const {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbarrier_init(k_full(s), producer_threads);
+      sm90::mbarrier_init(v_full(s), producer_threads);
+      sm90::mbarrier_init(k_empty(s), consumer_warps);
+      sm90::mbarrier_init(v_empty(s), consumer_warps);
+    }
+  }
+};
+
+// A consumer warp hands a stage back: every lane is done with it.
+__device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
+  __syncwarp();
+  if (lane == 0) sm90::mbarrier_arrive(empty);
+}
+
+// Named barrier of the producer warpgroup (the consumers' are below).
+constexpr int kProducerBarrier = 4;
+
+// The producer warpgroup (thread `thread` of kProducers): for key tile it, into stage
+// it % kStages, K(it), then V(it); each waits until the consumers have released the stage's
+// previous tile. In SparseK the key positions run a tile ahead: tile it + 1's are stashed
+// (into the slot of tile it - 2, released with K(it - 2)'s stage) before K(it) is gathered,
+// and tile it + 2's are fetched from global memory while tile it's copies are issued.
 template <typename Cfg, typename Element, typename KeyVisit>
-__global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
+__device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, KeyVisit& visit,
+                                                  const KVStageBarriers<Cfg::kKVStages>& bars,
+                                                  Element* sK0, Element* sV0, const Element* k,
+                                                  const Element* v, int head_dim,
+                                                  int num_tiles, int thread) {
+  constexpr int kStages = Cfg::kKVStages;
+  constexpr int kProducers = Cfg::kNProducerThreads;
+  static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
+  static_assert(Cfg::kKeySlots == kStages + 1, "tile it + 1's slot frees with tile it's stage");
+  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread));
+  typename KeyVisit::Prefetch next = visit.prefetch_row(p, 1, thread);
+#pragma unroll 1
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % kStages;
+    const uint32_t reuse_parity = static_cast<uint32_t>(it / kStages - 1) & 1;
+    if (it >= kStages) sm90::mbarrier_wait(bars.k_empty(stage), reuse_parity);
+    if (it + 1 < num_tiles) {
+      visit.stash_row(it + 1, thread, next);
+      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread);
+    }
+    if constexpr (KeyVisit::kMaskReadsKeySlots) {
+      // Tile it's positions (stashed a step ago by other warps) are read by the gathers.
+      sm90::named_barrier_sync<kProducers>(kProducerBarrier);
+    }
+    visit.template load_keys_by<kProducers>(thread, sK0 + stage * Cfg::kSmemKVElems, k,
+                                            p.k_row_stride, it, head_dim);
+    sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
+    sm90::mbarrier_arrive(bars.k_full(stage));
+    if (it >= kStages) sm90::mbarrier_wait(bars.v_empty(stage), reuse_parity);
+    visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
+                                            p.v_row_stride, it, head_dim);
+    sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
+    sm90::mbarrier_arrive(bars.v_full(stage));
+  }
+  // The copies' arrivals are made on completion; let them land before the warps exit.
+  sm90::cp_async_wait_all();
+}
+
+// Named barriers of the consumers (0 is __syncthreads): Q has landed; warpgroup w's turn to
+// issue its tile products.
+constexpr int kQReadyBarrier = 1;
+constexpr int kSchedulerBarrier0 = 2;
+
+template <typename Cfg, typename Element, typename KeyVisit>
+__global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p) {
 #ifdef SPARSEK_SM90_KERNEL_BODY
+  constexpr int kStages = Cfg::kKVStages;
+  constexpr int kConsumers = Cfg::kNConsumerThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  // Round up to the 1024-byte alignment of the swizzle atoms (kSmemAlign bytes are reserved).
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - raw_address % Cfg::kSmemAlign) %
                                     Cfg::kSmemAlign);
-  // Q, then K stages 0 and 1, then V stages 0 and 1, then the key visit's own.
+  // Q, K stages, V stages, the stage barriers, then the key visit's own.
   Element* sQ = reinterpret_cast<Element*>(smem);
   Element* sK0 = sQ + Cfg::kSmemQElems;
-  Element* sV0 = sK0 + Cfg::kKVStages * Cfg::kSmemKVElems;
+  Element* sV0 = sK0 + kStages * Cfg::kSmemKVElems;
+  const KVStageBarriers<kStages> bars{
+      reinterpret_cast<uint64_t*>(sV0 + kStages * Cfg::kSmemKVElems)};
   using Products = Sm90TileProducts<Cfg, Element>;
 
   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
       query_tile_block<Cfg, Element>(p);
-  // This warpgroup's 64 rows of Q: whole 8-row atoms, so the descriptors stay aligned.
-  const Element* sQ_rows = sQ + (warp / 4) * Cfg::kWarpgroupRows * Cfg::QLayout::kRowPitch;
+  if (threadIdx.x == 0) bars.init(Cfg::kNProducerThreads, kConsumers / 32);
+  KeyVisit visit(p, row0, batch * p.heads_kv + kv_head, bars.base + Cfg::kNumStageBarriers);
+  __syncthreads();
+  const int num_tiles = visit.num_tiles();
 
-  KeyVisit visit(p, row0, batch * p.heads_kv + kv_head,
-                 sV0 + Cfg::kKVStages * Cfg::kSmemKVElems);
+  const int role_warp = sm90::uniform_warp_index();
+  if (role_warp >= kConsumers / 32) {
+    sm90::release_registers<Cfg::kProducerRegisters>();
+    if (num_tiles > 0) {
+      produce_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles,
+                             static_cast<int>(threadIdx.x) - kConsumers);
+    }
+    return;
+  }
+  sm90::claim_registers<Cfg::kConsumerRegisters>();
+
+  const int wg = role_warp / 4;
+  // This warpgroup's 64 rows of Q: whole 8-row atoms, so the descriptors stay aligned.
+  const Element* sQ_rows = sQ + wg * Cfg::kWarpgroupRows * Cfg::QLayout::kRowPitch;
   OnlineSoftmax<1> softmax;
   float acc_o[1][Cfg::kNTilesO][4];
   float s[1][Cfg::kNTilesS][4];
@@ -96,50 +210,52 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   }
   const float scale_log2 = p.scale * 1.44269504088896340736f;
 
-  const int num_tiles = visit.num_tiles();
   if (num_tiles > 0) {
-    // Tile 0's keys (start() publishes them), Q and K(0); tile 1's keys.
-    visit.start(p);
-    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads, typename Cfg::QLayout>(
+    // Q by the consumers themselves, while the producer starts on K(0).
+    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kConsumers, typename Cfg::QLayout>(
         sQ, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
-    visit.load_keys(sK0, k, p.k_row_stride, 0, head_dim);
     sm80::cp_async_commit();
-    visit.stash(1, visit.prefetch(p, 1));
+    sm80::cp_async_wait<0>();
+    sm90::fence_async_shared();
+    sm90::named_barrier_sync<kConsumers>(kQReadyBarrier);
+    // Warpgroup 0 issues first.
+    if (wg == 1) sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0);
 
-    // Step it issues S(it) = Q K(it)^T together with O += P(it - 1) V(it - 1); the softmax of
-    // tile it runs while the second product is still in the tensor cores, and the rescale of O
-    // to tile it's running max waits for it (DeferredRescale). Copies: K(it + 1) and V(it)
-    // start after step it's barrier and are waited on at step it + 1's, one whole step later.
     typename Products::PFragments p_prev;
     for (int it = 0; it < num_tiles; ++it) {
-      // The key positions of tile it + 2 load from global memory during this step.
-      const auto next = visit.prefetch(p, it + 2);
-      // K(it) and V(it - 1) have landed and are published to the async proxy; every thread
-      // is done with step it - 1, so S(it - 1)'s K stage and P(it - 2) V(it - 2)'s V stage
-      // are free for K(it + 1) and V(it).
-      sm80::cp_async_wait<0>();
-      sm90::fence_async_shared();
-      __syncthreads();
-      const int stage = it & 1;
-      if (it + 1 < num_tiles) {
-        visit.load_keys(sK0 + (stage ^ 1) * Cfg::kSmemKVElems, k, p.k_row_stride, it + 1,
-                        head_dim);
+      const int stage = it % kStages;
+      const int prev_stage = (it + kStages - 1) % kStages;
+      sm90::mbarrier_wait(bars.k_full(stage), static_cast<uint32_t>(it / kStages) & 1);
+      if (it > 0) {
+        sm90::mbarrier_wait(bars.v_full(prev_stage),
+                            static_cast<uint32_t>((it - 1) / kStages) & 1);
       }
-      visit.load_keys(sV0 + stage * Cfg::kSmemKVElems, v, p.v_row_stride, it, head_dim);
-      sm80::cp_async_commit();
+      // The copies were made by another thread in the generic proxy; wgmma reads through the
+      // async proxy.
+      sm90::fence_async_shared();
 
+      sm90::named_barrier_sync<kConsumers>(kSchedulerBarrier0 + wg);
       sm90::fence_registers(acc_o[0]);
       sm90::wgmma_fence();
       Products::issue_scores(s[0], sQ_rows, sK0 + stage * Cfg::kSmemKVElems);
       sm90::wgmma_commit();
       if (it > 0) {
-        Products::issue_pv(acc_o[0], p_prev, sV0 + (stage ^ 1) * Cfg::kSmemKVElems);
+        Products::issue_pv(acc_o[0], p_prev, sV0 + prev_stage * Cfg::kSmemKVElems);
         sm90::wgmma_commit();
+      }
+      if (it > 0) {
         sm90::wgmma_wait<1>();
       } else {
         sm90::wgmma_wait<0>();
       }
+      // S(it) is done: the other warpgroup's turn (its products queue behind this one's
+      // P V). Warpgroup 1's last turn is handed to nobody: warpgroup 0 waits num_tiles
+      // times and was let go once before the loop.
+      if (wg == 0 || it + 1 < num_tiles) {
+        sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0 + (wg ^ 1));
+      }
       sm90::fence_registers(s[0]);
+      if constexpr (!KeyVisit::kMaskReadsKeySlots) release_stage(bars.k_empty(stage), lane);
 #pragma unroll
       for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
@@ -147,20 +263,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       }
       DeferredRescale<1> rescale;
       visit.mask_and_update(p, s, rescale, softmax, it, warp_row0, lane);
+      if constexpr (KeyVisit::kMaskReadsKeySlots) release_stage(bars.k_empty(stage), lane);
       sm90::wgmma_wait<0>();
       sm90::fence_registers(acc_o[0]);
+      if (it > 0) release_stage(bars.v_empty(prev_stage), lane);
       rescale.apply(acc_o);
       Products::pack_p(p_prev, s[0]);
-      // Tile it + 2's slot held tile it - 1's keys, last read before this step's barrier.
-      visit.stash(it + 2, next);
     }
-    // The last tile's P V, once its V has landed in every thread's copies.
-    sm80::cp_async_wait<0>();
+    // The last tile's P V.
+    const int last = num_tiles - 1;
+    sm90::mbarrier_wait(bars.v_full(last % kStages), static_cast<uint32_t>(last / kStages) & 1);
     sm90::fence_async_shared();
-    __syncthreads();
     sm90::fence_registers(acc_o[0]);
     sm90::wgmma_fence();
-    Products::issue_pv(acc_o[0], p_prev, sV0 + ((num_tiles - 1) & 1) * Cfg::kSmemKVElems);
+    Products::issue_pv(acc_o[0], p_prev, sV0 + (last % kStages) * Cfg::kSmemKVElems);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(acc_o[0]);

@@ -1,5 +1,5 @@
-// Launching one instantiation of the forward kernel (the mma.sync one, fwd_kernel.cuh, or a
-// Hopper one, fwd_kernel_sm90_ws.cuh or fwd_kernel_sm90.cuh). Included only by the fwd_*hdim*.cu files, each of which
+// Launching one instantiation of the forward kernel (the mma.sync one, fwd_kernel.cuh, or the
+// Hopper one, fwd_kernel_sm90.cuh). Included only by the fwd_*hdim*.cu files, each of which
 // instantiates one padded head dim of one kernel (so they compile in parallel).
 #pragma once
 
@@ -10,7 +10,6 @@
 
 #include "attention/fwd_kernel.cuh"
 #include "attention/fwd_kernel_sm90.cuh"
-#include "attention/fwd_kernel_sm90_ws.cuh"
 #include "attention/tile_config.h"
 #include "runtime/cuda_check.h"
 
@@ -65,22 +64,8 @@ std::string run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) 
                                                    stream);
 }
 
-// warp_specialized: fwd_kernel_sm90_ws.cuh (the default), else the lockstep kernel of
-// fwd_kernel_sm90.cuh.
 template <int kHeadDim, typename Element>
-std::string run_attention_fwd_sm90(const AttentionFwdParams& p, bool warp_specialized,
-                                   cudaStream_t stream) {
-  if (warp_specialized) {
-    using Cfg = typename FwdSm90TileSizes<kHeadDim>::WsConfig;
-    if (p.sparsek) {
-      using Visit = SparseKKeyVisit<Cfg>;
-      return launch_attention_fwd<Cfg, Element, Visit>(
-          attention_fwd_sm90_ws_kernel<Cfg, Element, Visit>, p, stream);
-    }
-    using Visit = DenseKeyVisit<Cfg>;
-    return launch_attention_fwd<Cfg, Element, Visit>(
-        attention_fwd_sm90_ws_kernel<Cfg, Element, Visit>, p, stream);
-  }
+std::string run_attention_fwd_sm90(const AttentionFwdParams& p, cudaStream_t stream) {
   using Cfg = typename FwdSm90TileSizes<kHeadDim>::Config;
   if (p.sparsek) {
     using Visit = SparseKKeyVisit<Cfg>;
@@ -102,6 +87,6 @@ std::string run_attention_fwd_sm90(const AttentionFwdParams& p, bool warp_specia
 
 #define SPARSEK_INSTANTIATE_FWD_SM90(kHeadDim)                                             \
   template std::string sparsek::run_attention_fwd_sm90<kHeadDim, __half>(                  \
-      const sparsek::AttentionFwdParams&, bool, cudaStream_t);                             \
+      const sparsek::AttentionFwdParams&, cudaStream_t);                                   \
   template std::string sparsek::run_attention_fwd_sm90<kHeadDim, __nv_bfloat16>(           \
-      const sparsek::AttentionFwdParams&, bool, cudaStream_t)
+      const sparsek::AttentionFwdParams&, cudaStream_t)

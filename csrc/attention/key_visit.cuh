@@ -5,8 +5,8 @@
 //   load_keys(smem, gmem, ..., it) the copy of the K or V rows of tile `it`;
 //   prefetch(it) / stash(it, ...)  (SparseK) fetching tile it's key positions a step early;
 //   prefetch_row / stash_row / load_keys_by
-//                                  the same for one key row, by a producer warp
-//                                  (fwd_kernel_sm90_ws.cuh);
+//                                  the same for one key row, by a producer warpgroup
+//                                  (fwd_kernel_sm90.cuh);
 //   mask_and_update(...)           hiding the keys a row does not see, weighing the others,
 //                                  and the online-softmax update.
 // The dense modes are a contiguous range of key tiles: full, causal (keys j <= p(i)) and the
@@ -94,7 +94,7 @@ struct DenseKeyVisit : DenseVisibility {
         tile, gmem, row_stride, int64_t{key_tile(it)} * kBlockN, seqlen_k, head_dim);
   }
 
-  // The warp-specialized kernel's producer (fwd_kernel_sm90_ws.cuh): key positions need no
+  // The Hopper kernel's producer warpgroup (fwd_kernel_sm90.cuh): key positions need no
   // fetching, and the copy is made by kThreads threads of which this is `thread`.
   static constexpr bool kMaskReadsKeySlots = false;
   template <typename Params>

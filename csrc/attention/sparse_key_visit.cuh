@@ -70,8 +70,10 @@ struct SparseKKeyVisit {
   // [kSlots][kBlockN] of the key tiles in flight (key -1: padding), tau [kBlockM] of the query
   // rows (+inf past T), and the plan row [chunks + 1]. Only what the mainloop needs stays in
   // registers; the rest is re-read from the kernel parameters. kSlots: 2 where K/V tiles load
-  // one step ahead of their use (fwd_kernel.cuh), 3 where they load a whole tile ahead
-  // (fwd_kernel_sm90.cuh: tile it + 2's keys are stashed while tile it is computed).
+  // one step ahead of their use (fwd_kernel.cuh), 3 where they load a whole tile ahead (the
+  // Hopper dq kernel: tile it + 2's keys are stashed while tile it is computed) or where a
+  // producer warpgroup stashes tile it + 1's while the consumers read tiles it - 1 and it
+  // (fwd_kernel_sm90.cuh).
   static constexpr int kSlots = KeySlots<Cfg>::value;
   static constexpr int kKeyOffset = kSlots * kBlockN;
   static constexpr int kTauOffset = 2 * kSlots * kBlockN;
@@ -204,7 +206,7 @@ struct SparseKKeyVisit {
                                                                s_key(it), head_dim);
   }
 
-  // The producer warp's copy (fwd_kernel_sm90_ws.cuh), from the positions it stashed; the
+  // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions it stashed; the
   // mask reads the slot's positions and scores, so its K stage is released after the mask.
   static constexpr bool kMaskReadsKeySlots = true;
   template <int kThreads, typename Element>

@@ -52,11 +52,16 @@ struct FwdTileSizes<256> {
   using Config = FwdTileConfig<256, 128, 64, 8, 1>;
 };
 
-// The Hopper kernel (fwd_kernel_sm90.cuh): two warpgroups of 4 warps per CTA own kBlockM =
-// 128 query rows, 64 each (16 a warp: the rows of one wgmma m64 tile); each mainloop step
-// multiplies them with kBlockN = 128 keys. 128 rows share every K and V tile: with 64, the
-// K/V bytes per tensor-core FLOP double and L2 cannot feed them (measured: 64-row CTAs, two
-// per SM, ran at 348 TFLOP/s). K and V tiles are double-buffered and load a whole step ahead.
+// The Hopper kernel (fwd_kernel_sm90.cuh): two consumer warpgroups of 4 warps per CTA own
+// kBlockM = 128 query rows, 64 each (16 a warp: the rows of one wgmma m64 tile); each
+// mainloop step multiplies them with kBlockN = 128 keys. 128 rows share every K and V tile:
+// with 64, the K/V bytes per tensor-core FLOP double and L2 cannot feed them (measured:
+// 64-row CTAs, two per SM, ran at 348 TFLOP/s). A third, producer warpgroup copies K and V
+// into two stages (one producer warp was too few: its 128 cp.async instructions a step made
+// it the bottleneck). The register file is split between the SM's four schedulers, so a
+// ninth warp costs as much as a twelfth: the producer warpgroup hands its registers to the
+// consumers (kProducerRegisters + 2 kConsumerRegisters <= 512 a scheduler lane; 224 is
+// what the SparseK consumers need without spills, 56 what the producers need).
 // Field names are FwdTileConfig's, read by the shared key visits, softmax and epilogue; Q, K
 // and V are stored in the wgmma 128-byte-swizzle layout.
 template <int kHeadDim_>
@@ -64,9 +69,11 @@ struct FwdSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;
   static constexpr int kBlockN = 128;
-  static constexpr int kNWarps = 8;
-  static constexpr int kNThreads = 256;
-  static constexpr int kMinBlocksPerSm = 1;
+  static constexpr int kNConsumerThreads = 256;
+  static constexpr int kNProducerThreads = 128;
+  static constexpr int kNThreads = kNConsumerThreads + kNProducerThreads;
+  static constexpr int kProducerRegisters = 56;
+  static constexpr int kConsumerRegisters = 224;
   static constexpr int kWarpgroupRows = 64;
 
   static constexpr int kWarpRows = 16;
@@ -75,8 +82,6 @@ struct FwdSm90TileConfig {
   static constexpr int kNTilesO = kHeadDim / 8;
   static constexpr int kKStepsQK = kHeadDim / 16;
   static constexpr int kKStepsPV = kBlockN / 16;
-  // SparseK: key positions of tiles it, it + 1 (loading) and it + 2 (being fetched).
-  static constexpr int kKeySlots = 3;
   // SparseK: the gate multiplies exp2(s - max) rather than adding log2(m) to s (one MUFU
   // operation a pair fewer; 16 rows a warp leave the registers to recompute it).
   static constexpr bool kGateAfterExp = true;
@@ -86,40 +91,21 @@ struct FwdSm90TileConfig {
   static constexpr int kSmemQElems = kBlockM * kHeadDim;
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;
   static constexpr int kKVStages = 2;
+  // SparseK: key positions of tiles it - 1 and it (being read) and it + 1 (stashed early).
+  static constexpr int kKeySlots = kKVStages + 1;
+  // The full and empty mbarriers of each K and V stage.
+  static constexpr int kNumStageBarriers = 4 * kKVStages;
   // wgmma's swizzle atoms need 1024-byte alignment, which the kernel makes by rounding the
   // dynamic shared memory base up: up to 1 KB more.
   static constexpr int kSmemAlign = 1024;
-  static constexpr int kSmemBytes =
-      (kSmemQElems + 2 * kKVStages * kSmemKVElems) * 2 + kSmemAlign;
-};
-
-// The warp-specialized Hopper kernel (fwd_kernel_sm90_ws.cuh): the same tiles, plus a
-// producer warpgroup (warps 8-11) that copies K and V (and, in SparseK, fetches the key
-// positions) into the two stages, handing them to the consumers through mbarriers. (One
-// producer warp was too few: its 128 cp.async instructions a step made it the bottleneck.)
-// The register file is split between the SM's four schedulers, so a ninth warp costs as much
-// as a fourth: the producer warpgroup gives its registers to the consumers instead
-// (kProducerRegisters + 2 kConsumerRegisters <= 512 a scheduler lane).
-template <int kHeadDim_>
-struct FwdSm90WsTileConfig : FwdSm90TileConfig<kHeadDim_> {
-  using Base = FwdSm90TileConfig<kHeadDim_>;
-  static constexpr int kNConsumerThreads = 256;
-  static constexpr int kNProducerThreads = 128;
-  static constexpr int kNThreads = kNConsumerThreads + kNProducerThreads;
-  static constexpr int kProducerRegisters = 56;
-  static constexpr int kConsumerRegisters = 224;
-  // SparseK: key positions of tiles it - 1 and it (being read) and it + 1 (stashed early).
-  static constexpr int kKeySlots = Base::kKVStages + 1;
-  // full and empty mbarriers of each K and V stage.
-  static constexpr int kNumStageBarriers = 4 * Base::kKVStages;
-  static constexpr int kSmemBytes = Base::kSmemBytes + kNumStageBarriers * 8;
+  static constexpr int kSmemBytes = (kSmemQElems + 2 * kKVStages * kSmemKVElems) * 2 +
+                                    kNumStageBarriers * 8 + kSmemAlign;
 };
 
 template <int kHeadDim>
 struct FwdSm90TileSizes {
   static_assert(kHeadDim == 128, "the Hopper kernel covers 64 < D <= 128");
   using Config = FwdSm90TileConfig<kHeadDim>;
-  using WsConfig = FwdSm90WsTileConfig<kHeadDim>;
 };
 
 }  // namespace sparsek

@@ -22,10 +22,6 @@ bool env_equals(const char* name, const char* expected) {
 
 bool mma_sync_forward_requested() { return env_equals("JAX_SPARSEK_FORWARD_KERNEL", "mma_sync"); }
 
-bool lockstep_forward_requested() {
-  return env_equals("JAX_SPARSEK_FORWARD_KERNEL", "sm90_lockstep");
-}
-
 bool mma_sync_backward_requested() {
   return env_equals("JAX_SPARSEK_BACKWARD_KERNEL", "mma_sync");
 }

@@ -12,11 +12,6 @@ bool poison_outputs_requested();
 // compare both in one process. Unset or "auto": the fastest kernel the device runs.
 bool mma_sync_forward_requested();
 
-// JAX_SPARSEK_FORWARD_KERNEL=sm90_lockstep: on Hopper, the wgmma kernel whose two warpgroups
-// copy their own K and V and run in lockstep (fwd_kernel_sm90.cuh) instead of the warp-
-// specialized one (fwd_kernel_sm90_ws.cuh); read at every call, for comparisons.
-bool lockstep_forward_requested();
-
 // JAX_SPARSEK_BACKWARD_KERNEL=mma_sync: the same for the backward's dq and dk/dv kernels.
 bool mma_sync_backward_requested();
 
