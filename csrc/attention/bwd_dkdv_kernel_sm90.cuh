@@ -12,19 +12,25 @@
 // run: dS goes to shared memory (stmatrix, transposed), and after a barrier each warpgroup
 // issues dq = dS K for half the head dim over the CTA's 128 keys and adds it into a float32
 // accumulator of 64-row tiles (bwd_dq_accumulator.h; its conversion scales it into dq) with
-// coalesced 16-byte atomics. Row steps start at multiples of 64 (one tile each). The order of the additions varies from run to run: JAX_SPARSEK_DETERMINISTIC_BACKWARD=1
-// keeps the dq kernel instead.
+// coalesced 16-byte atomics. Row steps start at multiples of 64 (one tile each). The order of
+// the additions varies from run to run: JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq
+// kernel instead.
 //
 // K and V stay in shared memory. Q, dO and the rows' lse, Delta, tau and mean are
 // double-buffered: step + 1's copy has all of step `step` to land. The four products are
 // three commit groups: in the dense modes the exponentials of P^T overlap dP^T's product and
 // dS^T overlaps dv's, and blocks every row of which sees every key skip the gates; SparseK
-// waits for both scores and computes each gate once. One barrier a step.
+// waits for both scores and computes each gate once. Without kFuseDq every thread copies and
+// one CTA barrier a step publishes the copies. With it the kernel is warp-specialized
+// (Cfg::kWarpSpecialized): a producer warpgroup makes the copies and hands each stage over
+// by mbarriers (full: landed; empty: every consumer warp is done with the step), and the
+// consumers meet only at a named barrier for dS, which is double-buffered.
 //
 // Tile config: BwdDkDvSm90TileConfig (bwd_tile_config.h). Compiled into sm_90a code only.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dq_kernel.cuh"
@@ -34,10 +40,15 @@
 #include "attention/bwd_tile_config.h"
 #include "attention/online_softmax.cuh"
 #include "attention/sm90_instructions.cuh"
+#include "attention/sm90_pipeline.cuh"
 #include "attention/sm90_tile_products.cuh"
 #include "attention/smem_tile.cuh"
 
 namespace sparsek {
+
+// The named barrier of the warp-specialized kernel's consumers (0 is __syncthreads): every
+// warp's dS of the step is in shared memory.
+constexpr int kDsReadyBarrier = 1;
 
 // delta, mean: [B, Hq, T] of this launch's batches (mean: SparseK only); dq_accum: the
 // zeroed accumulator tiles of the same batches (Cfg::kFuseDq only).
@@ -65,6 +76,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   Element* sdS = sdO0 + Cfg::kQStages * Cfg::kSmemQElems;
   float* s_rows0 = reinterpret_cast<float*>(sdS + Cfg::kSmemDsElems);
   constexpr int kRowsStageFloats = Cfg::kRowVectors * Cfg::kBlockM;
+  // kWarpSpecialized: K/V full, then Q full and Q empty per stage (Q, dO and the row vectors).
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(s_rows0 + Cfg::kQStages * kRowsStageFloats);
+  uint64_t* kv_full = barriers;
+  uint64_t* q_full = barriers + 1;
+  uint64_t* q_empty = barriers + 1 + Cfg::kQStages;
+  constexpr bool kWs = Cfg::kWarpSpecialized;
 
   const int tile = blockIdx.x;
   const int kv_head = blockIdx.y;
@@ -85,7 +102,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
                      kv_head * p.v_head_stride;
 
-  const QueryVisit visit(p, tile, batch_head, s_rows0 + Cfg::kQStages * kRowsStageFloats);
+  const QueryVisit visit(p, tile, batch_head, barriers + Cfg::kNumBarriers);
   // kFuseDq: steps aligned to the accumulator's tiles (the rows added in front see none of
   // the keys: their gates are 0).
   const int row_lo = Cfg::kFuseDq ? visit.row_lo - visit.row_lo % Cfg::kBlockM : visit.row_lo;
@@ -123,21 +140,33 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   // Q and dO rows of the step into stage `stage`, and its rows' lse (log2), Delta, tau and
   // mean (plain stores, visible after the next barrier). Rows past T: lse -inf (P = 0), tau
   // +inf (not in F).
-  auto load_step = [&](int step, int stage) {
+  // kThreads threads copy, of which this is `thread` (all of them, or the producers).
+  auto load_step = [&](int step, int stage, auto threads, int thread) {
+    constexpr int kThreads = decltype(threads)::value;
     const int head = step_head(step);
     const int row0 = step_row0(step);
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
                        head * p.q_head_stride;
     const Element* d_out = static_cast<const Element*>(p.d_out) + batch * p.do_batch_stride +
                            head * p.do_head_stride;
-    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads, QBlock>(
-        sQ0 + stage * Cfg::kSmemQElems, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
-    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, Cfg::kNThreads, QBlock>(
-        sdO0 + stage * Cfg::kSmemQElems, d_out, p.do_row_stride, row0, p.seqlen_q, head_dim);
-    sm80::cp_async_commit();
+    if constexpr (kWs) {
+      load_tile_async_by<Cfg::kBlockM, Cfg::kHeadDim, kThreads, QBlock>(
+          thread, sQ0 + stage * Cfg::kSmemQElems, q, p.q_row_stride, row0, p.seqlen_q,
+          head_dim);
+      load_tile_async_by<Cfg::kBlockM, Cfg::kHeadDim, kThreads, QBlock>(
+          thread, sdO0 + stage * Cfg::kSmemQElems, d_out, p.do_row_stride, row0, p.seqlen_q,
+          head_dim);
+    } else {
+      load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kThreads, QBlock>(
+          sQ0 + stage * Cfg::kSmemQElems, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
+      load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kThreads, QBlock>(
+          sdO0 + stage * Cfg::kSmemQElems, d_out, p.do_row_stride, row0, p.seqlen_q,
+          head_dim);
+      sm80::cp_async_commit();
+    }
     float* s_rows = s_rows0 + stage * kRowsStageFloats;
     const int64_t rows_base = (batch * p.heads_q + head) * p.seqlen_q;
-    for (int i = threadIdx.x; i < Cfg::kBlockM; i += Cfg::kNThreads) {
+    for (int i = thread; i < Cfg::kBlockM; i += kThreads) {
       const int row = row0 + i;
       const bool valid = row < seqlen_q;
       s_rows[i] = valid ? p.lse[rows_base + row] * kLog2e : -INFINITY;
@@ -149,20 +178,67 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     }
   };
 
-  if (steps > 0) {
+  using AllThreads = std::integral_constant<int, Cfg::kNThreads>;
+  if constexpr (kWs) {
+    if (threadIdx.x == 0) {
+      sm90::mbarrier_init(kv_full, Cfg::kNProducerThreads);
+      for (int s = 0; s < Cfg::kQStages; ++s) {
+        sm90::mbarrier_init(q_full + s, Cfg::kNProducerThreads);
+        sm90::mbarrier_init(q_empty + s, Cfg::kNConsumerThreads / 32);
+      }
+    }
+    __syncthreads();
+    if (sm90::uniform_warp_index() >= Cfg::kNWarps) {
+      // The producer warpgroup: K and V, then step by step Q, dO and the row vectors into
+      // stage step % kQStages once the consumers have released its previous step.
+      sm90::release_registers<Cfg::kProducerRegisters>();
+      using Producers = std::integral_constant<int, Cfg::kNProducerThreads>;
+      const int thread = static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads;
+      if (steps > 0) {
+        visit.template load_keys_by<Producers::value>(thread, sK, k, p.k_row_stride, head_dim);
+        visit.template load_keys_by<Producers::value>(thread, sV, v, p.v_row_stride, head_dim);
+        sm90::mbarrier_arrive_on_copies(kv_full);
+        sm90::mbarrier_arrive(kv_full);
+      }
+#pragma unroll 1
+      for (int step = 0; step < steps; ++step) {
+        const int stage = step % Cfg::kQStages;
+        if (step >= Cfg::kQStages) {
+          sm90::mbarrier_wait(q_empty + stage,
+                              static_cast<uint32_t>(step / Cfg::kQStages - 1) & 1);
+        }
+        load_step(step, stage, Producers{}, thread);
+        sm90::mbarrier_arrive_on_copies(q_full + stage);
+        sm90::mbarrier_arrive(q_full + stage);
+      }
+      sm90::cp_async_wait_all();
+      return;
+    }
+    sm90::claim_registers<Cfg::kConsumerRegisters>();
+    if (steps > 0) {
+      sm90::mbarrier_wait(kv_full, 0);
+    }
+  } else if (steps > 0) {
     visit.load_keys(sK, k, p.k_row_stride, head_dim);
     visit.load_keys(sV, v, p.v_row_stride, head_dim);
-    load_step(0, 0);
+    load_step(0, 0, AllThreads{}, static_cast<int>(threadIdx.x));
   }
 
   for (int step = 0; step < steps; ++step) {
     const int row0 = step_row0(step);
     const int stage = step % Cfg::kQStages;
-    // Q(step), dO(step) (and K, V) have landed and are published to the async proxy; every
-    // thread is done with step - 1 (its products were waited on), so its stage is free.
-    sm80::cp_async_wait<0>();
-    sm90::fence_async_shared();
-    __syncthreads();
+    if constexpr (kWs) {
+      // Q(step), dO(step) and the rows' vectors have landed (the producers' cp.async and
+      // plain stores); wgmma reads through the async proxy.
+      sm90::mbarrier_wait(q_full + stage, static_cast<uint32_t>(step / Cfg::kQStages) & 1);
+      sm90::fence_async_shared();
+    } else {
+      // Q(step), dO(step) (and K, V) have landed and are published to the async proxy; every
+      // thread is done with step - 1 (its products were waited on), so its stage is free.
+      sm80::cp_async_wait<0>();
+      sm90::fence_async_shared();
+      __syncthreads();
+    }
     const Element* sQ = sQ0 + stage * Cfg::kSmemQElems;
     const Element* sdO = sdO0 + stage * Cfg::kSmemQElems;
     const float* s_lse2 = s_rows0 + stage * kRowsStageFloats;
@@ -183,7 +259,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                KVBlock::kColumnBlockElems, QBlock::kColumnBlockElems, true>(
         dpt[0], sV_rows, sdO);
     sm90::wgmma_commit();
-    if (step + 1 < steps) load_step(step + 1, (step + 1) % Cfg::kQStages);
+    if constexpr (!kWs) {
+      if (step + 1 < steps) {
+        load_step(step + 1, (step + 1) % Cfg::kQStages, AllThreads{},
+                  static_cast<int>(threadIdx.x));
+      }
+    }
 
     // Element r of st[0][nt]: key row lane / 4 + 8 (r / 2) of the warp's 16, query column
     // 8 nt + 2 (lane % 4) + r % 2. The column's row data is read once for both key rows.
@@ -288,9 +369,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                      QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
       sm90::wgmma_commit();
     };
+    // This step's dS buffer (kFuseDq).
+    Element* sdS_step = sdS + (step % Cfg::kDsStages) * Cfg::kSmemDsStageElems;
     if constexpr (Cfg::kFuseDq) {
       // dS (query rows x the CTA's keys) for dq = dS K; the warp's keys are columns 16 warp.
-      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS, dst, warp * 16, lane);
+      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS_step, dst, warp * 16,
+                                                                 lane);
     }
     if constexpr (Cfg::kFuseDq) {
       const int wg = warp / 4;
@@ -302,16 +386,21 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
            row0 / DqAccumulatorTiles::kRows) *
               DqAccumulatorTiles::kTileFloats +
           wg * DqAccumulatorTiles::kHalfFloats;
-      // Every warp's dS is in before either warpgroup reads it; the next write of sdS comes
-      // after the next step's barrier, by which time every thread has waited for its dq
+      // Every warp's dS is in before either warpgroup reads it. The next write of this
+      // buffer comes after the next barrier of this kind (kDsStages = 2: two steps on; else
+      // the next step's CTA barrier), by which time every consumer has waited for its dq
       // product. dq is issued before dk, so that dk's product runs during the atomics.
       sm90::fence_async_shared();
-      __syncthreads();
+      if constexpr (kWs) {
+        sm90::named_barrier_sync<Cfg::kNConsumerThreads>(kDsReadyBarrier);
+      } else {
+        __syncthreads();
+      }
       float acc_dq[Cfg::kDqDims / 8][4];
       sm90::issue_shared_a_product<Element, Cfg::kDqDims, Cfg::kKStepsDq,
                                    Cfg::DsLayout::kColumnBlockElems,
                                    KVBlock::kColumnBlockElems>(
-          acc_dq, sdS, sK + wg * KVBlock::kColumnBlockElems);
+          acc_dq, sdS_step, sK + wg * KVBlock::kColumnBlockElems);
       sm90::wgmma_commit();
       issue_dk();
       sm90::wgmma_wait<1>();  // dv and dq; dk runs on during the atomics
@@ -331,6 +420,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       // 1's barrier.
       sm90::wgmma_wait<0>();
     }
+    // The step's Q, dO and row vectors are no longer read: their stage goes back.
+    if constexpr (kWs) sm90::release_to_producer(q_empty + stage, lane);
   }
   sm90::fence_registers(acc_dv[0]);
   sm90::fence_registers(acc_dk[0]);

@@ -5,7 +5,8 @@
 // A query-visit policy offers
 //   smem_bytes(p)                  shared memory it needs past the kernel's tiles;
 //   row_lo, num_rows               the query rows to visit (in every query head of the group);
-//   load_keys(tile, gmem, ...)     the copy of the tile's K or V rows;
+//   load_keys(tile, gmem, ...)     the copy of the tile's K or V rows (load_keys_by: by a
+//                                  producer warpgroup, dense modes);
 //   key_position(i), key_score(i)  the position (-1: none) and score of the tile's key i;
 //   gate(key, u, row, tau, frac)   m_ij, and whether j is in F_i (SparseK).
 #pragma once
@@ -54,6 +55,14 @@ struct DenseQueryVisit {
     using Layout = typename KVTileLayout<Cfg>::type;
     load_tile_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads, Layout>(
         tile, gmem, row_stride, key0, visibility.seqlen_k, head_dim);
+  }
+  // The same copy by kThreads threads of which this is `thread` (a producer warpgroup).
+  template <int kThreads, typename Element>
+  __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
+                                               int64_t row_stride, int head_dim) const {
+    using Layout = typename KVTileLayout<Cfg>::type;
+    load_tile_async_by<Cfg::kBlockN, Cfg::kHeadDim, kThreads, Layout>(
+        thread, tile, gmem, row_stride, key0, visibility.seqlen_k, head_dim);
   }
 
   __device__ __forceinline__ int key_position(int i) const {

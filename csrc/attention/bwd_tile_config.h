@@ -166,15 +166,28 @@ struct BwdDqSm90TileConfig {
 // Measured (bench/NOTES.md, "Hopper backward kernels"): 128-row dq CTAs beat 64-row ones in
 // every mode, and a third Q/dO stage (dv and dk running on into the next step) made ptxas
 // serialize the products (C7515) and the kernel slower.
+//
+// kFuseDq is also warp-specialized (kWarpSpecialized): a producer warpgroup copies K and V
+// once and each step's Q, dO and row vectors into the stages, handing them over through
+// mbarriers, so that the consumers (the key warpgroups) neither issue copies nor stop at a
+// CTA-wide barrier for them; it hands most of its registers to the consumers (40 + 2 x 232
+// <= 512 a scheduler lane; 232 leave the consumers without spills, 24 spilled the producers).
+// dS is then double-buffered: a warpgroup may write step + 1's while the other still reads
+// step's for its dq product.
 template <int kHeadDim_, int kWarpgroups_, bool kFuseDq_ = false>
 struct BwdDkDvSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr bool kFuseDq = kFuseDq_;
+  static constexpr bool kWarpSpecialized = kFuseDq;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                // query rows per step
-  static constexpr int kNWarps = 4 * kWarpgroups;
-  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kNWarps = 4 * kWarpgroups;   // the key (consumer) warps
+  static constexpr int kNConsumerThreads = kNWarps * 32;
+  static constexpr int kNProducerThreads = kWarpSpecialized ? 128 : 0;
+  static constexpr int kNThreads = kNConsumerThreads + kNProducerThreads;
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
   static constexpr int kMinBlocksPerSm = kWarpgroups == 1 ? 2 : 1;
   static constexpr int kDimSplit = 1;
   static constexpr int kKeyWarps = kNWarps;
@@ -194,15 +207,19 @@ struct BwdDkDvSm90TileConfig {
   using DsLayout = Sw128Layout<kBlockM, kBlockN>;  // dS: query rows x the CTA's keys
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;
   static constexpr int kSmemQElems = kBlockM * kHeadDim;
-  static constexpr int kSmemDsElems = kFuseDq ? kBlockM * kBlockN : 0;
+  static constexpr int kDsStages = kWarpSpecialized ? 2 : 1;
+  static constexpr int kSmemDsStageElems = kFuseDq ? kBlockM * kBlockN : 0;
+  static constexpr int kSmemDsElems = kDsStages * kSmemDsStageElems;
   static constexpr int kQStages = 2;
   // Per query row and stage: lse (log2 domain), Delta, tau, mean of g over F_i.
   static constexpr int kRowVectors = 4;
+  // kWarpSpecialized: the mbarriers K/V full, and Q full and empty per stage.
+  static constexpr int kNumBarriers = kWarpSpecialized ? 1 + 2 * kQStages : 0;
   static constexpr int kSmemAlign = 1024;
-  // K, V, then Q and dO stages, then dS (kFuseDq), then the row vectors.
+  // K, V, then Q and dO stages, then dS (kFuseDq), then the row vectors, then the mbarriers.
   static constexpr int kSmemBytes =
       (2 * kSmemKVElems + 2 * kQStages * kSmemQElems + kSmemDsElems) * 2 +
-      kQStages * kRowVectors * kBlockM * 4 + kSmemAlign;
+      kQStages * kRowVectors * kBlockM * 4 + kNumBarriers * 8 + kSmemAlign;
 
   static_assert(KeySpans::kKeySpan % kBlockN == 0,
                 "a SparseK key tile is a slice of one sorted key span");

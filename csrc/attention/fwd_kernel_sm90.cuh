@@ -98,12 +98,6 @@ struct KVStageBarriers {
   }
 };
 
-// A consumer warp hands a stage back: every lane is done with it.
-__device__ __forceinline__ void release_stage(uint64_t* empty, int lane) {
-  __syncwarp();
-  if (lane == 0) sm90::mbarrier_arrive(empty);
-}
-
 // Named barrier of the producer warpgroup (the consumers' are below).
 constexpr int kProducerBarrier = 4;
 
@@ -255,7 +249,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
         sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0 + (wg ^ 1));
       }
       sm90::fence_registers(s[0]);
-      if constexpr (!KeyVisit::kMaskReadsKeySlots) release_stage(bars.k_empty(stage), lane);
+      if constexpr (!KeyVisit::kMaskReadsKeySlots) {
+        sm90::release_to_producer(bars.k_empty(stage), lane);
+      }
 #pragma unroll
       for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
@@ -263,10 +259,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
       }
       DeferredRescale<1> rescale;
       visit.mask_and_update(p, s, rescale, softmax, it, warp_row0, lane);
-      if constexpr (KeyVisit::kMaskReadsKeySlots) release_stage(bars.k_empty(stage), lane);
+      if constexpr (KeyVisit::kMaskReadsKeySlots) {
+        sm90::release_to_producer(bars.k_empty(stage), lane);
+      }
       sm90::wgmma_wait<0>();
       sm90::fence_registers(acc_o[0]);
-      if (it > 0) release_stage(bars.v_empty(prev_stage), lane);
+      if (it > 0) sm90::release_to_producer(bars.v_empty(prev_stage), lane);
       rescale.apply(acc_o);
       Products::pack_p(p_prev, s[0]);
     }

@@ -47,6 +47,13 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t parity
       : "memory");
 }
 
+// A consumer warp hands a buffer back to its producer (the buffer's "empty" mbarrier counts
+// one arrival a warp): every lane is done with it.
+__device__ __forceinline__ void release_to_producer(uint64_t* empty, int lane) {
+  __syncwarp();
+  if (lane == 0) mbarrier_arrive(empty);
+}
+
 // Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads: sync waits for them
 // all, arrive counts this warp's threads without waiting.
 template <int kThreads>
