@@ -115,9 +115,10 @@ __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const El
   }
 }
 
-// The copies above made by kThreads threads of which this one is `thread`, for any thread
-// count that covers whole rows (a producer warp: kThreads = 32, two rows a pass). The
-// swizzled offset is recomputed every pass, since a thread's row modulo 8 may change.
+// The copies above made by kThreads threads of which this one is `thread` (a producer
+// warpgroup), for any thread count that covers whole rows. The swizzled offset is recomputed
+// every pass, since a thread's row modulo 8 may change. (Built on the loop above, the Hopper
+// forward kernel spilled registers: ptxas allocates that loop differently.)
 template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
 __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
                                                    const Element* gmem, int64_t row_stride,
