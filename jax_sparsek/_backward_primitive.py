@@ -4,7 +4,8 @@ Operands (q, k, v, o, lse, d_out, d_lse) in the dense modes and (q, k, v, scores
 d_out, d_lse) in the SparseK mode; results (dq, dk, dv) and, in the SparseK mode, du
 (float32, the gradient of the scores). Lowered on CUDA to the backward kernels' XLA FFI
 custom call, and everywhere else (or with implementation='xla') to the pure-JAX reference
-of _backward_reference.py, like the forward primitive.
+of _backward_reference.py, through the same sharding rule as the forward primitive
+(_sharding.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from . import _extension
+from . import _extension, _sharding
 from ._backward_reference import gated_attention_bwd_reference, sparsek_scores_grad
 from ._gates import sparsek_thresholds_and_gates
 from ._primitive import cuda_kernel_available, fold_into_batch
@@ -25,6 +26,9 @@ from ._validation import AttentionConfig
 
 attention_bwd_p = Primitive("sparsek_attention_bwd")
 attention_bwd_p.multiple_results = True
+# The same computation on one device's shard (what the sharding rule's partition binds).
+attention_bwd_shard_p = Primitive("sparsek_attention_bwd_shard")
+attention_bwd_shard_p.multiple_results = True
 
 
 def attention_bwd(query, key, value, scores, out, lse, d_out, d_lse, config: AttentionConfig):
@@ -150,5 +154,11 @@ def _eager_impl(*operands, config: AttentionConfig):
 attention_bwd_p.def_impl(_eager_impl)
 attention_bwd_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[attention_bwd_p] = fold_into_batch(attention_bwd_p)
-mlir.register_lowering(attention_bwd_p, _default_lowering)
-mlir.register_lowering(attention_bwd_p, _cuda_lowering, platform="cuda")
+_Q, _K, _R, _U = _sharding.QUERY, _sharding.KEY, _sharding.ROWS, _sharding.SCORES
+_sharding.register_lowering(
+    attention_bwd_p, attention_bwd_shard_p,
+    {False: (_Q, _K, _K, _Q, _R, _Q, _R), True: (_Q, _K, _K, _U, _Q, _R, _Q, _R)},
+    {False: (_Q, _K, _K), True: (_Q, _K, _K, _U)})
+attention_bwd_shard_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(attention_bwd_shard_p, _default_lowering)
+mlir.register_lowering(attention_bwd_shard_p, _cuda_lowering, platform="cuda")

@@ -2,8 +2,9 @@
 
 Operands (q, k, v) in the dense modes, (q, k, v, scores) in the SparseK mode; results
 (o, lse) and, in the SparseK mode, tau (the per-row thresholds the backward needs).
-Lowered on CUDA to our XLA FFI custom call, and everywhere else (or with
-implementation='xla') to the pure-JAX reference.
+The primitive lowers through its sharding rule (_sharding.py) to one per-device primitive
+per shard of the batch and kv-head groups, which is lowered on CUDA to our XLA FFI custom
+call, and everywhere else (or with implementation='xla') to the pure-JAX reference.
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from . import _extension
+from . import _extension, _sharding
 from ._gates import sparsek_thresholds_and_gates
 from ._reference import dense_attention_reference, gated_attention_reference
 from ._validation import AttentionConfig
 
 attention_fwd_p = Primitive("sparsek_attention_fwd")
 attention_fwd_p.multiple_results = True
+# The same computation on one device's shard (what the sharding rule's partition binds).
+attention_fwd_shard_p = Primitive("sparsek_attention_fwd_shard")
+attention_fwd_shard_p.multiple_results = True
 
 
 def attention_fwd(query, key, value, scores, config: AttentionConfig):
@@ -163,5 +167,12 @@ def _eager_impl(*operands, config: AttentionConfig):
 attention_fwd_p.def_impl(_eager_impl)
 attention_fwd_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[attention_fwd_p] = fold_into_batch(attention_fwd_p)
-mlir.register_lowering(attention_fwd_p, _default_lowering)
-mlir.register_lowering(attention_fwd_p, _cuda_lowering, platform="cuda")
+_Q, _K, _R, _U, _TAU = (_sharding.QUERY, _sharding.KEY, _sharding.ROWS, _sharding.SCORES,
+                        _sharding.THRESHOLDS)
+_sharding.register_lowering(
+    attention_fwd_p, attention_fwd_shard_p,
+    {False: (_Q, _K, _K), True: (_Q, _K, _K, _U)},
+    {False: (_Q, _R), True: (_Q, _R, _TAU)})
+attention_fwd_shard_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(attention_fwd_shard_p, _default_lowering)
+mlir.register_lowering(attention_fwd_shard_p, _cuda_lowering, platform="cuda")
