@@ -369,14 +369,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                      QBlock::kColumnBlockElems>(acc_dk[0], dst, sQ);
       sm90::wgmma_commit();
     };
-    // This step's dS buffer (kFuseDq).
-    Element* sdS_step = sdS + (step % Cfg::kDsStages) * Cfg::kSmemDsStageElems;
     if constexpr (Cfg::kFuseDq) {
-      // dS (query rows x the CTA's keys) for dq = dS K; the warp's keys are columns 16 warp.
+      // dS (query rows x the CTA's keys) for dq = dS K, into this step's buffer; the warp's
+      // keys are columns 16 warp.
+      Element* sdS_step = sdS + (step % Cfg::kDsStages) * Cfg::kSmemDsStageElems;
       sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS_step, dst, warp * 16,
                                                                  lane);
-    }
-    if constexpr (Cfg::kFuseDq) {
       const int wg = warp / 4;
       const int wg_thread = threadIdx.x % 128;
       // This step's tile half (row0 is a multiple of 64).
