@@ -115,29 +115,40 @@ __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const El
   }
 }
 
-// The copies above made by kThreads threads of which this one is `thread` (a producer
-// warpgroup), for any thread count that covers whole rows. The swizzled offset is recomputed
-// every pass, since a thread's row modulo 8 may change. (Built on the loop above, the Hopper
-// forward kernel spilled registers: ptxas allocates that loop differently.)
+// Which 16-byte chunk of which rows `thread` of kThreads copies: row r, r + kRowsPerPass, ...
+// of chunk column c (valid where it lies inside head_dim).
+template <int kRows, int kHeadDim, int kThreads>
+struct ChunkCopySlot {
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
+                "each pass copies whole rows");
+  int r;
+  int c;
+  bool column_valid;
+  __device__ __forceinline__ ChunkCopySlot(int thread, int head_dim)
+      : r(thread / kChunksPerRow), c(thread % kChunksPerRow), column_valid(c * 8 < head_dim) {}
+};
+
+// The CTA-wide copies above made by kThreads threads of which this one is `thread` (a
+// producer warpgroup), for any thread count that covers whole rows. The swizzled offset is
+// recomputed every pass, since a thread's row modulo 8 may change. (Built on the CTA-wide
+// loops, the Hopper forward kernel spilled registers: ptxas allocates them differently.)
 template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
 __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
                                                    const Element* gmem, int64_t row_stride,
                                                    int64_t row0, int64_t num_rows,
                                                    int head_dim) {
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
-                "each pass copies whole rows");
-  const int r = thread / kChunksPerRow;
-  const int c = thread % kChunksPerRow;
-  const bool column_valid = c * 8 < head_dim;
-  const Element* src = gmem + (row0 + r) * row_stride + c * 8;
-  const int64_t pass_stride = kRowsPerPass * row_stride;
+  using Slot = ChunkCopySlot<kRows, kHeadDim, kThreads>;
+  const Slot slot(thread, head_dim);
+  const Element* src = gmem + (row0 + slot.r) * row_stride + slot.c * 8;
+  const int64_t pass_stride = Slot::kRowsPerPass * row_stride;
 #pragma unroll 4
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const int row = r + i * kRowsPerPass;
-    const bool valid = column_valid && row0 + row < num_rows;
-    sm80::cp_async_16(tile + Layout::offset(row, c), valid ? src : gmem, valid);
+  for (int i = 0; i < Slot::kPasses; ++i) {
+    const int row = slot.r + i * Slot::kRowsPerPass;
+    const bool valid = slot.column_valid && row0 + row < num_rows;
+    sm80::cp_async_16(tile + Layout::offset(row, slot.c), valid ? src : gmem, valid);
     src += pass_stride;
   }
 }
@@ -147,20 +158,16 @@ __device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element*
                                                             const Element* gmem,
                                                             int64_t row_stride,
                                                             const int* keys, int head_dim) {
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-  static_assert(kThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
-                "each pass copies whole rows");
-  const int r = thread / kChunksPerRow;
-  const int c = thread % kChunksPerRow;
-  const bool column_valid = c * 8 < head_dim;
+  using Slot = ChunkCopySlot<kRows, kHeadDim, kThreads>;
+  const Slot slot(thread, head_dim);
 #pragma unroll 4
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const int row = r + i * kRowsPerPass;
+  for (int i = 0; i < Slot::kPasses; ++i) {
+    const int row = slot.r + i * Slot::kRowsPerPass;
     const int key = keys[row];
-    const bool valid = column_valid && key >= 0;
-    const Element* src = gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + c * 8;
-    sm80::cp_async_16(tile + Layout::offset(row, c), src, valid);
+    const bool valid = slot.column_valid && key >= 0;
+    const Element* src =
+        gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + slot.c * 8;
+    sm80::cp_async_16(tile + Layout::offset(row, slot.c), src, valid);
   }
 }
 
