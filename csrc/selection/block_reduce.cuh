@@ -76,6 +76,19 @@ __device__ __forceinline__ void block_min_max(float& lo, float& hi, float* scrat
 
 namespace sparsek {
 
+// Inclusive prefix sum of one value per lane over the warp (a fixed order, so that a double
+// sum is the same run to run).
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T x) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, x, offset);
+    if (lane >= offset) x += y;
+  }
+  return x;
+}
+
 // Exclusive prefix sum of one value per thread over the block (in a fixed order, so that a
 // double sum is the same run to run); also returns the block total.
 // scratch: kNThreads / 32 values.
@@ -83,12 +96,7 @@ template <int kNThreads, typename T>
 __device__ __forceinline__ T block_exclusive_scan(T x, T& total, T* scratch) {
   constexpr int kWarps = kNThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  T inclusive = x;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const T y = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += y;
-  }
+  const T inclusive = warp_inclusive_scan(x);
   if (lane == 31) scratch[warp] = inclusive;
   __syncthreads();
   T before = 0;

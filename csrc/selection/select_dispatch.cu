@@ -88,7 +88,7 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
                              0, stream>>>(p, l, w);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
 
-  const size_t smem = tile_plan_smem_bytes(l.chunks);
+  const size_t smem = TilePlanSmem::bytes(l.chunks);
   if (smem > 48 * 1024) {
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
         tile_thresholds_and_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

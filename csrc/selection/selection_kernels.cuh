@@ -22,7 +22,10 @@ __global__ void tile_thresholds_and_plan_kernel(SparseKSelectParams p, Selection
                                                 SelectionBuffers w);
 
 constexpr int kSortThreads = SelectionTiles::kKeyChunk;
-constexpr int kAnchorThreads = 256;
+// Anchors are few (T / 2048 + 2 a kv head: about one block an SM), so the anchor kernel
+// takes as long as its slowest block, one pass over the longest prefix after another: more
+// threads a block read it faster (512 x the solver's ~80 registers still fit an SM).
+constexpr int kAnchorThreads = 512;
 constexpr int kTileThreads = 256;
 constexpr int kTileBreakpointCapacity = 4096;
 
@@ -30,11 +33,28 @@ constexpr int kTileBreakpointCapacity = 4096;
 
 namespace sparsek {
 
-// Dynamic shared memory of tile_thresholds_and_plan_kernel.
-inline size_t tile_plan_smem_bytes(int64_t chunks) {
-  return ((kTileThreads / 32) * 15 + kTileBreakpointCapacity + 1) * sizeof(double) +
-         (kTileBreakpointCapacity + 2 * SelectionTiles::kQueryTile) * sizeof(float) +
-         16 * sizeof(int) + static_cast<size_t>(chunks) * sizeof(int);
-}
+// Dynamic shared memory of tile_thresholds_and_plan_kernel, in bytes from its start. The
+// growth summary (threshold_solve.cuh) is used before the plan's chunk counts, so they share
+// the last region.
+struct TilePlanSmem {
+  static constexpr int kTile = SelectionTiles::kQueryTile;
+  static constexpr size_t kScratch = 0;  // (kTileThreads / 32) * 15 doubles
+  static constexpr size_t kPrefix = kScratch + (kTileThreads / 32) * 15 * sizeof(double);
+  static constexpr size_t kBreakpoints = kPrefix + (kTileBreakpointCapacity + 1) * sizeof(double);
+  static constexpr size_t kGrowth = kBreakpoints + kTileBreakpointCapacity * sizeof(float);
+  static constexpr size_t kTau = kGrowth + kTile * sizeof(float);
+  static constexpr size_t kCounters = kTau + kTile * sizeof(float);  // 16 ints
+  static constexpr size_t kShared = kCounters + 16 * sizeof(int);
+  // Growth summary: linear_sum doubles, then finite, ones, linear and listed ints, each
+  // kTile + 1, then the listed keys (kTile floats).
+  static constexpr size_t kGrowthSummaryBytes =
+      (kTile + 1) * (sizeof(double) + 4 * sizeof(int)) + kTile * sizeof(float);
+  static_assert(kShared % alignof(double) == 0, "the growth summary starts with doubles");
+
+  static size_t bytes(int64_t chunks) {
+    const size_t plan = static_cast<size_t>(chunks) * sizeof(int);
+    return kShared + (plan > kGrowthSummaryBytes ? plan : kGrowthSummaryBytes);
+  }
+};
 
 }  // namespace sparsek

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "selection/block_reduce.cuh"
+#include "selection/selection_params.h"
 
 namespace sparsek {
 
@@ -24,7 +25,7 @@ namespace sparsek {
 // (one read of the prefix), narrowing it kPoints + 1 times. Returns -inf when at most K
 // keys are finite. scratch: kNThreads / 32 * kPoints doubles.
 template <int kNThreads>
-__device__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
+__device__ __noinline__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
                                        double* scratch) {
   constexpr int kPoints = 15;
   constexpr int kPasses = 3;         // narrow the bracket 16^3 times...
@@ -116,12 +117,22 @@ __device__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
   return static_cast<float>(x + (sums[0] - k) / sums[1]);
 }
 
-// What a query tile's rows share: the keys of the tile's common domain, classified against
-// the bracket [lo, hi] that holds every row's tau. Keys at or below lo weigh 0 for every tau
-// in the bracket, keys at or above hi + 1 weigh 1, keys in [hi, lo + 1] weigh u - tau; only
-// the others ("breakpoint keys") need to be looked at one by one. Those are kept sorted,
-// descending, with prefix sums, so that their part of f at any x costs two binary searches
-// instead of a pass over them.
+// How a key weighs for every tau in the bracket [lo, hi] that holds every row's tau of a
+// query tile: not in the domain (-inf), 0 (at or below lo), 1 (at or above hi + 1), u - tau
+// (in [hi, lo + 1]), or depending on where tau lies: a "breakpoint key", listed one by one.
+enum class BracketWeight { kNone, kZero, kOne, kLinear, kListed };
+
+__device__ __forceinline__ BracketWeight bracket_weight(float v, float lo, float hi) {
+  if (!(v > -INFINITY)) return BracketWeight::kNone;
+  if (v <= lo) return BracketWeight::kZero;
+  if (v >= hi + 1.f) return BracketWeight::kOne;
+  if (v >= hi && v <= lo + 1.f) return BracketWeight::kLinear;
+  return BracketWeight::kListed;
+}
+
+// What a query tile's rows share: the keys of the tile's common domain, summed by their
+// bracket weight. The breakpoint keys are kept sorted, descending, with prefix sums, so
+// that their part of f at any x costs two binary searches instead of a pass over them.
 struct BracketSummary {
   double ones = 0.0;
   double linear = 0.0;      // how many weigh u - tau
@@ -146,38 +157,100 @@ struct BracketSummary {
   }
 };
 
-// One warp solves one row from the tile's summary plus the row's own extra keys (`own` keys
-// past the first row's domain, in shared memory), starting from `start` (the previous row's
-// tau: one more key moves tau by at most 1 / |F|, so Newton lands in a step or two).
-// Deterministic: the only float sums run over each lane's keys in a fixed order.
-__device__ __forceinline__ float solve_threshold_warp(const BracketSummary& s, const float* own,
-                                                      int own_count, float lo, float hi,
-                                                      float start, int64_t topk, int lane) {
+// The keys the tile's rows add past its first row's domain (fewer than kQueryTile; row r
+// sees the first own(r) of them), by the same bracket weights: prefix counts and sums over
+// the first j keys, so that a row's share is a lookup, and the breakpoint keys in key order
+// (row r sees the first listed[own(r)] of them).
+struct GrowthSummary {
+  static constexpr int kMaxKeys = SelectionTiles::kQueryTile;
+  // [kMaxKeys + 1] each: over the first j keys.
+  double* linear_sum;
+  int* finite;
+  int* ones;
+  int* linear;
+  int* listed;
+  float* listed_u;  // [kMaxKeys]
+
+  // One warp classifies the `count` keys `u` (4 a lane, so count <= 128) and fills the
+  // prefixes in key order.
+  __device__ __forceinline__ void build_warp(const float* u, int count, float lo, float hi,
+                                             int lane) const {
+    static_assert(kMaxKeys <= 4 * 32, "one warp, four keys a lane");
+    BracketWeight weight[4];
+    float v[4];
+    int n_finite = 0, n_ones = 0, n_linear = 0, n_listed = 0;
+    double sum = 0.0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * lane + e;
+      v[e] = j < count ? u[j] : -INFINITY;
+      weight[e] = bracket_weight(v[e], lo, hi);
+      n_finite += weight[e] != BracketWeight::kNone;
+      n_ones += weight[e] == BracketWeight::kOne;
+      n_linear += weight[e] == BracketWeight::kLinear;
+      n_listed += weight[e] == BracketWeight::kListed;
+      if (weight[e] == BracketWeight::kLinear) sum += v[e];
+    }
+    // Exclusive prefixes of the lanes before this one, then this lane's keys in order.
+    n_finite = warp_inclusive_scan(n_finite) - n_finite;
+    n_ones = warp_inclusive_scan(n_ones) - n_ones;
+    n_linear = warp_inclusive_scan(n_linear) - n_linear;
+    n_listed = warp_inclusive_scan(n_listed) - n_listed;
+    sum = warp_inclusive_scan(sum) - sum;
+    if (lane == 0) {
+      linear_sum[0] = 0.0;
+      finite[0] = ones[0] = linear[0] = listed[0] = 0;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * lane + e;
+      n_finite += weight[e] != BracketWeight::kNone;
+      n_ones += weight[e] == BracketWeight::kOne;
+      if (weight[e] == BracketWeight::kLinear) {
+        ++n_linear;
+        sum += v[e];
+      }
+      if (weight[e] == BracketWeight::kListed) listed_u[n_listed++] = v[e];
+      if (j < count) {
+        linear_sum[j + 1] = sum;
+        finite[j + 1] = n_finite;
+        ones[j + 1] = n_ones;
+        linear[j + 1] = n_linear;
+        listed[j + 1] = n_listed;
+      }
+    }
+  }
+};
+
+// One thread solves one row from the tile's summary and the first `own` keys of the growth
+// summary, starting from `start` (an estimate inside the bracket; Newton lands in a few
+// steps, since f is close to linear at the scale of the bracket).
+__device__ __forceinline__ float solve_threshold_row(const BracketSummary& s,
+                                                     const GrowthSummary& g, int own, float lo,
+                                                     float hi, float start, int64_t topk) {
   const double k = static_cast<double>(topk);
-  // f(x) and |F| at x (for x inside [lo, hi], every "linear" key of the summary is in F).
+  const double ones_fixed = s.ones + g.ones[own];
+  const double linear_fixed = s.linear + g.linear[own];
+  const double linear_sum_fixed = s.linear_sum + g.linear_sum[own];
+  const int listed_own = g.listed[own];
+  // f(x) and |F| at x (for x inside [lo, hi], every "linear" key is in F).
   auto evaluate = [&](float x, double& f, double& frac) {
     const float x1 = x + 1.f;
-    int ones = 0, fractional = 0;
-    float rel = 0.f;  // sum over the row's own fractional keys of u - x
-    for (int j = lane; j < own_count; j += 32) {
-      const float v = own[j];
+    int ones = s.count_above(x1, true);
+    const int above = s.count_above(x, false);
+    int fractional = above - ones;
+    double sum = s.prefix[above] - s.prefix[ones];
+    for (int a = 0; a < listed_own; ++a) {
+      const float v = g.listed_u[a];
       if (v >= x1) {
         ++ones;
       } else if (v > x) {
         ++fractional;
-        rel += v - x;
+        sum += v;
       }
     }
-    ones = warp_sum(ones);
-    fractional = warp_sum(fractional);
-    rel = warp_sum(rel);
-    const int listed_ones = s.count_above(x1, true);
-    const int listed_above = s.count_above(x, false);
-    const double listed_sum = s.prefix[listed_above] - s.prefix[listed_ones];
-    const double listed_frac = static_cast<double>(listed_above - listed_ones);
-    frac = s.linear + listed_frac + fractional;
-    f = s.ones + listed_ones + ones + (s.linear_sum + listed_sum) -
-        (s.linear + listed_frac) * static_cast<double>(x) + rel;
+    frac = linear_fixed + fractional;
+    f = ones_fixed + ones + (linear_sum_fixed + sum) - frac * static_cast<double>(x);
   };
   float x = (start >= lo && start < hi) ? start : 0.5f * (lo + hi);
   double f = 0.0, frac = 0.0;

@@ -5,10 +5,11 @@
 // tau of each of its rows. One read of the tile's common domain classifies its keys against
 // that bracket (threshold_solve.cuh): most weigh a constant 0 or 1 or u - tau over the whole
 // bracket and are only counted; the few "breakpoint keys" are listed in shared memory,
-// sorted, with prefix sums. Each warp then solves a run of consecutive rows from that
-// summary and the keys each row adds past the first row's domain, each row starting from the
-// previous row's tau. If the list overflows (scores bunched inside the bracket), every row
-// is solved from its whole prefix instead: slower, same result.
+// sorted, with prefix sums. The keys the rows add past the first row's domain get prefix
+// counts and sums the same way. Then each thread solves one row on its own, from a start
+// interpolated between the anchors (tau varies smoothly down the rows). If the list
+// overflows (scores bunched inside the bracket), every row is solved from its whole prefix
+// instead: slower, same result.
 #include <cmath>
 
 #include "selection/block_reduce.cuh"
@@ -23,15 +24,25 @@ __global__ void __launch_bounds__(kTileThreads)
   constexpr int kTile = SelectionTiles::kQueryTile;
   constexpr int kChunk = SelectionTiles::kKeyChunk;
   constexpr int kWarps = kTileThreads / 32;
-  constexpr int kRowsPerWarp = kTile / kWarps;
+  static_assert(kTile <= kTileThreads, "a thread a row");
   extern __shared__ __align__(16) unsigned char smem[];
-  double* scratch = reinterpret_cast<double*>(smem);  // kWarps * 15 doubles
-  double* s_prefix = scratch + kWarps * 15;           // kTileBreakpointCapacity + 1
-  float* s_breakpoints = reinterpret_cast<float*>(s_prefix + kTileBreakpointCapacity + 1);
-  float* s_growth = s_breakpoints + kTileBreakpointCapacity;  // keys past the first row's domain
-  float* s_tau = s_growth + kTile;
-  int* s_counter = reinterpret_cast<int*>(s_tau + kTile);
-  int* s_chunk = s_counter + 16;  // [0]: breakpoints listed, [1]: first row past K keys, [8, 16): scan scratch; then candidates per whole chunk of the first row's domain
+  double* scratch = reinterpret_cast<double*>(smem + TilePlanSmem::kScratch);
+  double* s_prefix = reinterpret_cast<double*>(smem + TilePlanSmem::kPrefix);
+  float* s_breakpoints = reinterpret_cast<float*>(smem + TilePlanSmem::kBreakpoints);
+  float* s_growth = reinterpret_cast<float*>(smem + TilePlanSmem::kGrowth);  // keys past the first row's domain
+  float* s_tau = reinterpret_cast<float*>(smem + TilePlanSmem::kTau);
+  // [0]: breakpoints listed, [1]: first row past K keys, [8, 16): scan scratch
+  int* s_counter = reinterpret_cast<int*>(smem + TilePlanSmem::kCounters);
+  // Shared by the growth summary and, once every tau is known, the plan's chunk counts.
+  unsigned char* s_shared = smem + TilePlanSmem::kShared;
+  int* s_chunk = reinterpret_cast<int*>(s_shared);
+  GrowthSummary growth_summary;
+  growth_summary.linear_sum = reinterpret_cast<double*>(s_shared);
+  growth_summary.finite = reinterpret_cast<int*>(growth_summary.linear_sum + kTile + 1);
+  growth_summary.ones = growth_summary.finite + kTile + 1;
+  growth_summary.linear = growth_summary.ones + kTile + 1;
+  growth_summary.listed = growth_summary.linear + kTile + 1;
+  growth_summary.listed_u = reinterpret_cast<float*>(growth_summary.listed + kTile + 1);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t tile = blockIdx.x;
@@ -59,6 +70,8 @@ __global__ void __launch_bounds__(kTileThreads)
 
     float lo = anchor_lo;
     const float hi = anchor_hi;
+    int64_t lo_row = anchor_row(anchor, p.seqlen_q);  // where tau is lo
+    const int64_t hi_row = anchor_row(anchor + 1, p.seqlen_q);
     if (anchor_hi != -INFINITY && lo == -INFINITY) {
       // The tile's first rows may still take every key. The first row r* past K finite keys
       // is solved exactly from its prefix: its tau bounds every later row's from below.
@@ -75,6 +88,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int first = s_counter[1];
       if (first < rows) {
         lo = solve_threshold_block<kTileThreads>(u, n0 + own_keys(first), p.topk, scratch);
+        lo_row = row0 + first;
       }
     }
 
@@ -83,22 +97,35 @@ __global__ void __launch_bounds__(kTileThreads)
       // every row of the tile.
       for (int r = tid; r < rows; r += kTileThreads) s_tau[r] = -INFINITY;
     } else {
-      double sums[4] = {0.0, 0.0, 0.0, 0.0};  // finite keys, ones, linear, linear sum
-      for (int64_t j = tid; j < n0; j += kTileThreads) {
-        const float v = u[j];
-        if (!(v > -INFINITY)) continue;
-        sums[0] += 1.0;
-        if (v <= lo) continue;
-        if (v >= hi + 1.f) {
-          sums[1] += 1.0;
-        } else if (v >= hi && v <= lo + 1.f) {
-          sums[2] += 1.0;
-          sums[3] += v;
-        } else {
+      // Counts in integers, the linear keys' sum in double, each thread's keys in a fixed
+      // order (deterministic).
+      int finite_keys = 0, ones = 0, linear = 0;
+      double linear_sum = 0.0;
+      auto classify = [&](float v) {
+        const BracketWeight weight = bracket_weight(v, lo, hi);
+        finite_keys += weight != BracketWeight::kNone;
+        ones += weight == BracketWeight::kOne;
+        if (weight == BracketWeight::kLinear) {
+          ++linear;
+          linear_sum += v;
+        } else if (weight == BracketWeight::kListed) {
           const int k = atomicAdd(s_counter, 1);
           if (k < kTileBreakpointCapacity) s_breakpoints[k] = v;
         }
+      };
+      // The rows of u start 16-byte aligned (whole chunks).
+      const int64_t quads = n0 / 4;
+      const float4* u4 = reinterpret_cast<const float4*>(u);
+      for (int64_t q = tid; q < quads; q += kTileThreads) {
+        const float4 v = u4[q];
+        classify(v.x);
+        classify(v.y);
+        classify(v.z);
+        classify(v.w);
       }
+      for (int64_t j = quads * 4 + tid; j < n0; j += kTileThreads) classify(u[j]);
+      double sums[4] = {static_cast<double>(finite_keys), static_cast<double>(ones),
+                        static_cast<double>(linear), linear_sum};
       block_sum<kTileThreads, 4>(sums, scratch);
       const int breakpoints = s_counter[0];
       if (breakpoints <= kTileBreakpointCapacity) {
@@ -109,6 +136,7 @@ __global__ void __launch_bounds__(kTileThreads)
         for (int i = breakpoints + tid; i < padded; i += kTileThreads) {
           s_breakpoints[i] = -INFINITY;
         }
+        if (warp == kWarps - 1) growth_summary.build_warp(s_growth, growth, lo, hi, lane);
         block_sort_descending<kTileThreads>(s_breakpoints, padded);
         const int per_thread = (breakpoints + kTileThreads - 1) / kTileThreads;
         const int begin = min(tid * per_thread, breakpoints);
@@ -131,20 +159,17 @@ __global__ void __launch_bounds__(kTileThreads)
         summary.breakpoints = s_breakpoints;
         summary.prefix = s_prefix;
         summary.count = breakpoints;
-        float previous = lo;  // tau of the warp's previous row (rows before r* have none)
-        for (int i = 0; i < kRowsPerWarp; ++i) {
-          const int r = warp * kRowsPerWarp + i;
-          if (r >= rows) break;
-          const int own = own_keys(r);
-          float finite = 0.f;
-          for (int j = lane; j < own; j += 32) finite += s_growth[j] > -INFINITY ? 1.f : 0.f;
-          finite = warp_sum(finite);
+        if (tid < rows) {
+          const int own = own_keys(tid);
           float tau = -INFINITY;
-          if (sums[0] + finite > topk) {
-            tau = solve_threshold_warp(summary, s_growth, own, lo, hi, previous, p.topk, lane);
-            previous = tau;
+          if (sums[0] + growth_summary.finite[own] > topk) {
+            const float along = hi_row > lo_row ? static_cast<float>(row0 + tid - lo_row) /
+                                                      static_cast<float>(hi_row - lo_row)
+                                                : 0.f;
+            const float start = lo + (hi - lo) * along;
+            tau = solve_threshold_row(summary, growth_summary, own, lo, hi, start, p.topk);
           }
-          if (lane == 0) s_tau[r] = tau;
+          s_tau[tid] = tau;
         }
       } else {
         for (int r = 0; r < rows; ++r) {
