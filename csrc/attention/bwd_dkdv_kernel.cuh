@@ -17,6 +17,7 @@
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_epilogue.cuh"
 #include "attention/bwd_params.h"
+#include "attention/cta_order.h"
 #include "attention/bwd_query_visit.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/smem_tile.cuh"
@@ -39,9 +40,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   float* s_tau = s_delta + Cfg::kBlockM;
   float* s_mean = s_tau + Cfg::kBlockM;
 
-  const int tile = blockIdx.x;
-  const int kv_head = blockIdx.y;
-  const int64_t batch = blockIdx.z;
+  // Key tiles in order: under causal masking the first tiles see the most query rows.
+  const CtaCoords cta = cta_coords<QueryVisit::kSparseK>(p);
+  const int tile = cta.rank;
+  const int kv_head = cta.head;
+  const int64_t batch = cta.batch;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

@@ -25,6 +25,7 @@
 #include "attention/bwd_epilogue.cuh"
 #include "attention/bwd_key_visit.cuh"
 #include "attention/bwd_params.h"
+#include "attention/cta_order.h"
 #include "attention/online_softmax.cuh"
 #include "attention/sm90_instructions.cuh"
 #include "attention/sm90_tile_products.cuh"
@@ -52,9 +53,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   using KVBlock = typename Cfg::KVLayout;
 
   // Reverse order, as the forward: under causal masking the last tiles carry the most keys.
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  const int head = blockIdx.y;
-  const int64_t batch = blockIdx.z;
+  const CtaCoords cta = cta_coords<KeyVisit::kSparseK>(p);
+  const int m_block = cta.tiles - 1 - cta.rank;
+  const int head = cta.head;
+  const int64_t batch = cta.batch;
   const int kv_head = head / static_cast<int>(p.heads_q / p.heads_kv);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

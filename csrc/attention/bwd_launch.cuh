@@ -17,6 +17,7 @@
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_dq_kernel_sm90.cuh"
 #include "attention/bwd_tile_config.h"
+#include "attention/cta_order.h"
 #include "attention/bwd_workspace.h"
 #include "runtime/cuda_check.h"
 #include "selection/sort_key_spans.h"
@@ -107,21 +108,22 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
   constexpr int64_t kMaxBatchPerLaunch = 65535;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
     const int64_t count = std::min(kMaxBatchPerLaunch, p.batch - b0);
-    const AttentionBwdParams chunk = batch_slice<Element>(p, b0, count);
+    AttentionBwdParams chunk = batch_slice<Element>(p, b0, count);
+    // Each grid picks its CTA order from its own tile count: the flag is set per launch.
     const int64_t rows = b0 * p.heads_q * p.seqlen_q;
     float* chunk_delta = delta + rows;
     float* chunk_mean = mean ? mean + rows : nullptr;
     if (!dq_accum) {
-      const dim3 dq_grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
-                         static_cast<unsigned>(count));
+      chunk.tile_major_grid = CtaOrder::tile_major(p, m_blocks);
+      const dim3 dq_grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, count);
       dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta,
                                                                 chunk_mean);
       SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
     }
     float* chunk_dq_accum =
         dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
-    const dim3 dkdv_grid(static_cast<unsigned>(key_tiles), static_cast<unsigned>(p.heads_kv),
-                         static_cast<unsigned>(count));
+    chunk.tile_major_grid = CtaOrder::tile_major(p, key_tiles);
+    const dim3 dkdv_grid = CtaOrder::grid(chunk.tile_major_grid, key_tiles, p.heads_kv, count);
     launch_dkdv(dkdv_kernel, dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
                 chunk_delta, chunk_mean, chunk_dq_accum);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());

@@ -55,6 +55,9 @@ struct AttentionBwdParams {
   const int32_t* span_sorted_key = nullptr;
   int64_t key_spans = 0;
 
+  // Set by the launcher, not by callers: the grids' CTA order (cta_order.h).
+  bool tile_major_grid = false;
+
   // workspace_bytes (at least attention_bwd_min_workspace_bytes(...); 0 means that many) of
   // device memory, 256-byte aligned, for the backward's own intermediates (row sums such as
   // Delta, and where it fits the dq accumulator of the dense Hopper backward:

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <string>
 
+#include "attention/cta_order.h"
 #include "attention/fwd_kernel.cuh"
 #include "attention/fwd_kernel_sm90.cuh"
 #include "attention/tile_config.h"
@@ -43,8 +44,8 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
       chunk.sorted_key = p.sorted_key + heads * padded;
       chunk.plan = p.plan + heads * m_blocks * (p.key_chunks + 1);
     }
-    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.heads_q),
-                    static_cast<unsigned>(chunk.batch));
+    chunk.tile_major_grid = CtaOrder::tile_major(p, m_blocks);
+    const dim3 grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, chunk.batch);
     kernel<<<grid, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }

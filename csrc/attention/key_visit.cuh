@@ -97,6 +97,7 @@ struct DenseKeyVisit : DenseVisibility {
   // The Hopper kernel's producer warpgroup (fwd_kernel_sm90.cuh): key positions need no
   // fetching, and the copy is made by kThreads threads of which this is `thread`.
   static constexpr bool kMaskReadsKeySlots = false;
+  static constexpr bool kSparseK = false;
   template <typename Params>
   __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int) const {
     return {};

@@ -45,6 +45,9 @@ struct AttentionFwdParams {
   const int32_t* plan = nullptr;        // [B * Hkv, query tiles, key_chunks + 1]
   int64_t key_chunks = 0;
 
+  // Set by the launcher, not by callers: the grid's CTA order (cta_order.h).
+  bool tile_major_grid = false;
+
   // Fills the strides of contiguous [B, T, H, D] tensors.
   void set_contiguous_strides() {
     q_head_stride = head_dim;

@@ -1,12 +1,13 @@
 // Where a CTA of the forward's query-tile grid sits, and the slices of Q, K and V it reads:
-// the grid is (query tile, query head, batch) in both forward kernels (fwd_kernel.cuh,
-// fwd_kernel_sm90.cuh). Kernels unpack it with a structured binding:
+// one CTA per (query tile, query head, batch), started in the order of cta_order.h, in both
+// forward kernels (fwd_kernel.cuh, fwd_kernel_sm90.cuh). Kernels unpack it with a structured binding:
 //   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
-//       query_tile_block<Cfg, Element>(p);
+//       query_tile_block<Cfg, Element, KeyVisit::kSparseK>(p);
 #pragma once
 
 #include <cstdint>
 
+#include "attention/cta_order.h"
 #include "attention/params.h"
 
 namespace sparsek {
@@ -26,15 +27,16 @@ struct QueryTileBlock {
   const Element* v;
 };
 
-template <typename Cfg, typename Element>
+template <typename Cfg, typename Element, bool kSparseK>
 __device__ __forceinline__ QueryTileBlock<Element> query_tile_block(
     const AttentionFwdParams& p) {
   QueryTileBlock<Element> b;
   // Query tiles in reverse order: under causal masking the last tiles carry the most keys,
-  // and starting them first shortens the tail of the grid.
-  const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);
-  b.head = blockIdx.y;
-  b.batch = blockIdx.z;
+  // and starting them first shortens the tail of the grid (cta_order.h).
+  const CtaCoords cta = cta_coords<kSparseK>(p);
+  const int m_block = cta.tiles - 1 - cta.rank;
+  b.head = cta.head;
+  b.batch = cta.batch;
   b.kv_head = b.head / static_cast<int>(p.heads_q / p.heads_kv);
   b.warp = threadIdx.x / 32;
   b.lane = threadIdx.x % 32;

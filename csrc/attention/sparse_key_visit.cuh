@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention/cta_order.h"
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
 #include "attention/smem_tile.cuh"
@@ -99,9 +100,9 @@ struct SparseKKeyVisit {
   }
   template <typename Params>
   __device__ __forceinline__ static int64_t key_base(const Params& p) {
+    const CtaCoords cta = cta_coords<true>(p);
     const int64_t batch_head =
-        static_cast<int64_t>(blockIdx.z) * p.heads_kv +
-        static_cast<int>(blockIdx.y) / static_cast<int>(p.heads_q / p.heads_kv);
+        cta.batch * p.heads_kv + cta.head / static_cast<int>(p.heads_q / p.heads_kv);
     return batch_head * p.key_chunks * kChunk;
   }
 
@@ -209,6 +210,7 @@ struct SparseKKeyVisit {
   // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions it stashed; the
   // mask reads the slot's positions and scores, so its K stage is released after the mask.
   static constexpr bool kMaskReadsKeySlots = true;
+  static constexpr bool kSparseK = true;
   template <int kThreads, typename Element>
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
                                                int64_t row_stride, int it,
