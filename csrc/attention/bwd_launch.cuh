@@ -12,13 +12,13 @@
 #include <string>
 
 #include "attention/bwd_dkdv_kernel.cuh"
-#include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dkdv_kernel_sm90.cuh"
+#include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_dq_kernel_sm90.cuh"
 #include "attention/bwd_tile_config.h"
-#include "attention/cta_order.h"
 #include "attention/bwd_workspace.h"
+#include "attention/cta_order.h"
 #include "runtime/cuda_check.h"
 #include "selection/sort_key_spans.h"
 
