@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   float* s_mean = s_tau + Cfg::kBlockM;
 
   // Key tiles in order: under causal masking the first tiles see the most query rows.
-  const CtaCoords cta = cta_coords<QueryVisit::kSparseK>(p);
+  const CtaCoords cta = cta_coords<QueryVisit::kGridOrder>(p);
   const int tile = cta.rank;
   const int kv_head = cta.head;
   const int64_t batch = cta.batch;

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   Element* sV = sK + Cfg::kSmemKVElems;
 
   // Reverse order, as the forward: under causal masking the last tiles carry the most keys.
-  const CtaCoords cta = cta_coords<KeyVisit::kSparseK>(p);
+  const CtaCoords cta = cta_coords<KeyVisit::kGridOrder>(p);
   const int m_block = cta.tiles - 1 - cta.rank;
   const int head = cta.head;
   const int64_t batch = cta.batch;

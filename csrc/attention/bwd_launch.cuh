@@ -122,7 +122,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     }
     float* chunk_dq_accum =
         dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
-    chunk.tile_major_grid = CtaOrder::tile_major(p, key_tiles);
+    chunk.tile_major_grid = CtaOrder::key_grid_tile_major(p, key_tiles);
     const dim3 dkdv_grid = CtaOrder::grid(chunk.tile_major_grid, key_tiles, p.heads_kv, count);
     launch_dkdv(dkdv_kernel, dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
                 chunk_delta, chunk_mean, chunk_dq_accum);

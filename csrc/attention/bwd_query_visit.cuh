@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention/cta_order.h"
 #include "attention/key_visit.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparsek_gate.cuh"
@@ -28,6 +29,7 @@ namespace sparsek {
 template <typename Cfg>
 struct DenseQueryVisit {
   static constexpr bool kSparseK = false;
+  static constexpr GridOrder kGridOrder = GridOrder::kByFlag;  // cta_order.h
   DenseVisibility visibility;
   int key0;
   int row_lo, num_rows;
@@ -104,6 +106,8 @@ struct DenseQueryVisit {
 template <typename Cfg>
 struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
+  // Always tile-major: the top slices of the first spans visit nearly every row (cta_order.h).
+  static constexpr GridOrder kGridOrder = GridOrder::kTileMajor;
   static_assert(KeySpans::kKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
   // Shared memory: key [kBlockN], u [kBlockN], then 3 ints for the reductions.

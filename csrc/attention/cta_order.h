@@ -1,12 +1,17 @@
 // The order in which the attention grids start their CTAs. Each CTA owns one (tile, head,
 // batch); the hardware starts CTAs in the order of their linear block index.
 //
-// Under a plain causal mask the CTAs of one head differ in work by up to the number of tiles
-// (the last query tiles, and the first key tiles, see the most pairs). Launched head by head,
-// the last head's longest CTAs start when the rest of the grid is nearly done and run on
-// alone: in a list-scheduling model of 132 SMs that tail costs 6% of a causal grid at
-// T = 8192 and 12% where a CTA loops over 4 query heads (GQA dk/dv). Tile-major order starts
-// the longest tiles of every head first (longest processing time first): 0.2-0.3% left.
+// Where the CTAs of one head differ widely in work, launching head by head starts the last
+// head's longest CTAs when the rest of the grid is nearly done, and they run on alone.
+// Tile-major order (tiles slowest) starts the longest tile of every head first (longest
+// processing time first). In a list-scheduling model of 132 SMs (bench/cta_order_model.py):
+//  - plain causal grids (the last query tiles and the first key tiles see the most pairs):
+//    the tail costs 6-7% at T = 2048-8192 and 12% where a dk/dv CTA loops over 4 query heads
+//    (GQA); tile-major leaves 0.1-0.3%;
+//  - the SparseK dk/dv grid (bwd_query_visit.cuh): a CTA takes one slice of a score-sorted
+//    span, and the top slices of the first spans visit nearly every row while the others
+//    visit a few hundred: the tail costs 4-9% at S = 32k and 1-3% at 128k, tile-major (spans
+//    in key order) under 0.5%.
 // Everywhere else a head's CTAs do about the same work, and head-major order keeps the CTAs
 // that stream the same K and V (or Q and dO) in flight together.
 #pragma once
@@ -19,14 +24,24 @@
 
 namespace sparsek {
 
+// How a kernel finds its grid's order: from the params' flag (dense grids, where it depends on
+// the mask), or fixed at compile time (SparseK grids), which costs no branch and no register.
+enum class GridOrder { kByFlag, kHeadMajor, kTileMajor };
+
 struct CtaOrder {
   static constexpr int64_t kMaxGridYZ = 65535;
 
-  // Whether a grid of `tiles` tiles a head should start tile-major (tiles then go in
-  // gridDim.z, at most 65535).
+  // Query-tile grids (forward, dq) and the dense dk/dv grid: tile-major under a plain causal
+  // mask (tiles then go in gridDim.z, at most 65535). SparseK query-tile grids: head-major.
   template <typename Params>
   static bool tile_major(const Params& p, int64_t tiles) {
     return p.is_causal && p.window == 0 && !p.sparsek && tiles <= kMaxGridYZ;
+  }
+  // The dk/dv grid: SparseK's is always tile-major (GridOrder::kTileMajor in its visit; at
+  // most 16384 tiles: SelectionTiles::kMaxChunks * 128 keys in slices of 64).
+  template <typename Params>
+  static bool key_grid_tile_major(const Params& p, int64_t tiles) {
+    return p.sparsek || tile_major(p, tiles);
   }
 
 #ifdef __CUDACC__
@@ -49,11 +64,11 @@ struct CtaCoords {
   int64_t batch;
 };
 
-// SparseK grids are always head-major (CtaOrder::tile_major), which its kernels know at
-// compile time: no branch there, and no register held for it.
-template <bool kSparseK, typename Params>
+template <GridOrder kOrder, typename Params>
 __device__ __forceinline__ CtaCoords cta_coords(const Params& p) {
-  if (!kSparseK && p.tile_major_grid) {
+  const bool tile_major = kOrder == GridOrder::kTileMajor ||
+                          (kOrder == GridOrder::kByFlag && p.tile_major_grid);
+  if (tile_major) {
     return {static_cast<int>(blockIdx.z), static_cast<int>(gridDim.z),
             static_cast<int>(blockIdx.x), static_cast<int64_t>(blockIdx.y)};
   }

@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   Element* sV = sK + Cfg::kSmemKVElems;
 
   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
-      query_tile_block<Cfg, Element, KeyVisit::kSparseK>(p);
+      query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
 
   KeyVisit visit(p, row0, batch * p.heads_kv + kv_head, sV + Cfg::kSmemKVElems);
   OnlineSoftmax<Cfg::kMTiles> softmax;

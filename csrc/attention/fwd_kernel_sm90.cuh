@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   using Products = Sm90TileProducts<Cfg, Element>;
 
   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
-      query_tile_block<Cfg, Element, KeyVisit::kSparseK>(p);
+      query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
   if (threadIdx.x == 0) bars.init(Cfg::kNProducerThreads, kConsumers / 32);
   KeyVisit visit(p, row0, batch * p.heads_kv + kv_head, bars.base + Cfg::kNumStageBarriers);
   __syncthreads();

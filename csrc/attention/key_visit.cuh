@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention/cta_order.h"
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
 #include "attention/smem_tile.cuh"
@@ -97,7 +98,8 @@ struct DenseKeyVisit : DenseVisibility {
   // The Hopper kernel's producer warpgroup (fwd_kernel_sm90.cuh): key positions need no
   // fetching, and the copy is made by kThreads threads of which this is `thread`.
   static constexpr bool kMaskReadsKeySlots = false;
-  static constexpr bool kSparseK = false;
+  // The grid's CTA order follows the mask (cta_order.h).
+  static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
   template <typename Params>
   __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int) const {
     return {};

@@ -2,7 +2,7 @@
 // one CTA per (query tile, query head, batch), started in the order of cta_order.h, in both
 // forward kernels (fwd_kernel.cuh, fwd_kernel_sm90.cuh). Kernels unpack it with a structured binding:
 //   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
-//       query_tile_block<Cfg, Element, KeyVisit::kSparseK>(p);
+//       query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
 #pragma once
 
 #include <cstdint>
@@ -27,13 +27,13 @@ struct QueryTileBlock {
   const Element* v;
 };
 
-template <typename Cfg, typename Element, bool kSparseK>
+template <typename Cfg, typename Element, GridOrder kOrder>
 __device__ __forceinline__ QueryTileBlock<Element> query_tile_block(
     const AttentionFwdParams& p) {
   QueryTileBlock<Element> b;
   // Query tiles in reverse order: under causal masking the last tiles carry the most keys,
   // and starting them first shortens the tail of the grid (cta_order.h).
-  const CtaCoords cta = cta_coords<kSparseK>(p);
+  const CtaCoords cta = cta_coords<kOrder>(p);
   const int m_block = cta.tiles - 1 - cta.rank;
   b.head = cta.head;
   b.batch = cta.batch;

@@ -16,7 +16,7 @@
 // The CTA's rows may be a part of a plan tile (kBlockM dividing kQueryTile, as the backward's
 // dq kernel): the plan of the enclosing tile lists a superset of what the part needs. The
 // member templates take the forward's or the backward's parameter struct (same field names).
-// The grid is (query tile, query head, batch), as key_base() reads it.
+// The grid is head-major (cta_order.h), as key_base() reads it.
 #pragma once
 
 #include <cstddef>
@@ -100,7 +100,7 @@ struct SparseKKeyVisit {
   }
   template <typename Params>
   __device__ __forceinline__ static int64_t key_base(const Params& p) {
-    const CtaCoords cta = cta_coords<true>(p);
+    const CtaCoords cta = cta_coords<kGridOrder>(p);
     const int64_t batch_head =
         cta.batch * p.heads_kv + cta.head / static_cast<int>(p.heads_q / p.heads_kv);
     return batch_head * p.key_chunks * kChunk;
@@ -210,7 +210,8 @@ struct SparseKKeyVisit {
   // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions it stashed; the
   // mask reads the slot's positions and scores, so its K stage is released after the mask.
   static constexpr bool kMaskReadsKeySlots = true;
-  static constexpr bool kSparseK = true;
+  // Query-tile grids of SparseK are head-major (cta_order.h).
+  static constexpr GridOrder kGridOrder = GridOrder::kHeadMajor;
   template <int kThreads, typename Element>
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
                                                int64_t row_stride, int it,
