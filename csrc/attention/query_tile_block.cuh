@@ -1,6 +1,7 @@
 // Where a CTA of the forward's query-tile grid sits, and the slices of Q, K and V it reads:
 // one CTA per (query tile, query head, batch), started in the order of cta_order.h, in both
-// forward kernels (fwd_kernel.cuh, fwd_kernel_sm90.cuh). Kernels unpack it with a structured binding:
+// forward kernels (fwd_kernel.cuh, fwd_kernel_sm90.cuh). Kernels unpack it with a structured
+// binding:
 //   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
 //       query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
 #pragma once

@@ -29,7 +29,8 @@ __global__ void __launch_bounds__(kTileThreads)
   double* scratch = reinterpret_cast<double*>(smem + TilePlanSmem::kScratch);
   double* s_prefix = reinterpret_cast<double*>(smem + TilePlanSmem::kPrefix);
   float* s_breakpoints = reinterpret_cast<float*>(smem + TilePlanSmem::kBreakpoints);
-  float* s_growth = reinterpret_cast<float*>(smem + TilePlanSmem::kGrowth);  // keys past the first row's domain
+  // The keys past the first row's domain.
+  float* s_growth = reinterpret_cast<float*>(smem + TilePlanSmem::kGrowth);
   float* s_tau = reinterpret_cast<float*>(smem + TilePlanSmem::kTau);
   // [0]: breakpoints listed, [1]: first row past K keys, [8, 16): scan scratch
   int* s_counter = reinterpret_cast<int*>(smem + TilePlanSmem::kCounters);
