@@ -112,12 +112,22 @@ __device__ __forceinline__ T block_exclusive_scan(T x, T& total, T* scratch) {
 }
 
 // Sorts v[0, n) in shared memory, descending (bitonic network; n a power of two). Ends with
-// a barrier.
+// a barrier. Thread t takes the pairs t, t + kNThreads, ...: in a step of stride <= 32 those
+// pairs lie in the windows of 64 entries that start at 64 * (t / 32 + k * kNThreads / 32),
+// the same for every lane of a warp. So a step of stride <= 32 that follows another one waits
+// at a warp barrier only (every step of sizes up to 64 but the very first, and the strides
+// below 32 of larger sizes): 10 block barriers instead of 45 for 512 entries.
 template <int kNThreads>
 __device__ __forceinline__ void block_sort_descending(float* v, int n) {
+  static_assert(kNThreads % 32 == 0, "whole warps");
   for (int size = 2; size <= n; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
+      const int previous_stride = stride == size / 2 ? 1 : 2 * stride;
+      if (size == 2 || stride > 32 || previous_stride > 32) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
       for (int i = threadIdx.x; i < n / 2; i += kNThreads) {
         // The i-th pair of this step: i with a zero bit inserted at `stride`.
         const int first = 2 * i - (i & (stride - 1));
