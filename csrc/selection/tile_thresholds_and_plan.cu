@@ -115,10 +115,13 @@ __global__ void __launch_bounds__(kTileThreads)
         }
       };
       // The rows of u start 16-byte aligned (whole chunks).
+      // The next quad's load is issued before this one is classified: two in flight a thread.
       const int64_t quads = n0 / 4;
       const float4* u4 = reinterpret_cast<const float4*>(u);
+      float4 next = tid < quads ? u4[tid] : float4{};
       for (int64_t q = tid; q < quads; q += kTileThreads) {
-        const float4 v = u4[q];
+        const float4 v = next;
+        if (q + kTileThreads < quads) next = u4[q + kTileThreads];
         classify(v.x);
         classify(v.y);
         classify(v.z);
