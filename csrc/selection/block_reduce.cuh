@@ -76,17 +76,22 @@ __device__ __forceinline__ void block_min_max(float& lo, float& hi, float* scrat
 
 namespace sparsek {
 
-// Inclusive prefix sum of one value per lane over the warp (a fixed order, so that a double
-// sum is the same run to run).
-template <typename T>
-__device__ __forceinline__ T warp_inclusive_scan(T x) {
+// Inclusive prefix of one value per lane over the warp under `combine` (a fixed order, so
+// that a double sum is the same run to run).
+template <typename T, typename Combine>
+__device__ __forceinline__ T warp_inclusive_scan(T x, Combine combine) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
     const T y = __shfl_up_sync(0xffffffffu, x, offset);
-    if (lane >= offset) x += y;
+    if (lane >= offset) x = combine(y, x);
   }
   return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_scan(T x) {
+  return warp_inclusive_scan(x, [](T a, T b) { return a + b; });
 }
 
 // Exclusive prefix sum of one value per thread over the block (in a fixed order, so that a

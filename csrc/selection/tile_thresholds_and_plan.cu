@@ -184,6 +184,27 @@ __global__ void __launch_bounds__(kTileThreads)
       }
     }
     __syncthreads();
+    // Exact taus never decrease down the rows, and the plan below counts on it; rows solved
+    // apart can round to an ulp below the row before, so the tile keeps the running maximum.
+    if (warp == 0) {
+      static_assert(kTile == 4 * 32, "four rows a lane");
+      float run[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 4 * lane + e;
+        run[e] = r < rows ? s_tau[r] : -INFINITY;
+        if (e > 0) run[e] = fmaxf(run[e], run[e - 1]);
+      }
+      float before = warp_inclusive_scan(run[3], [](float a, float b) { return fmaxf(a, b); });
+      before = __shfl_up_sync(0xffffffffu, before, 1);
+      if (lane == 0) before = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 4 * lane + e;
+        if (r < rows) s_tau[r] = fmaxf(run[e], before);
+      }
+    }
+    __syncthreads();
     for (int r = tid; r < rows; r += kTileThreads) {
       p.tau[bh * p.seqlen_q + row0 + r] = s_tau[r];
     }
