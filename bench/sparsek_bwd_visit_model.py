@@ -1,13 +1,13 @@
 """How many (key, row) pairs the SparseK dk/dv kernel visits, per width of the sorted key span.
 
 The dk/dv kernel (csrc/attention/bwd_dkdv_kernel.cuh, SparseKQueryVisit in
-bwd_query_visit.cuh) gives one CTA a slice of kBlockN consecutive entries of a span of keys
-sorted by score (descending). The CTA visits the rows from the first row whose position
+bwd_query_visit.cuh) gives one CTA a slice of kBlockN consecutive entries of a sorted span of
+keys (selection/sort_key_spans.h). The CTA visits the rows from the first row whose position
 reaches the slice's smallest key to the last row that either has one of its keys in the window
-band or has tau below the slice's top score, in steps of kBlockM rows. Today the spans are the
-selection's 128-key chunks; this model counts what wider spans would visit, against the pairs
-actually attended (gate m_ij > 0, window band included), so that the span width can be chosen
-before writing the kernel.
+band or has tau below one of its scores, in steps of kBlockM rows. The model counts what each
+span width and order visits, against the pairs actually attended (gate m_ij > 0, window band
+included): spans sorted by score (the kernel until b3 in bench/NOTES.md) and by the last row
+that attends a key (the kernel since), so that both can be chosen before writing the kernel.
 
 tau is the exact SPARSEK threshold (SPARSEK.md), solved on every `--row-step`-th row from the
 whole prefix (bisection on the keys within 1 of the K-th largest score, which bracket tau) and
@@ -76,9 +76,11 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
                   block_m: int, order: str = "score"):
     """(key, row) pairs the dk/dv CTAs compute (whole kBlockM row steps), and the CTA count.
 
-    order "score": each span sorted by score, descending, ties by key position (the kernel).
+    order "score": each span sorted by score, descending, ties by key position (the kernel
+    before b3).
     order "last-row": sorted by the last row that attends the key (window band or tau < u),
-    descending: what a slice's row range depends on; shown for comparison only.
+    descending, ties by key position: what a slice's row range depends on (the kernel since
+    b3).
     """
     seq = u.size
     spans = -(-seq // span)
@@ -137,8 +139,8 @@ def main(argv=None):
 
     print(f"K={args.topk} W={args.window} kBlockN={args.block_n} kBlockM={args.block_m}; "
           "pairs per (kv head, query head); 'visited' counts whole kBlockM x kBlockN steps; "
-          "'last-row order' sorts each span by the last row attending a key instead of by "
-          "score (comparison only)")
+          "'last-row order' sorts each span by the last row attending a key (the kernel) "
+          "instead of by score")
     print("| S | sigma | keys/row | span | dk/dv CTAs | visited / attended | vs span 128 | "
           "last-row order: visited / attended |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -44,9 +44,9 @@ std::string check_params(const AttentionBwdParams& p) {
   if (std::string error = check_problem(p); !error.empty()) return error;
   if (p.sparsek && !p.du) return "SparseK mode needs the du pointer";
   if (p.sparsek) {
-    if (!p.span_sorted_u || !p.span_sorted_key) {
-      return "SparseK mode needs the span sort's span_sorted_u and span_sorted_key "
-             "(sparsek_sort_key_spans)";
+    if (!p.span_sorted_u || !p.span_sorted_key || !p.span_last_row) {
+      return "SparseK mode needs the span sort's span_sorted_u, span_sorted_key and "
+             "span_last_row (sparsek_sort_key_spans)";
     }
     if (p.key_spans != key_span_count(p.seqlen_k)) return "key_spans does not match seqlen_k";
   }

@@ -55,6 +55,7 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
     const int64_t span_padded = p.key_spans * KeySpans::kKeySpan;
     chunk.span_sorted_u = p.span_sorted_u + heads * span_padded;
     chunk.span_sorted_key = p.span_sorted_key + heads * span_padded;
+    chunk.span_last_row = p.span_last_row + heads * span_padded;
   }
   return chunk;
 }

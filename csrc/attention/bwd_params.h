@@ -49,10 +49,12 @@ struct AttentionBwdParams {
   const int32_t* plan = nullptr;        // [B * Hkv, ceil(T / kQueryTile), key_chunks + 1]
   int64_t key_chunks = 0;
   // The dk/dv kernel's key order (selection/sort_key_spans.h, sparsek_sort_key_spans):
-  // [B * Hkv, key_spans * KeySpans::kKeySpan], each span of key positions sorted by score,
-  // descending, ties by position; padding entries u = -inf, key = -1.
+  // [B * Hkv, key_spans * KeySpans::kKeySpan], each span of key positions sorted by the last
+  // row that attends a key (descending), with its score, position and last row; padding
+  // entries u = -inf, key = -1, last row -1.
   const float* span_sorted_u = nullptr;
   const int32_t* span_sorted_key = nullptr;
+  const int32_t* span_last_row = nullptr;
   int64_t key_spans = 0;
 
   // Set by the launcher, not by callers: the grids' CTA order (cta_order.h).

@@ -89,20 +89,18 @@ struct DenseQueryVisit {
 };
 
 // SparseK: key tile n is the entries [n kBlockN, (n + 1) kBlockN) of the backward's span sort
-// (selection/sort_key_spans.h: spans of kKeySpan key positions, each sorted by score,
-// descending, ties by position; a tile lies inside one span). Every key position appears in
+// (selection/sort_key_spans.h: spans of kKeySpan key positions, each sorted by the last row
+// that attends a key, descending; a tile lies inside one span). Every key position appears in
 // exactly one tile, so the tile's dk, dv and du are scattered to positions no other CTA writes.
 // Contiguous key tiles would not do: nearly every block of keys holds a high-scoring key that
-// many rows select, while the later entries of a sorted span score low and are selected by few
-// rows. Spans wider than the selection's 128-key chunks make a tile's scores close, so its top
-// score (which bounds its rows) is close to what its other keys need.
+// many rows select, while the later entries of a sorted span are attended by few rows. Spans
+// wider than the selection's 128-key chunks make a tile's last rows close, so its latest one
+// (which bounds its rows) is close to what its other keys need.
 //
 // Rows that see some key of the tile: from the first row whose position reaches the tile's
-// smallest key, to the last row that has a tile key in its window band (p(i) < max key + W)
-// or that selects from the sparse domain some key scoring above its tau: tau never decreases
-// down the rows, so that is the last row with tau_i < u_max, the tile's top score (its first
-// entry, spans being sorted descending), found by binary search. A tile of padding entries
-// only (key -1, past S) visits no row.
+// smallest key, to the latest last row of its keys (the sort's last row of its first entry:
+// past it no row has a tile key in its window band or selects one from its sparse domain).
+// A tile of padding entries only (key -1, past S) visits no row.
 template <typename Cfg>
 struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
@@ -110,7 +108,7 @@ struct SparseKQueryVisit {
   static constexpr GridOrder kGridOrder = GridOrder::kTileMajor;
   static_assert(KeySpans::kKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
-  // Shared memory: key [kBlockN], u [kBlockN], then 3 ints for the reductions.
+  // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions (4 reserved).
   int* s_key;
   float* s_u;
   int window;
@@ -130,7 +128,7 @@ struct SparseKQueryVisit {
         s_u(reinterpret_cast<float*>(s_key + Cfg::kBlockN)),
         window(static_cast<int>(p.window)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
-    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key, last row with tau < u_max
+    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key
     const int64_t entry0 =
         batch_head * p.key_spans * KeySpans::kKeySpan + int64_t{tile} * Cfg::kBlockN;
     const int t = threadIdx.x;
@@ -149,27 +147,10 @@ struct SparseKQueryVisit {
       atomicMin(&s_bounds[0], key);
       atomicMax(&s_bounds[1], key);
     }
-    if (t == 0) {
-      // Last row i with tau_i < u_max (-1: none); -inf < any finite u_max.
-      const float u_max = s_u[0];
-      const float* tau = p.tau + batch_head * p.seqlen_q;
-      int lo = -1, hi = static_cast<int>(p.seqlen_q);  // tau[lo] < u_max <= tau[hi]
-      if (u_max > -INFINITY) {
-        while (hi - lo > 1) {
-          const int mid = lo + (hi - lo) / 2;
-          if (tau[mid] < u_max) {
-            lo = mid;
-          } else {
-            hi = mid;
-          }
-        }
-      }
-      s_bounds[2] = lo;
-    }
+    const int64_t last_row = p.span_last_row[entry0];  // the tile's latest, at most T - 1
     __syncthreads();
     const int64_t min_key = s_bounds[0];
     max_key = s_bounds[1];
-    const int64_t sparse_hi = s_bounds[2];
     if (max_key < 0) {  // a tile of padding entries only
       row_lo = 0;
       num_rows = 0;
@@ -177,9 +158,7 @@ struct SparseKQueryVisit {
     }
     const int64_t offset = p.seqlen_k - p.seqlen_q;
     const int64_t lo = max(int64_t{0}, min_key - offset);
-    int64_t hi = sparse_hi;
-    if (p.window > 0) hi = max(hi, max_key + p.window - 1 - offset);
-    hi = min(hi, p.seqlen_q - 1);
+    const int64_t hi = last_row;
     row_lo = static_cast<int>(lo);
     num_rows = static_cast<int>(max(int64_t{0}, hi - lo + 1));
   }

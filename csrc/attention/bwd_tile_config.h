@@ -88,7 +88,7 @@ struct BwdTileSizes;
 // D <= 128: 4 warps of 16 rows (dq) or 16 keys (dk/dv). dk/dv keep 2 * D / 8 * 4
 // accumulators a thread (128 at D = 128) next to the S^T and dP^T blocks: at D = 128 those
 // take 32 query rows a step (64 spill registers). The SparseK dk/dv tile is 64 entries of a
-// sorted key span: smaller tiles have lower top scores and so fewer rows to visit. D = 256:
+// sorted key span: smaller tiles end closer together and so visit fewer rows. D = 256:
 // 8 warps; dq takes 128 rows (its loads need 8 rows a pass) and 32 keys a step; dk/dv split
 // the head dim between warp pairs. All instantiations compile without spills (sm_90a).
 template <>
@@ -156,7 +156,7 @@ struct BwdDqSm90TileConfig {
 // tau and mean are double-buffered and load a whole step ahead. Accumulators a thread: dk
 // and dv 64 each, S^T and dP^T 32 each. Two warpgroups (128 keys, one CTA an SM) halve the Q
 // and dO bytes per product: the dense modes. SparseK takes one warpgroup (64 entries of a
-// sorted span: smaller tiles have lower top scores and visit fewer rows; two CTAs an SM).
+// sorted span: smaller tiles end closer together and visit fewer rows; two CTAs an SM).
 // kFuseDq (dense modes, two warpgroups): the step's dS also goes to shared memory (the rows x
 // the CTA's keys) and each warpgroup computes half the head dim of dq = dS K (32 more
 // accumulators, live only once S^T and dP^T are dead) and adds it into the float32

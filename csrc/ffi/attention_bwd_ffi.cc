@@ -157,6 +157,11 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       reinterpret_cast<float*>(span_workspace + span_layout.span_sorted_u_offset);
   spans.span_sorted_key =
       reinterpret_cast<int32_t*>(span_workspace + span_layout.span_sorted_key_offset);
+  spans.span_last_row =
+      reinterpret_cast<int32_t*>(span_workspace + span_layout.span_last_row_offset);
+  spans.tau = tau->typed_data();
+  spans.seqlen_q = p.seqlen_q;
+  spans.window = window;
   spans.device = device;
   if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
@@ -166,6 +171,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   sparsek_ffi::use_selection(p, tau->typed_data(), layout, selection_workspace);
   p.span_sorted_u = spans.span_sorted_u;
   p.span_sorted_key = spans.span_sorted_key;
+  p.span_last_row = spans.span_last_row;
   p.key_spans = span_layout.spans;
   p.du = du->typed_data();
   p.workspace = span_workspace + span_bytes;

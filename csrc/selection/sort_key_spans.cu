@@ -1,7 +1,7 @@
 // The backward's span sort (sort_key_spans.h): one block per span of kKeySpan key positions
-// and (batch, kv head), a bitonic network in shared memory. The order is total (score
+// and (batch, kv head), a bitonic network in shared memory. The order is total (last row
 // descending, then position ascending), so the result is unique whatever the network does
-// with equal scores: deterministic across runs and devices.
+// with ties: deterministic across runs and devices.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,10 +19,44 @@ namespace sparsek {
 
 namespace {
 
-// Whether entry (u_a, a) comes before entry (u_b, b): higher score first, then lower position.
-// Padding (-inf, positions past S) lands after every real key, -inf-scored keys included.
-__device__ __forceinline__ bool comes_before(float u_a, int32_t a, float u_b, int32_t b) {
-  return u_a > u_b || (u_a == u_b && a < b);
+struct SpanEntry {
+  int32_t last_row;  // -1: no row attends the key; -2: padding past S
+  float u;
+  int32_t pos;       // position within the span
+};
+
+// Whether entry a comes before entry b. Padding lands after every real key. Keys that end
+// on the same row (the top keys of a span all reach the last row) go in position order: a
+// slice then holds neighbouring keys, and its rows start as late as they can.
+__device__ __forceinline__ bool comes_before(const SpanEntry& a, const SpanEntry& b) {
+  if (a.last_row != b.last_row) return a.last_row > b.last_row;
+  return a.pos < b.pos;
+}
+
+// The last row that attends key `key` scored u (sort_key_spans.h); -1 if none. Rows and keys
+// are below 2^30 (check_params).
+__device__ __forceinline__ int last_attending_row(const SortKeySpansParams& p,
+                                                  const float* tau, int key, float u) {
+  const int rows = static_cast<int>(p.seqlen_q);
+  // Last row i with tau_i < u (-1: none): tau never decreases, and -inf < any finite u.
+  int lo = -1, hi = rows;  // tau[lo] < u <= tau[hi]
+  if (u > -INFINITY) {
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      if (tau[mid] < u) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+  }
+  // The window band: rows with key <= p(i) < key + W, p(i) = i + S - T (W < 2^31 rows past
+  // the key make no difference past the last row).
+  if (p.window > 0) {
+    const int64_t window_last = int64_t{key} + p.window - 1 - (p.seqlen_k - p.seqlen_q);
+    lo = static_cast<int>(max(int64_t{lo}, min(window_last, int64_t{rows - 1})));
+  }
+  return lo;
 }
 
 __global__ void __launch_bounds__(KeySpans::kSortThreads)
@@ -30,15 +64,19 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   constexpr int kSpan = KeySpans::kKeySpan;
   static_assert(KeySpans::kSortThreads == kSpan, "one thread per entry of the span");
   static_assert((kSpan & (kSpan - 1)) == 0, "a bitonic network sorts a power of two");
-  __shared__ float s_u[kSpan];
-  __shared__ int32_t s_pos[kSpan];  // position within the span
+  __shared__ SpanEntry s_entry[kSpan];
   const int t = threadIdx.x;
   const int64_t span_begin = static_cast<int64_t>(blockIdx.x) * kSpan;
   const int64_t pos = span_begin + t;
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
-    __syncthreads();  // the previous (batch, head) is done with s_u and s_pos
-    s_u[t] = pos < p.seqlen_k ? p.key_u[bh * p.key_u_stride + pos] : -INFINITY;
-    s_pos[t] = t;
+    __syncthreads();  // the previous (batch, head) is done with s_entry
+    SpanEntry entry{-2, -INFINITY, t};
+    if (pos < p.seqlen_k) {
+      entry.u = p.key_u[bh * p.key_u_stride + pos];
+      entry.last_row =
+          last_attending_row(p, p.tau + bh * p.seqlen_q, static_cast<int>(pos), entry.u);
+    }
+    s_entry[t] = entry;
     // Runs of `size` entries alternate direction until the last pass sorts the whole span.
     for (int size = 2; size <= kSpan; size <<= 1) {
       for (int stride = size >> 1; stride > 0; stride >>= 1) {
@@ -46,33 +84,36 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         const int partner = t ^ stride;
         if (partner > t) {
           const bool final_order = (t & size) == 0;  // always true on the last pass
-          const float u_t = s_u[t], u_p = s_u[partner];
-          const int32_t pos_t = s_pos[t], pos_p = s_pos[partner];
-          const bool partner_first = comes_before(u_p, pos_p, u_t, pos_t);
-          if (final_order == partner_first) {
-            s_u[t] = u_p;
-            s_u[partner] = u_t;
-            s_pos[t] = pos_p;
-            s_pos[partner] = pos_t;
+          const SpanEntry mine = s_entry[t], theirs = s_entry[partner];
+          if (final_order == comes_before(theirs, mine)) {
+            s_entry[t] = theirs;
+            s_entry[partner] = mine;
           }
         }
       }
     }
     __syncthreads();
-    const int64_t key = span_begin + s_pos[t];
+    const SpanEntry sorted = s_entry[t];
+    const int64_t key = span_begin + sorted.pos;
     const int64_t out = bh * padded_keys + pos;
-    p.span_sorted_u[out] = s_u[t];
+    p.span_sorted_u[out] = sorted.u;
     p.span_sorted_key[out] = key < p.seqlen_k ? static_cast<int32_t>(key) : -1;
+    p.span_last_row[out] = max(sorted.last_row, -1);
   }
 }
 
 std::string check_params(const SortKeySpansParams& p) {
-  if (!p.key_u || !p.span_sorted_u || !p.span_sorted_key) {
-    return "a key_u, span_sorted_u or span_sorted_key pointer is null";
+  if (!p.key_u || !p.tau || !p.span_sorted_u || !p.span_sorted_key || !p.span_last_row) {
+    return "a key_u, tau, span_sorted_u, span_sorted_key or span_last_row pointer is null";
   }
-  if (p.batch_heads <= 0 || p.seqlen_k <= 0) return "batch_heads and seqlen_k must be positive";
+  if (p.batch_heads <= 0 || p.seqlen_k <= 0 || p.seqlen_q <= 0) {
+    return "batch_heads, seqlen_q and seqlen_k must be positive";
+  }
+  if (p.window < 0) return "window must be >= 0";
   if (p.key_u_stride < p.seqlen_k) return "key_u_stride must be at least seqlen_k";
-  if (p.seqlen_k > (int64_t{1} << 30)) return "seqlen_k must be below 2^30";
+  if (p.seqlen_k > (int64_t{1} << 30) || p.seqlen_q > (int64_t{1} << 30)) {
+    return "seqlen_q and seqlen_k must be below 2^30";
+  }
   return {};
 }
 
@@ -93,6 +134,7 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
     const size_t bytes = static_cast<size_t>(p.batch_heads * padded_keys) * 4;
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_sorted_u, 0xFF, bytes, stream));
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_sorted_key, 0xFF, bytes, stream));
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_last_row, 0xFF, bytes, stream));
   }
   const unsigned grid_y = static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535));
   sort_key_spans_kernel<<<dim3(static_cast<unsigned>(spans), grid_y), KeySpans::kSortThreads, 0,

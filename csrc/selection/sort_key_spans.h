@@ -1,20 +1,27 @@
-// A backward-only ordering of the keys: the scores sorted within spans of kKeySpan key
-// positions (descending, ties by key position), with each entry's key position.
+// A backward-only ordering of the keys: within spans of kKeySpan key positions, the keys
+// sorted by the last row that attends them (descending; then by position), with each entry's
+// score, position and last row.
+//
+// A key's last row is the later of the last row whose window band holds it (p(i) < j + W)
+// and the last row whose tau lies below its score (tau never decreases down the rows): no
+// row past it gives the key a gate above 0.
 //
 // Why: the dk/dv kernel (attention/bwd_query_visit.cuh) gives a CTA kBlockN consecutive
-// entries of a sorted run of keys and visits every row up to the last one whose tau is below
-// the entries' top score. In the selection's 128-key chunks the top entries of a chunk score
-// far above its other entries, so the top slice of every chunk visits nearly every later row.
-// Sorted over wider spans, the entries of one slice score close together and its rows shrink
-// to about the rows that select its keys; the price is that a slice's keys spread over the
-// whole span, so its rows start at the span's first keys. bench/sparsek_bwd_visit_model.py
-// counts both effects: at K = 2048, W = 512, kBlockN = 64, spans of 1024 keys visit 0.48-0.62x the
-// (key, row) pairs of 128-key chunks at 32k and 0.19-0.23x at 128k (1.3-2.0x the attended
-// pairs), and stay within 5% of them at 8k; wider spans lose more at their start than they
-// gain. The forward keeps the selection's chunks and plan (selection_params.h).
+// entries of a sorted span and visits the rows from the first that reaches the entries'
+// smallest position to the entries' latest last row (the first entry's). In the selection's
+// 128-key chunks the top entries of a chunk score far above its other entries, so the top
+// slice of every chunk visits nearly every later row. Sorted over wider spans, the entries of
+// one slice end close together and its rows shrink to about the rows that attend its keys;
+// the price is that a slice's keys spread over the whole span, so its rows start at the
+// span's first keys. bench/sparsek_bwd_visit_model.py counts both effects (K = 2048,
+// W = 512, kBlockN = kBlockM = 64): spans of 1024 keys sorted by score visit 1.26-1.98x the
+// attended (key, row) pairs at 8k-128k (about half what 128-key chunks visit at 32k); sorted
+// by last row, 1.15-1.73x (9-14% fewer than by score: a key whose window band outlasts its
+// selection ends where its window does, which its score does not tell). Wider or narrower
+// spans visit more. The forward keeps the selection's chunks and plan (selection_params.h).
 //
-// Layout: [batch_heads, key_span_count(S) * kKeySpan]; entries past S hold u = -inf, key = -1.
-// Memory: O(S) per (batch, kv head), no T-dependence.
+// Layout: [batch_heads, key_span_count(S) * kKeySpan]; entries past S hold u = -inf,
+// key = -1, last row -1. Memory: O(S) per (batch, kv head), no T-dependence.
 #pragma once
 
 #include <cstdint>
@@ -39,18 +46,25 @@ struct SortKeySpansParams {
   int64_t key_u_stride = 0;
   int64_t batch_heads = 0;  // B * Hkv
   int64_t seqlen_k = 0;
+  // The selection's thresholds for the same scores, topk and window (sparsek_select):
+  // [batch_heads, seqlen_q], non-decreasing along each row.
+  const float* tau = nullptr;
+  int64_t seqlen_q = 0;
+  int64_t window = 0;  // W >= 0
   // Results, [batch_heads, key_span_count(seqlen_k) * kKeySpan] each.
   float* span_sorted_u = nullptr;
   int32_t* span_sorted_key = nullptr;
+  int32_t* span_last_row = nullptr;
   int32_t device = -1;
 };
 
-// Where the two result arrays sit in a workspace of the sort's own (the launcher,
+// Where the three result arrays sit in a workspace of the sort's own (the launcher,
 // sparsek_sort_key_spans, and sparsek_key_span_workspace_bytes are in sparsek_api.h).
 struct KeySpanLayout {
   int64_t spans = 0;                     // key_span_count(seqlen_k)
   int64_t span_sorted_u_offset = 0;      // bytes, multiples of 256
   int64_t span_sorted_key_offset = 0;
+  int64_t span_last_row_offset = 0;
   int64_t workspace_bytes = 0;
 
   int64_t padded_keys() const { return spans * KeySpans::kKeySpan; }
@@ -61,7 +75,8 @@ struct KeySpanLayout {
     const int64_t entries = batch_heads * l.padded_keys();
     l.span_sorted_u_offset = 0;
     l.span_sorted_key_offset = align256(entries * 4);
-    l.workspace_bytes = l.span_sorted_key_offset + align256(entries * 4);
+    l.span_last_row_offset = l.span_sorted_key_offset + align256(entries * 4);
+    l.workspace_bytes = l.span_last_row_offset + align256(entries * 4);
     return l;
   }
 };
