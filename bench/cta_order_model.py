@@ -9,7 +9,7 @@ causal grids and the SparseK dk/dv grid).
    query tiles, reversed, in the forward and dq grids).
  - `--sparsek`: the SparseK dk/dv grid at the issue's configs (B = 1, Hq = 32, Hkv = 8,
    K = 2048, W = 512; a CTA loops over the 4 query heads of its kv head), each CTA's rows
-   from bench/sparsek_bwd_visit_model.py (64-key slices of 1024-key spans sorted by score,
+   from bench/sparsek_bwd_visit_model.py (64-key slices of 1024-key spans sorted by last row,
    64-row steps, one kv head's random scores each), work = row steps + 1.
 
     python bench/cta_order_model.py [--sms 132] [--sparsek]
@@ -58,7 +58,7 @@ def sparsek_dkdv_groups(seq, sigma, heads_kv=8, group=4, topk=2048, window=512, 
     for _ in range(heads_kv):
         u = (sigma * rng.standard_normal(seq)).astype(np.float32)
         tau, _ = visit_model.row_thresholds(u, topk, window, 256)
-        _, _, rows = visit_model.visited_pairs(u, tau, 1024, window, 64, 64)
+        _, _, rows = visit_model.visited_pairs(u, tau, 1024, window, 64, 64, order="last-row")
         groups.append(list(np.ceil(rows / 64) * group + 1))
     return groups
 

@@ -10,7 +10,7 @@
 //    (GQA); tile-major leaves 0.1-0.3%;
 //  - the SparseK dk/dv grid (bwd_query_visit.cuh): a CTA takes one slice of a score-sorted
 //    span, and the top slices of the first spans visit nearly every row while the others
-//    visit a few hundred: the tail costs 4-9% at S = 32k and 1-3% at 128k, tile-major (spans
+//    visit a few hundred: the tail costs 5-11% at S = 32k and 2-4% at 128k, tile-major (spans
 //    in key order) under 0.5%.
 // Everywhere else a head's CTAs do about the same work, and head-major order keeps the CTAs
 // that stream the same K and V (or Q and dO) in flight together.
