@@ -24,9 +24,11 @@ namespace sparsek {
 // holds too many breakpoints. Each pass evaluates f at kPoints points of the bracket at once
 // (one read of the prefix), narrowing it kPoints + 1 times. Returns -inf when at most K
 // keys are finite. scratch: kNThreads / 32 * kPoints doubles.
+// Not inlined: the tile kernel calls it only on its rare paths, and inlined its 15-point
+// arrays would take registers from the common one.
 template <int kNThreads>
 __device__ __noinline__ float solve_threshold_block(const float* u, int64_t n, int64_t topk,
-                                       double* scratch) {
+                                                    double* scratch) {
   constexpr int kPoints = 15;
   constexpr int kPasses = 3;         // narrow the bracket 16^3 times...
   constexpr int kNewtonPasses = 12;  // ...then Newton steps, usually 2 or 3
