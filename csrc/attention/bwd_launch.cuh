@@ -105,6 +105,8 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
   const int64_t key_tiles =
       p.sparsek ? p.key_spans * (KeySpans::kKeySpan / DkDvCfg::kBlockN)
                 : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
+  int sms = 0;
+  SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
   // gridDim.y and z are at most 65535: larger batches go in several launches.
   constexpr int64_t kMaxBatchPerLaunch = 65535;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
@@ -115,7 +117,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     float* chunk_delta = delta + rows;
     float* chunk_mean = mean ? mean + rows : nullptr;
     if (!dq_accum) {
-      chunk.tile_major_grid = CtaOrder::tile_major(p, m_blocks);
+      chunk.tile_major_grid = CtaOrder::tile_major(chunk, m_blocks, sms);
       const dim3 dq_grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, count);
       dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta,
                                                                 chunk_mean);
@@ -123,7 +125,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     }
     float* chunk_dq_accum =
         dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
-    chunk.tile_major_grid = CtaOrder::key_grid_tile_major(p, key_tiles);
+    chunk.tile_major_grid = CtaOrder::key_grid_tile_major(chunk, key_tiles, sms);
     const dim3 dkdv_grid = CtaOrder::grid(chunk.tile_major_grid, key_tiles, p.heads_kv, count);
     launch_dkdv(dkdv_kernel, dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
                 chunk_delta, chunk_mean, chunk_dq_accum);

@@ -14,9 +14,18 @@
 //    in key order) under 0.5%.
 // Everywhere else a head's CTAs do about the same work, and head-major order keeps the CTAs
 // that stream the same K and V (or Q and dO) in flight together.
+//
+// What tile-major costs: the CTAs of one kv head in flight at once fall from about a wave
+// to SMs / (B * Hkv), and each such group reads the head's K and V (Q and dO) from HBM on its
+// own. A forward CTA reads 1 byte of K/V per 128 FLOPs (128-row tiles), 3.5 TB/s at 450
+// TFLOP/s, so it relies on those reads hitting L2: plain causal grids go tile-major only
+// while at least 4 CTAs share each kv head (4 * B * Hkv <= SMs; 0.9 TB/s from HBM at most).
+// The SparseK dk/dv grid reads 1 byte of Q/dO per ~320 FLOPs and goes tile-major always.
 #pragma once
 
 #include <cstdint>
+
+#include <cuda_runtime_api.h>
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
@@ -31,17 +40,31 @@ enum class GridOrder { kByFlag, kHeadMajor, kTileMajor };
 struct CtaOrder {
   static constexpr int64_t kMaxGridYZ = 65535;
 
-  // Query-tile grids (forward, dq) and the dense dk/dv grid: tile-major under a plain causal
-  // mask (tiles then go in gridDim.z, at most 65535). SparseK query-tile grids: head-major.
+  static constexpr int64_t kMinCtasPerKvHead = 4;
+
+  // Query-tile grids (forward, dq) and the dense dk/dv grid of one launch (p.batch batches):
+  // tile-major under a plain causal mask when every kv head keeps kMinCtasPerKvHead CTAs in
+  // flight (tiles then go in gridDim.z, at most 65535). SparseK query-tile grids: head-major.
   template <typename Params>
-  static bool tile_major(const Params& p, int64_t tiles) {
-    return p.is_causal && p.window == 0 && !p.sparsek && tiles <= kMaxGridYZ;
+  static bool tile_major(const Params& p, int64_t tiles, int sms) {
+    return p.is_causal && p.window == 0 && !p.sparsek && tiles <= kMaxGridYZ &&
+           kMinCtasPerKvHead * p.batch * p.heads_kv <= sms;
   }
   // The dk/dv grid: SparseK's is always tile-major (GridOrder::kTileMajor in its visit; at
   // most 16384 tiles: SelectionTiles::kMaxChunks * 128 keys in slices of 64).
   template <typename Params>
-  static bool key_grid_tile_major(const Params& p, int64_t tiles) {
-    return p.sparsek || tile_major(p, tiles);
+  static bool key_grid_tile_major(const Params& p, int64_t tiles, int sms) {
+    return p.sparsek || tile_major(p, tiles, sms);
+  }
+
+  // The current device's SM count (the launchers run on the params' device).
+  static cudaError_t sm_count(int* sms) {
+    int device = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status == cudaSuccess) {
+      status = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+    }
+    return status;
   }
 
 #ifdef __CUDACC__

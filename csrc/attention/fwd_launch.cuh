@@ -25,6 +25,8 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   }
   const int64_t m_blocks = (p.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  int sms = 0;
+  SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
   // gridDim.z is at most 65535: larger batches go in several launches.
   constexpr int64_t kMaxBatchPerLaunch = 65535;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
@@ -44,7 +46,7 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
       chunk.sorted_key = p.sorted_key + heads * padded;
       chunk.plan = p.plan + heads * m_blocks * (p.key_chunks + 1);
     }
-    chunk.tile_major_grid = CtaOrder::tile_major(p, m_blocks);
+    chunk.tile_major_grid = CtaOrder::tile_major(chunk, m_blocks, sms);
     const dim3 grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, chunk.batch);
     kernel<<<grid, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
