@@ -8,8 +8,8 @@
 //  - plain causal grids (the last query tiles and the first key tiles see the most pairs):
 //    the tail costs 6-7% at T = 2048-8192 and 12% where a dk/dv CTA loops over 4 query heads
 //    (GQA); tile-major leaves 0.1-0.3%;
-//  - the SparseK dk/dv grid (bwd_query_visit.cuh): a CTA takes one slice of a score-sorted
-//    span, and the top slices of the first spans visit nearly every row while the others
+//  - the SparseK dk/dv grid (bwd_query_visit.cuh): a CTA takes one slice of a sorted span,
+//    and the first slices of the first spans visit nearly every row while the others
 //    visit a few hundred: the tail costs 5-11% at S = 32k and 2-4% at 128k, tile-major (spans
 //    in key order) under 0.5%.
 // Everywhere else a head's CTAs do about the same work, and head-major order keeps the CTAs
@@ -39,7 +39,6 @@ enum class GridOrder { kByFlag, kHeadMajor, kTileMajor };
 
 struct CtaOrder {
   static constexpr int64_t kMaxGridYZ = 65535;
-
   static constexpr int64_t kMinCtasPerKvHead = 4;
 
   // Query-tile grids (forward, dq) and the dense dk/dv grid of one launch (p.batch batches):
