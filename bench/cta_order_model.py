@@ -2,8 +2,8 @@
 
 The hardware starts CTAs in block-index order on the first free SM, one CTA an SM at a time
 for our kernels. The model prints each grid's makespan over the ideal (total work / SMs) for
-the order head by head (the old one) and tile-major (tiles slowest: the new one for plain
-causal grids and the SparseK dk/dv grid).
+the order head by head (the old one) and tile-major within each batch (gridDim = (heads,
+tiles, batch): the new one for plain causal grids and the SparseK dk/dv grid).
 
  - Plain causal grids: tile j of n does (n - j) units of work (key tiles in the dk/dv grid;
    query tiles, reversed, in the forward and dq grids).
@@ -23,13 +23,13 @@ import sys
 
 import numpy as np
 
-# name: (groups = B * heads a CTA grid spans, tiles a group, work units a tile step)
+# name: (batch, heads a batch in the grid, tiles a head, work units a tile step)
 CAUSAL_GRIDS = {
-    "foundation_t8192_causal forward (B2 H16, 64 query tiles)": (32, 64, 1),
-    "foundation_t8192_causal dk/dv (B2 Hkv16, 64 key tiles)": (32, 64, 1),
-    "gqa_t8192 dk/dv (B2 Hkv8, a CTA loops over 4 query heads)": (16, 64, 4),
-    "gqa_t8192 forward (B2 Hq32)": (64, 64, 1),
-    "foundation_t2048_causal dk/dv (B8 H16, 16 key tiles)": (128, 16, 1),
+    "foundation_t8192_causal forward (B2 H16, 64 query tiles)": (2, 16, 64, 1),
+    "foundation_t8192_causal dk/dv (B2 Hkv16, 64 key tiles)": (2, 16, 64, 1),
+    "gqa_t8192 dk/dv (B2 Hkv8, a CTA loops over 4 query heads)": (2, 8, 64, 4),
+    "gqa_t8192 forward (B2 Hq32)": (2, 32, 64, 1),
+    "foundation_t2048_causal dk/dv (B8 H16, 16 key tiles)": (8, 16, 16, 1),
 }
 
 
@@ -41,10 +41,12 @@ def makespan(jobs, sms):
     return max(free)
 
 
-def report(name, per_group, sms):
-    """per_group: one list of CTA works per (head, batch) group, in tile order."""
+def report(name, per_group, heads, sms):
+    """per_group: one list of CTA works per (batch, head), batch-major, in tile order."""
     head_major = [w for group in per_group for w in group]
-    tile_major = [group[t] for t in range(len(per_group[0])) for group in per_group]
+    tiles = len(per_group[0])
+    tile_major = [per_group[b * heads + h][t] for b in range(len(per_group) // heads)
+                  for t in range(tiles) for h in range(heads)]
     ideal = sum(head_major) / sms
     print(f"{name:62s} {makespan(head_major, sms) / ideal:10.3f} "
           f"{makespan(tile_major, sms) / ideal:10.3f}", flush=True)
@@ -71,14 +73,14 @@ def main():
     args = parser.parse_args()
     print(f"makespan / ideal on {args.sms} SMs")
     print(f"{'grid':62s} {'head-major':>10s} {'tile-major':>10s}")
-    for name, (groups, tiles, scale) in CAUSAL_GRIDS.items():
+    for name, (batch, heads, tiles, scale) in CAUSAL_GRIDS.items():
         per_tile = [(tiles - j) * scale for j in range(tiles)]  # longest first within a head
-        report(name, [per_tile] * groups, args.sms)
+        report(name, [per_tile] * (batch * heads), heads, args.sms)
     if args.sparsek:
         for seq in (32768, 131072):
             for sigma in (1.0, 4.0):
                 report(f"SparseK dk/dv S={seq} sigma {sigma:g}",
-                       sparsek_dkdv_groups(seq, sigma), args.sms)
+                       sparsek_dkdv_groups(seq, sigma), 8, args.sms)
 
 
 if __name__ == "__main__":

@@ -117,17 +117,19 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     float* chunk_delta = delta + rows;
     float* chunk_mean = mean ? mean + rows : nullptr;
     if (!dq_accum) {
-      chunk.tile_major_grid = CtaOrder::tile_major(chunk, m_blocks, sms);
-      const dim3 dq_grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, count);
-      dq_kernel<<<dq_grid, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta,
-                                                                chunk_mean);
+      const CtaOrder::Grid dq_grid = CtaOrder::make(chunk, m_blocks, p.heads_q, sms);
+      chunk.tile_major_grid = dq_grid.tile_major;
+      dq_kernel<<<dq_grid.dims, DqCfg::kNThreads, dq_smem, stream>>>(chunk, chunk_delta,
+                                                                     chunk_mean);
       SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
     }
     float* chunk_dq_accum =
         dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
-    chunk.tile_major_grid = CtaOrder::key_grid_tile_major(chunk, key_tiles, sms);
-    const dim3 dkdv_grid = CtaOrder::grid(chunk.tile_major_grid, key_tiles, p.heads_kv, count);
-    launch_dkdv(dkdv_kernel, dkdv_grid, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
+    const CtaOrder::Grid dkdv_grid = p.sparsek
+                                         ? CtaOrder::make_sparsek_key_grid(chunk, key_tiles)
+                                         : CtaOrder::make(chunk, key_tiles, p.heads_kv, sms);
+    chunk.tile_major_grid = dkdv_grid.tile_major;
+    launch_dkdv(dkdv_kernel, dkdv_grid.dims, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
                 chunk_delta, chunk_mean, chunk_dq_accum);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }

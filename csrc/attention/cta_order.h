@@ -7,7 +7,7 @@
 // processing time first). In a list-scheduling model of 132 SMs (bench/cta_order_model.py):
 //  - plain causal grids (the last query tiles and the first key tiles see the most pairs):
 //    the tail costs 6-7% at T = 2048-8192 and 12% where a dk/dv CTA loops over 4 query heads
-//    (GQA); tile-major leaves 0.1-0.3%;
+//    (GQA); tile-major within each batch leaves 0.2-1.6%;
 //  - the SparseK dk/dv grid (bwd_query_visit.cuh): a CTA takes one slice of a sorted span,
 //    and the first slices of the first spans visit nearly every row while the others
 //    visit a few hundred: the tail costs 5-11% at S = 32k and 2-4% at 128k, tile-major (spans
@@ -16,20 +16,18 @@
 // that stream the same K and V (or Q and dO) in flight together.
 //
 // What tile-major costs: the CTAs of one kv head in flight at once fall from about a wave
-// to SMs / (B * Hkv), and each such group reads the head's K and V (Q and dO) from HBM on its
-// own. A forward CTA reads 1 byte of K/V per 128 FLOPs (128-row tiles), 3.5 TB/s at 450
-// TFLOP/s, so it relies on those reads hitting L2: plain causal grids go tile-major only
-// while at least 4 CTAs share each kv head (4 * B * Hkv <= SMs; 0.9 TB/s from HBM at most).
-// The SparseK dk/dv grid reads 1 byte of Q/dO per ~320 FLOPs and goes tile-major always.
+// to about SMs / Hkv (the CTAs in flight belong to one batch or two), and each such group
+// reads the head's K and V (Q and dO) from HBM on its own. A forward CTA reads 1 byte of K/V
+// per 128 FLOPs (128-row tiles), 3.5 TB/s at 450 TFLOP/s, so it relies on those reads hitting
+// L2: plain causal grids go tile-major only where at least 4 CTAs share each kv head
+// (4 * Hkv <= SMs; 0.9 TB/s from HBM at most), and one batch at a time (ordering all batches
+// together would leave one CTA a kv head at B * Hkv >= SMs). The SparseK dk/dv grid reads 1
+// byte of Q/dO per ~320 FLOPs and goes tile-major always.
 #pragma once
 
-#include <cstdint>
-
-#include <cuda_runtime_api.h>
-
-#ifdef __CUDACC__
 #include <cuda_runtime.h>
-#endif
+
+#include <cstdint>
 
 namespace sparsek {
 
@@ -41,19 +39,32 @@ struct CtaOrder {
   static constexpr int64_t kMaxGridYZ = 65535;
   static constexpr int64_t kMinCtasPerKvHead = 4;
 
-  // Query-tile grids (forward, dq) and the dense dk/dv grid of one launch (p.batch batches):
-  // tile-major under a plain causal mask when every kv head keeps kMinCtasPerKvHead CTAs in
-  // flight (tiles then go in gridDim.z, at most 65535). SparseK query-tile grids: head-major.
+  // A launch's grid: head-major (tiles, heads, batch), or tile-major (heads, tiles, batch):
+  // the linear block index runs over one batch's heads, then its tiles, then the batches, so
+  // each batch is a section that starts its longest tiles first, and the CTAs in flight
+  // belong to one or two batches (Hkv kv heads each).
+  struct Grid {
+    dim3 dims;
+    bool tile_major;
+  };
+
+  // The forward's and dq's grids (`heads` = Hq) and the dense dk/dv grid (`heads` = Hkv) of
+  // one launch (p.batch batches, at most 65535): tile-major under a plain causal mask when a
+  // batch's kv heads keep kMinCtasPerKvHead CTAs each in flight (kMinCtasPerKvHead * Hkv <=
+  // SMs; tiles then go in gridDim.y, at most 65535).
   template <typename Params>
-  static bool tile_major(const Params& p, int64_t tiles, int sms) {
-    return p.is_causal && p.window == 0 && !p.sparsek && tiles <= kMaxGridYZ &&
-           kMinCtasPerKvHead * p.batch * p.heads_kv <= sms;
+  static Grid make(const Params& p, int64_t tiles, int64_t heads, int sms) {
+    const bool plain_causal = p.is_causal && p.window == 0 && !p.sparsek;
+    const bool tile_major =
+        plain_causal && tiles <= kMaxGridYZ && kMinCtasPerKvHead * p.heads_kv <= sms;
+    return make_grid(tile_major, tiles, heads, p.batch);
   }
-  // The dk/dv grid: SparseK's is always tile-major (GridOrder::kTileMajor in its visit; at
-  // most 16384 tiles: SelectionTiles::kMaxChunks * 128 keys in slices of 64).
+
+  // The SparseK dk/dv grid: always tile-major (GridOrder::kTileMajor in its visit; at most
+  // 16384 tiles: SelectionTiles::kMaxChunks * 128 keys in slices of 64).
   template <typename Params>
-  static bool key_grid_tile_major(const Params& p, int64_t tiles, int sms) {
-    return p.sparsek || tile_major(p, tiles, sms);
+  static Grid make_sparsek_key_grid(const Params& p, int64_t tiles) {
+    return make_grid(true, tiles, p.heads_kv, p.batch);
   }
 
   // The current device's SM count (the launchers run on the params' device).
@@ -66,19 +77,16 @@ struct CtaOrder {
     return status;
   }
 
-#ifdef __CUDACC__
-  // (tiles, heads, batch) head-major, or (heads, batch, tiles) tile-major; batch at most
-  // 65535 (the launchers split larger batches).
-  static dim3 grid(bool tile_major, int64_t tiles, int64_t heads, int64_t batch) {
+ private:
+  static Grid make_grid(bool tile_major, int64_t tiles, int64_t heads, int64_t batch) {
     const unsigned t = static_cast<unsigned>(tiles), h = static_cast<unsigned>(heads),
                    b = static_cast<unsigned>(batch);
-    return tile_major ? dim3(h, b, t) : dim3(t, h, b);
+    return {tile_major ? dim3(h, t, b) : dim3(t, h, b), tile_major};
   }
-#endif
 };
 
 #ifdef __CUDACC__
-// This CTA's place in a grid made by CtaOrder::grid.
+// This CTA's place in a grid made by CtaOrder.
 struct CtaCoords {
   int rank;     // 0 for the tile started first, up to tiles - 1
   int tiles;
@@ -91,8 +99,8 @@ __device__ __forceinline__ CtaCoords cta_coords(const Params& p) {
   const bool tile_major = kOrder == GridOrder::kTileMajor ||
                           (kOrder == GridOrder::kByFlag && p.tile_major_grid);
   if (tile_major) {
-    return {static_cast<int>(blockIdx.z), static_cast<int>(gridDim.z),
-            static_cast<int>(blockIdx.x), static_cast<int64_t>(blockIdx.y)};
+    return {static_cast<int>(blockIdx.y), static_cast<int>(gridDim.y),
+            static_cast<int>(blockIdx.x), static_cast<int64_t>(blockIdx.z)};
   }
   return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
           static_cast<int>(blockIdx.y), static_cast<int64_t>(blockIdx.z)};

@@ -46,9 +46,9 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
       chunk.sorted_key = p.sorted_key + heads * padded;
       chunk.plan = p.plan + heads * m_blocks * (p.key_chunks + 1);
     }
-    chunk.tile_major_grid = CtaOrder::tile_major(chunk, m_blocks, sms);
-    const dim3 grid = CtaOrder::grid(chunk.tile_major_grid, m_blocks, p.heads_q, chunk.batch);
-    kernel<<<grid, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
+    const CtaOrder::Grid grid = CtaOrder::make(chunk, m_blocks, p.heads_q, sms);
+    chunk.tile_major_grid = grid.tile_major;
+    kernel<<<grid.dims, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }
   return {};
