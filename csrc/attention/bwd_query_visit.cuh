@@ -108,7 +108,7 @@ struct SparseKQueryVisit {
   static constexpr GridOrder kGridOrder = GridOrder::kTileMajor;
   static_assert(KeySpans::kKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
-  // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions (4 reserved).
+  // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions.
   int* s_key;
   float* s_u;
   int window;
@@ -118,7 +118,7 @@ struct SparseKQueryVisit {
 
   template <typename Params>
   static size_t smem_bytes(const Params&) {
-    return 2 * Cfg::kBlockN * sizeof(int) + 4 * sizeof(int);
+    return 2 * Cfg::kBlockN * sizeof(int) + 2 * sizeof(int);
   }
 
   template <typename Params>
