@@ -83,6 +83,10 @@ SPARSEK_CASES = [
     (1, 1, 900, 4, 2, 128, jnp.bfloat16, 64, 16),
     (1, 250, 700, 4, 4, 128, jnp.float16, 150, 200),
     (1, 2500, 2500, 4, 2, 128, jnp.bfloat16, 700, 300),
+    # Window bands several key tiles wide, T != S: on the Hopper kernel the range tiles that lie
+    # inside every row's band take the ungated update (the first), or every tile does (W > S).
+    (1, 700, 1500, 4, 2, 128, jnp.float16, 200, 520),
+    (1, 300, 1000, 2, 2, 128, jnp.bfloat16, 50, 2000),
 ]
 
 

@@ -26,9 +26,11 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// The gate of the dense modes: every visible key weighs 1.
+// The gate of the dense modes: every visible key weighs 1. A gate gives the weights of a
+// thread's two adjacent columns of n8 tile nt in row half h (fragment entries 2h and 2h + 1),
+// so that a gate read from shared memory takes one 8-byte load for both.
 struct UnitGate {
-  __device__ __forceinline__ float operator()(int, int, int) const { return 1.f; }
+  __device__ __forceinline__ float2 pair(int, int, int) const { return make_float2(1.f, 1.f); }
 };
 
 // The output accumulator's rescale factors of one update, per row (OnlineSoftmax::update's
@@ -67,7 +69,7 @@ struct OnlineSoftmax {
   }
 
   // Turns the scores of one key tile into unnormalised probabilities in place, each
-  // multiplied by its gate gate(mt, nt, r) (SparseK; 1 in the dense modes), and rescales the
+  // multiplied by its gate gate.pair(mt, nt, h) (SparseK; 1 in the dense modes), and rescales the
   // output accumulator to the new running max. Keys with gate 0 must arrive as -inf, so that
   // the running max is taken over the keys that count.
   template <int kNTilesS, int kNTilesO, typename Gate>
@@ -112,8 +114,9 @@ struct OnlineSoftmax {
         float tile_sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
-          const float p0 = fast_exp2(s[mt][nt][2 * h] - base) * gate(mt, nt, 2 * h);
-          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base) * gate(mt, nt, 2 * h + 1);
+          const float2 m = gate.pair(mt, nt, h);
+          const float p0 = fast_exp2(s[mt][nt][2 * h] - base) * m.x;
+          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base) * m.y;
           s[mt][nt][2 * h] = p0;
           s[mt][nt][2 * h + 1] = p1;
           tile_sum += p0 + p1;

@@ -225,14 +225,46 @@ struct SparseKKeyVisit {
   // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out
   // as 0 and 1: saturation turns the NaN of -inf - -inf into 0.
   struct ChunkGate {
-    // volatile: each use re-reads shared memory. Gating after the exponential uses a key's
-    // score twice (the mask before the running max, the weight after the exponential), and a
-    // cached copy of a tile's 32 scores per thread would outlive the max: registers spilled.
+    // Each use re-reads shared memory (volatile, and an asm volatile load for the pairs).
+    // Gating after the exponential uses a key's score twice (the mask before the running max,
+    // the weight after the exponential), and a cached copy of a tile's 32 scores per thread
+    // would outlive the max: registers spilled.
     const volatile float* u;
     float tau[Cfg::kMTiles][2];
     int lane;
     __device__ __forceinline__ float operator()(int mt, int nt, int r) const {
       return __saturatef(u[nt * 8 + (lane & 3) * 2 + (r & 1)] - tau[mt][r >> 1]);
+    }
+    // The scores of the thread's two adjacent columns of n8 tile nt: one 8-byte load.
+    __device__ __forceinline__ float2 column_scores(int nt) const {
+      float2 v;
+      asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                   : "=f"(v.x), "=f"(v.y)
+                   : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(
+                         const_cast<const float*>(u) + nt * 8 + (lane & 3) * 2))));
+      return v;
+    }
+    __device__ __forceinline__ float2 pair(int mt, int nt, int h) const {
+      const float2 v = column_scores(nt);
+      return make_float2(__saturatef(v.x - tau[mt][h]), __saturatef(v.y - tau[mt][h]));
+    }
+    // Hides the keys of gate 0 (-inf), one load a column pair for all of the thread's rows.
+    // u > tau is exactly clip(u - tau, 0, 1) > 0: without flush-to-zero the difference of
+    // two distinct floats is never 0, and every comparison with a NaN-making pair (-inf
+    // against -inf, anything against +inf) is false, as saturation gives 0 there.
+    template <typename Scores>
+    __device__ __forceinline__ void hide_outside(Scores& s) const {
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+        const float2 v = column_scores(nt);
+#pragma unroll
+        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            if (!((r & 1 ? v.y : v.x) > tau[mt][r >> 1])) s[mt][nt][r] = -INFINITY;
+          }
+        }
+      }
     }
   };
 
@@ -264,16 +296,7 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ static void gate_and_update(const Gate& gate, Scores& s, Acc& acc_o,
                                                          Softmax& softmax) {
     if constexpr (kAfterExp) {
-#pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            if (!(gate(mt, nt, r) > 0.f)) s[mt][nt][r] = -INFINITY;
-          }
-        }
-      }
+      gate.hide_outside(s);
       softmax.update(s, acc_o, gate);
     } else {
 #pragma unroll
@@ -289,6 +312,25 @@ struct SparseKKeyVisit {
       }
       softmax.update(s, acc_o, UnitGate{});
     }
+  }
+
+  // Whether every key of contiguous-range tile `it` lies in the window band of every row of
+  // the warp whose first row is warp_row0 (kWarpRows rows): visible to its first row and
+  // within `window` of its last. Such a tile weighs 1 throughout and takes the dense update
+  // (the range's gate branches on each pair and adds log2 of the gate). Most of the band is
+  // such tiles: at W = 512 and 128-key tiles, about 3 of the range's 5-6. Only the Hopper
+  // kernel (16 rows a warp) takes this path: in the mma.sync kernel a third inlined update
+  // made the SparseK instantiations spill 350-500 bytes more.
+  template <typename Params>
+  __device__ __forceinline__ bool range_tile_in_window(const Params& p, int it,
+                                                       int warp_row0) const {
+    const int first = (it - sparse_tiles()) * kBlockN;  // offset of the tile in the range
+    if (first + kBlockN > tail_len) return false;         // padding entries (key -1)
+    const int key_lo = tail_begin + first;
+    const int pos_first = warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q);
+    const int pos_last = pos_first + Cfg::kWarpRows - 1;
+    return key_lo + kBlockN - 1 <= pos_first &&
+           static_cast<int64_t>(key_lo) > int64_t{pos_last} - p.window;
   }
 
   template <typename Softmax, typename Scores, typename Acc>
@@ -309,6 +351,8 @@ struct SparseKKeyVisit {
         }
       }
       gate_and_update<GateAfterExp<Cfg>::value>(gate, s, acc_o, softmax);
+    } else if (GateAfterExp<Cfg>::value && range_tile_in_window(p, it, warp_row0)) {
+      softmax.update(s, acc_o, UnitGate{});
     } else {
       RangeGate gate;
       gate.u = s_u(it);
