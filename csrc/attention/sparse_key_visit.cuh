@@ -314,23 +314,43 @@ struct SparseKKeyVisit {
     }
   }
 
-  // Whether every key of contiguous-range tile `it` lies in the window band of every row of
-  // the warp whose first row is warp_row0 (kWarpRows rows): visible to its first row and
-  // within `window` of its last. Such a tile weighs 1 throughout and takes the dense update
-  // (the range's gate branches on each pair and adds log2 of the gate). Most of the band is
-  // such tiles: at W = 512 and 128-key tiles, about 3 of the range's 5-6. Only the Hopper
-  // kernel (16 rows a warp) takes this path: in the mma.sync kernel a third inlined update
+  // Whether every key of contiguous-range tile `it` lies within `window` of the last row of
+  // the warp whose first row is warp_row0 (kWarpRows rows): then a key a row of the warp sees
+  // is in its window band, so the gate is the causal mask alone (weight 1). Padding entries
+  // (key -1: zero K and V rows) lie past the CTA's last position, so the causal mask hides
+  // them from every row that is stored. Most of the range is such tiles: at W = 512 and
+  // 128-key tiles, all but the first of its 5-6 for most warps. They take the dense update
+  // instead of the gate, which branches on each pair and adds log2 of its weight. Only the
+  // Hopper kernel (16 rows a warp) does this: in the mma.sync kernel the extra inlined update
   // made the SparseK instantiations spill 350-500 bytes more.
   template <typename Params>
-  __device__ __forceinline__ bool range_tile_in_window(const Params& p, int it,
-                                                       int warp_row0) const {
-    const int first = (it - sparse_tiles()) * kBlockN;  // offset of the tile in the range
-    if (first + kBlockN > tail_len) return false;         // padding entries (key -1)
-    const int key_lo = tail_begin + first;
-    const int pos_first = warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q);
-    const int pos_last = pos_first + Cfg::kWarpRows - 1;
-    return key_lo + kBlockN - 1 <= pos_first &&
-           static_cast<int64_t>(key_lo) > int64_t{pos_last} - p.window;
+  __device__ __forceinline__ bool range_tile_in_band(const Params& p, int it,
+                                                     int warp_row0) const {
+    const int key_lo = tail_begin + (it - sparse_tiles()) * kBlockN;
+    const int pos_last = warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q) +
+                         Cfg::kWarpRows - 1;
+    return static_cast<int64_t>(key_lo) > int64_t{pos_last} - p.window;
+  }
+
+  // -inf for the keys past each row's position: key - pos > 0, with key - pos a constant
+  // a fragment entry plus one per-thread offset. Applied to every tile of the band (also
+  // those every row sees): skipping it by a branch made the kernel spill.
+  template <typename Params, typename Scores>
+  __device__ __forceinline__ void hide_future_keys(const Params& p, Scores& s, int it,
+                                                   int warp_row0, int lane) const {
+    const int key_lo = tail_begin + (it - sparse_tiles()) * kBlockN;
+    const int offset = key_lo + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
+                       static_cast<int>(p.seqlen_k - p.seqlen_q);
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          if (offset + nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1) > 0) s[mt][nt][r] = -INFINITY;
+        }
+      }
+    }
   }
 
   template <typename Softmax, typename Scores, typename Acc>
@@ -351,7 +371,8 @@ struct SparseKKeyVisit {
         }
       }
       gate_and_update<GateAfterExp<Cfg>::value>(gate, s, acc_o, softmax);
-    } else if (GateAfterExp<Cfg>::value && range_tile_in_window(p, it, warp_row0)) {
+    } else if (GateAfterExp<Cfg>::value && range_tile_in_band(p, it, warp_row0)) {
+      hide_future_keys(p, s, it, warp_row0, lane);
       softmax.update(s, acc_o, UnitGate{});
     } else {
       RangeGate gate;
