@@ -158,9 +158,8 @@ struct SparseKQueryVisit {
     }
     const int64_t offset = p.seqlen_k - p.seqlen_q;
     const int64_t lo = max(int64_t{0}, min_key - offset);
-    const int64_t hi = last_row;
     row_lo = static_cast<int>(lo);
-    num_rows = static_cast<int>(max(int64_t{0}, hi - lo + 1));
+    num_rows = static_cast<int>(max(int64_t{0}, last_row - lo + 1));
   }
 
   template <typename Element>

@@ -323,23 +323,27 @@ struct SparseKKeyVisit {
   // instead of the gate, which branches on each pair and adds log2 of its weight. Only the
   // Hopper kernel (16 rows a warp) does this: in the mma.sync kernel the extra inlined update
   // made the SparseK instantiations spill 350-500 bytes more.
+  // key0: the position of the tile's first key (range_tile_key0).
   template <typename Params>
-  __device__ __forceinline__ bool range_tile_in_band(const Params& p, int it,
-                                                     int warp_row0) const {
-    const int key_lo = tail_begin + (it - sparse_tiles()) * kBlockN;
+  __device__ __forceinline__ static bool range_tile_in_band(const Params& p, int key0,
+                                                            int warp_row0) {
     const int pos_last = warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q) +
                          Cfg::kWarpRows - 1;
-    return static_cast<int64_t>(key_lo) > int64_t{pos_last} - p.window;
+    return static_cast<int64_t>(key0) > int64_t{pos_last} - p.window;
+  }
+
+  // The position of the first key of contiguous-range tile `it` (it >= sparse_tiles()).
+  __device__ __forceinline__ int range_tile_key0(int it) const {
+    return tail_begin + (it - sparse_tiles()) * kBlockN;
   }
 
   // -inf for the keys past each row's position: key - pos > 0, with key - pos a constant
   // a fragment entry plus one per-thread offset. Applied to every tile of the band (also
   // those every row sees): skipping it by a branch made the kernel spill.
   template <typename Params, typename Scores>
-  __device__ __forceinline__ void hide_future_keys(const Params& p, Scores& s, int it,
-                                                   int warp_row0, int lane) const {
-    const int key_lo = tail_begin + (it - sparse_tiles()) * kBlockN;
-    const int offset = key_lo + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
+  __device__ __forceinline__ static void hide_future_keys(const Params& p, Scores& s, int key0,
+                                                          int warp_row0, int lane) {
+    const int offset = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
                        static_cast<int>(p.seqlen_k - p.seqlen_q);
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
@@ -371,8 +375,9 @@ struct SparseKKeyVisit {
         }
       }
       gate_and_update<GateAfterExp<Cfg>::value>(gate, s, acc_o, softmax);
-    } else if (GateAfterExp<Cfg>::value && range_tile_in_band(p, it, warp_row0)) {
-      hide_future_keys(p, s, it, warp_row0, lane);
+    } else if (const int key0 = range_tile_key0(it);
+               GateAfterExp<Cfg>::value && range_tile_in_band(p, key0, warp_row0)) {
+      hide_future_keys(p, s, key0, warp_row0, lane);
       softmax.update(s, acc_o, UnitGate{});
     } else {
       RangeGate gate;
