@@ -72,6 +72,15 @@ def row_thresholds(u: np.ndarray, topk: int, window: int, row_step: int):
     return tau, float(sparse_attended.sum() + window_attended.sum())
 
 
+def model_scores(seq: int, sigma: float, topk: int, window: int, seed: int, row_step: int = 0):
+    """The benchmarks' scores u ~ N(0, sigma^2) (float32 values, held as float64), tau at every
+    row (exact every `row_step` rows, default S / 1024) and the attended pairs."""
+    rng = np.random.default_rng(seed)
+    u = rng.normal(0.0, sigma, seq).astype(np.float32).astype(np.float64)
+    tau, attended = row_thresholds(u, topk, window, row_step or max(1, seq // 1024))
+    return u, tau, attended
+
+
 def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_n: int,
                   block_m: int, order: str = "score"):
     """(key, row) pairs the dk/dv CTAs compute (whole kBlockM row steps), and the CTA count.
@@ -146,10 +155,8 @@ def main(argv=None):
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for seq in args.seq:
         for sigma in args.sigma:
-            rng = np.random.default_rng(args.seed)
-            u = rng.normal(0.0, sigma, seq).astype(np.float32).astype(np.float64)
-            step = args.row_step or max(1, seq // 1024)
-            tau, attended = row_thresholds(u, args.topk, args.window, step)
+            u, tau, attended = model_scores(seq, sigma, args.topk, args.window, args.seed,
+                                            args.row_step)
             base = None
             for span in args.spans:
                 if span % args.block_n:

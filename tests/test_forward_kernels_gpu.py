@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import (assert_attention_close, make_qkv, numpy_attention,
-                      numpy_sparsek_attention, on_hopper_build, requires_cuda, rng_for,
-                      use_kernel)
+                      numpy_gated_attention, numpy_sparsek_attention, numpy_sparsek_gates,
+                      on_hopper_build, requires_cuda, rng_for, use_kernel)
 from jax_sparsek import _extension, sparsek_attention
 
 pytestmark = requires_cuda
@@ -108,6 +108,57 @@ def test_sparsek(forward_kernel, case):
                                  implementation="cuda", return_lse=True)
     out, lse = jax.block_until_ready((out, lse))
     ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
+
+
+# (B, T, S, Hq, Hkv, D, dtype, topk, window, sigma): widely spread scores (sigma 8), or
+# domains that fit in K (tau = -inf), make the plan list whole key tiles of full keys (gate 1
+# for every row of a query tile: the Hopper kernel updates them without a gate), with the
+# other candidates of the same chunks after them.
+FULL_KEY_CASES = [
+    (1, 1024, 1024, 4, 1, 128, jnp.bfloat16, 300, 32, 8.0),
+    (1, 1400, 1400, 4, 1, 128, jnp.float16, 1200, 32, 1.0),
+]
+
+
+def _most_full_keys(u, tau, window, num_queries):
+    """The most full keys any query tile's plan lists (selection_params.h), from the float64
+    thresholds tau [B, Hkv, T]: keys of the whole 128-key chunks of the tile's first row's
+    sparse domain with u - tau >= 1 at its last row."""
+    u = np.asarray(u, np.float32).astype(np.float64)
+    b, s, hkv = u.shape
+    most = 0
+    for row0 in range(0, num_queries, 128):
+        last = min(num_queries, row0 + 128) - 1
+        domain = min(max(row0 + s - num_queries - window + 1, 0), s)
+        keys = u[:, : domain // 128 * 128, :]
+        for bi in range(b):
+            for h in range(hkv):
+                with np.errstate(invalid="ignore"):  # -inf scores against tau = -inf
+                    full = keys[bi, :, h] - tau[bi, h, last] >= 1.0
+                most = max(most, int(np.count_nonzero(full)))
+    return most
+
+
+def _full_key_id(case):
+    return _sparsek_id(case[:9]) + f"-sigma{case[9]:g}"
+
+
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("case", FULL_KEY_CASES, ids=[_full_key_id(c) for c in FULL_KEY_CASES])
+def test_sparsek_full_key_tiles(forward_kernel, case):
+    b, t, s, hq, hkv, d, dtype, topk, window, sigma = case
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-full", forward_kernel))
+    rng = rng_for("kernels-full-scores", *case[:6], topk, window)
+    u = sigma * rng.standard_normal((b, s, hkv)).astype(np.float32)
+    u[rng.random(u.shape) < 0.1] = -np.inf
+    _, tau, gates = numpy_sparsek_gates(u, topk, window, t)
+    # The case must list a whole tile of full keys somewhere (a margin for float32 tau).
+    assert _most_full_keys(u, tau, window, t) >= 136
+    out, lse = sparsek_attention(q, k, v, jnp.asarray(u), topk=topk, window=window,
+                                 is_causal=True, implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_gated_attention(q, k, v, gates)
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 

@@ -180,8 +180,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
             }
           }
         };
-        // Tiles of planned candidates (most of a row's keys) skip the positions.
-        if (visit.is_candidate_tile(it)) {
+        // Tiles of full keys skip the gate; the other tiles of planned candidates (most of a
+        // row's keys) skip the positions.
+        if (visit.is_full_tile(it)) {
+          sparse_pass([&](int, int, float& m, bool& fractional) {
+            m = 1.f;
+            fractional = false;
+          });
+        } else if (visit.is_candidate_tile(it)) {
           sparse_pass([&](int nt, int r, float& m, bool& fractional) {
             gate.candidate(0, nt, r, m, fractional);
           });

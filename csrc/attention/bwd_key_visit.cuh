@@ -20,7 +20,6 @@ template <typename Cfg>
 struct DenseKeyVisitBwd : DenseKeyVisit<Cfg> {
   using Base = DenseKeyVisit<Cfg>;
   using Base::Base;
-  static constexpr bool kSparseK = false;
 
   struct TileGate {
     DenseVisibility visibility;
@@ -49,7 +48,6 @@ template <typename Cfg>
 struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
   using Base = SparseKKeyVisit<Cfg>;
   using Base::Base;
-  static constexpr bool kSparseK = true;
 
   // The gate of every visited key, chunk candidates and tail alike, from its position and
   // score (the chunk candidates always land in the sparse-domain branch).
@@ -80,6 +78,9 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
   __device__ __forceinline__ bool is_candidate_tile(int it) const {
     return it < this->sparse_tiles();
   }
+  // A tile of full keys (the first full_tiles() candidate tiles): gate 1 for every row of the
+  // plan tile, so no pair of it is fractional.
+  __device__ __forceinline__ bool is_full_tile(int it) const { return it < this->full_tiles(); }
 
   template <typename Params>
   __device__ __forceinline__ TileGate tile_gate(const Params& p, int it, int warp_row0,

@@ -51,7 +51,7 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
     chunk.key_u = p.key_u + heads * padded;
     chunk.sorted_u = p.sorted_u + heads * padded;
     chunk.sorted_key = p.sorted_key + heads * padded;
-    chunk.plan = p.plan + heads * plan_tiles * (p.key_chunks + 1);
+    chunk.plan = p.plan + heads * plan_tiles * plan_row_entries(p.key_chunks);
     const int64_t span_padded = p.key_spans * KeySpans::kKeySpan;
     chunk.span_sorted_u = p.span_sorted_u + heads * span_padded;
     chunk.span_sorted_key = p.span_sorted_key + heads * span_padded;

@@ -46,7 +46,8 @@ struct AttentionBwdParams {
   const float* key_u = nullptr;         // [B * Hkv, key_chunks * kKeyChunk]
   const float* sorted_u = nullptr;      // same layout, each chunk sorted descending
   const int32_t* sorted_key = nullptr;  // same layout
-  const int32_t* plan = nullptr;        // [B * Hkv, ceil(T / kQueryTile), key_chunks + 1]
+  // [B * Hkv, ceil(T / kQueryTile), plan_row_entries(key_chunks)]
+  const int32_t* plan = nullptr;
   int64_t key_chunks = 0;
   // The dk/dv kernel's key order (selection/sort_key_spans.h, sparsek_sort_key_spans):
   // [B * Hkv, key_spans * KeySpans::kKeySpan], each span of key positions sorted by the last

@@ -6,8 +6,7 @@
 //   fetches each tile's key positions and scores into a slot of shared memory, then gathers
 //   the rows), and signals each stage's "full" mbarrier when its copies land. Consumers
 //   release a stage through its "empty" mbarrier (one arrival a warp) once their products
-//   have read it (in SparseK, once their masks have read its slot). No barrier stops the
-//   whole CTA inside the mainloop.
+//   have read it. No barrier stops the whole CTA inside the mainloop.
 // - The consumer warpgroups (0 and 1, 64 query rows each; Q stays in shared memory) take
 //   turns issuing their tile products, ordered by two named barriers (FlashAttention-3's
 //   ping-pong): warpgroup 0 issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1), and once
@@ -104,8 +103,10 @@ constexpr int kProducerBarrier = 4;
 // The producer warpgroup (thread `thread` of kProducers): for key tile it, into stage
 // it % kStages, K(it), then V(it); each waits until the consumers have released the stage's
 // previous tile. In SparseK the key positions run a tile ahead: tile it + 1's are stashed
-// (into the slot of tile it - 2, released with K(it - 2)'s stage) before K(it) is gathered,
-// and tile it + 2's are fetched from global memory while tile it's copies are issued.
+// into the slot of tile it - 2 once V(it - 2) is released (the consumers read a tile's slot
+// in its mask, before its P V product), and tile it + 2's are fetched from global memory
+// while tile it's copies are issued. K(it - 2)'s stage is released as soon as S(it - 2) is
+// in, so that K(it)'s gather starts a softmax earlier than it would if the slot came with it.
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, KeyVisit& visit,
                                                   const KVStageBarriers<Cfg::kKVStages>& bars,
@@ -123,11 +124,7 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
     const int stage = it % kStages;
     const uint32_t reuse_parity = static_cast<uint32_t>(it / kStages - 1) & 1;
     if (it >= kStages) sm90::mbarrier_wait(bars.k_empty(stage), reuse_parity);
-    if (it + 1 < num_tiles) {
-      visit.stash_row(it + 1, thread, next);
-      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread);
-    }
-    if constexpr (KeyVisit::kMaskReadsKeySlots) {
+    if constexpr (KeyVisit::kStashesKeySlots) {
       // Tile it's positions (stashed a step ago by other warps) are read by the gathers.
       sm90::named_barrier_sync<kProducers>(kProducerBarrier);
     }
@@ -136,6 +133,11 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
     sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
     sm90::mbarrier_arrive(bars.k_full(stage));
     if (it >= kStages) sm90::mbarrier_wait(bars.v_empty(stage), reuse_parity);
+    // V(it - 2) released: the consumers' masks are done with tile it - 2's slot.
+    if (it + 1 < num_tiles) {
+      visit.stash_row(it + 1, thread, next);
+      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread);
+    }
     visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
                                             p.v_row_stride, it, head_dim);
     sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
@@ -249,9 +251,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
         sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0 + (wg ^ 1));
       }
       sm90::fence_registers(s[0]);
-      if constexpr (!KeyVisit::kMaskReadsKeySlots) {
-        sm90::release_to_producer(bars.k_empty(stage), lane);
-      }
+      sm90::release_to_producer(bars.k_empty(stage), lane);
 #pragma unroll
       for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
@@ -259,9 +259,6 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
       }
       DeferredRescale<1> rescale;
       visit.mask_and_update(p, s, rescale, softmax, it, warp_row0, lane);
-      if constexpr (KeyVisit::kMaskReadsKeySlots) {
-        sm90::release_to_producer(bars.k_empty(stage), lane);
-      }
       sm90::wgmma_wait<0>();
       sm90::fence_registers(acc_o[0]);
       if (it > 0) sm90::release_to_producer(bars.v_empty(prev_stage), lane);

@@ -44,7 +44,7 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
       chunk.key_u = p.key_u + heads * padded;
       chunk.sorted_u = p.sorted_u + heads * padded;
       chunk.sorted_key = p.sorted_key + heads * padded;
-      chunk.plan = p.plan + heads * m_blocks * (p.key_chunks + 1);
+      chunk.plan = p.plan + heads * m_blocks * plan_row_entries(p.key_chunks);
     }
     const CtaOrder::Grid grid = CtaOrder::make(chunk, m_blocks, p.heads_q, sms);
     chunk.tile_major_grid = grid.tile_major;

@@ -42,7 +42,7 @@ struct AttentionFwdParams {
   const float* key_u = nullptr;         // [B * Hkv, key_chunks * kKeyChunk]
   const float* sorted_u = nullptr;      // same layout, each chunk sorted
   const int32_t* sorted_key = nullptr;  // same layout
-  const int32_t* plan = nullptr;        // [B * Hkv, query tiles, key_chunks + 1]
+  const int32_t* plan = nullptr;        // [B * Hkv, query tiles, plan_row_entries(key_chunks)]
   int64_t key_chunks = 0;
 
   // Set by the launcher, not by callers: the grid's CTA order (cta_order.h).

@@ -4,9 +4,11 @@
 //
 // A query tile visits, in this order,
 //   1. the candidates of the whole chunks of its first row's sparse domain: for chunk c, the
-//      first cnt_c keys of the chunk sorted by score (the plan holds the prefix sums of
-//      cnt_c). Every row of the tile has all those keys in its sparse domain, so their gate
-//      is clip(u_j - tau_i, 0, 1), nothing else;
+//      first full_c + gated_c keys of the chunk sorted by score (the plan holds the prefix
+//      sums of both). Every row of the tile has all those keys in its sparse domain, so their
+//      gate is clip(u_j - tau_i, 0, 1), nothing else. The full keys of every chunk come
+//      first: their gate is 1 for every row of the tile, so whole tiles of them take the
+//      dense update (no gate, no mask); then the gated ones;
 //   2. the contiguous range from the end of those chunks to the last row's position: the
 //      rest of the domain, the keys later rows add to it, and the window band. Those keys
 //      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
@@ -69,12 +71,13 @@ struct SparseKKeyVisit {
 
   // Shared memory past the Q, K and V tiles, from `smem`: u [kSlots][kBlockN] and key
   // [kSlots][kBlockN] of the key tiles in flight (key -1: padding), tau [kBlockM] of the query
-  // rows (+inf past T), and the plan row [chunks + 1]. Only what the mainloop needs stays in
-  // registers; the rest is re-read from the kernel parameters. kSlots: 2 where K/V tiles load
-  // one step ahead of their use (fwd_kernel.cuh), 3 where they load a whole tile ahead (the
-  // Hopper dq kernel: tile it + 2's keys are stashed while tile it is computed) or where a
-  // producer warpgroup stashes tile it + 1's while the consumers read tiles it - 1 and it
-  // (fwd_kernel_sm90.cuh).
+  // rows (+inf past T), and the plan row's gated prefix sums [chunks + 1], then its full ones
+  // [chunks + 1] where the plan lists full keys (plan_lists_full_keys). Only what the
+  // mainloop needs stays in registers; the rest is re-read from the kernel parameters.
+  // kSlots: 2 where K/V tiles load one step ahead of their use (fwd_kernel.cuh), 3 where they
+  // load a whole tile ahead (the Hopper dq kernel: tile it + 2's keys are stashed while tile
+  // it is computed) or where a producer warpgroup stashes tile it + 1's while the consumers
+  // read tiles it - 1 and it (fwd_kernel_sm90.cuh).
   static constexpr int kSlots = KeySlots<Cfg>::value;
   static constexpr int kKeyOffset = kSlots * kBlockN;
   static constexpr int kTauOffset = 2 * kSlots * kBlockN;
@@ -82,6 +85,7 @@ struct SparseKKeyVisit {
   float* smem;
   int chunks;          // whole chunks in the first row's domain
   int candidates;      // keys listed by the plan
+  int full_keys;       // of which full (listed first)
   int tail_begin, tail_len;
 
   __device__ __forceinline__ static int slot(int it) {
@@ -92,12 +96,15 @@ struct SparseKKeyVisit {
     return reinterpret_cast<int*>(smem + kKeyOffset) + slot(it) * kBlockN;
   }
   __device__ __forceinline__ float* s_tau() const { return smem + kTauOffset; }
-  __device__ __forceinline__ int* s_plan() const {
+  __device__ __forceinline__ int* s_gated_plan() const {
     return reinterpret_cast<int*>(smem + kPlanOffset);
   }
+  __device__ __forceinline__ int* s_full_plan() const { return s_gated_plan() + chunks + 1; }
   __device__ __forceinline__ int sparse_tiles() const {
     return (candidates + kBlockN - 1) / kBlockN;
   }
+  // Tiles of full keys only: the first full_tiles() tiles.
+  __device__ __forceinline__ int full_tiles() const { return full_keys / kBlockN; }
   template <typename Params>
   __device__ __forceinline__ static int64_t key_base(const Params& p) {
     const CtaCoords cta = cta_coords<kGridOrder>(p);
@@ -109,7 +116,9 @@ struct SparseKKeyVisit {
   // Shared memory past the Q, K and V tiles.
   template <typename Params>
   static size_t smem_bytes(const Params& p) {
-    return (static_cast<size_t>(p.key_chunks) + 1 + kSlots * kBlockN) * sizeof(int) +
+    const size_t plan_entries =
+        (static_cast<size_t>(p.key_chunks) + 1) * (plan_lists_full_keys(p.key_chunks) ? 2 : 1);
+    return (plan_entries + kSlots * kBlockN) * sizeof(int) +
            (kSlots * kBlockN + kBlockM) * sizeof(float);
   }
 
@@ -130,14 +139,19 @@ struct SparseKKeyVisit {
 
     const int32_t* plan =
         p.plan + (batch_head * ((p.seqlen_q + kPlanTile - 1) / kPlanTile) + tile) *
-                     (p.key_chunks + 1);
-    for (int i = threadIdx.x; i <= chunks; i += Cfg::kNThreads) s_plan()[i] = plan[i];
+                     plan_row_entries(p.key_chunks);
+    const bool lists_full = plan_lists_full_keys(p.key_chunks);
+    for (int i = threadIdx.x; i <= chunks; i += Cfg::kNThreads) {
+      s_gated_plan()[i] = plan[i];
+      if (lists_full) s_full_plan()[i] = plan[p.key_chunks + 1 + i];
+    }
     const float* tau = p.tau + batch_head * p.seqlen_q;
     for (int i = threadIdx.x; i < kBlockM; i += Cfg::kNThreads) {
       s_tau()[i] = row0 + i < seqlen_q ? tau[row0 + i] : INFINITY;
     }
     __syncthreads();
-    candidates = s_plan()[chunks];
+    full_keys = lists_full ? s_full_plan()[chunks] : 0;
+    candidates = full_keys + s_gated_plan()[chunks];
   }
 
   __device__ __forceinline__ int num_tiles() const {
@@ -158,20 +172,27 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ Prefetch prefetch_row(const Params& p, int it, int t) const {
     Prefetch f{-1, -INFINITY};
     const int sparse = sparse_tiles();
-    const int* plan = s_plan();
     if (it < sparse) {
       const int r = it * kBlockN + t;
       if (r < candidates) {
-        int lo = 0, hi = chunks;  // s_plan[lo] <= r < s_plan[hi]
+        // Entry `rank` of the full keys, or of the gated ones (which follow each chunk's
+        // full keys in the sorted chunk).
+        const bool full = r < full_keys;
+        const int* plan = full ? s_full_plan() : s_gated_plan();
+        const int rank = full ? r : r - full_keys;
+        int lo = 0, hi = chunks;  // plan[lo] <= rank < plan[hi]
         while (hi - lo > 1) {
           const int mid = (lo + hi) >> 1;
-          if (plan[mid] <= r) {
+          if (plan[mid] <= rank) {
             lo = mid;
           } else {
             hi = mid;
           }
         }
-        const int64_t entry = key_base(p) + lo * kChunk + (r - plan[lo]);
+        int offset = rank - plan[lo];
+        // (No full keys at all: s_full_plan may not be loaded, and every full_c is 0.)
+        if (!full && full_keys > 0) offset += s_full_plan()[lo + 1] - s_full_plan()[lo];
+        const int64_t entry = key_base(p) + lo * kChunk + offset;
         f.key = p.sorted_key[entry];
         f.u = p.sorted_u[entry];
       }
@@ -207,9 +228,10 @@ struct SparseKKeyVisit {
                                                                s_key(it), head_dim);
   }
 
-  // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions it stashed; the
-  // mask reads the slot's positions and scores, so its K stage is released after the mask.
-  static constexpr bool kMaskReadsKeySlots = true;
+  // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions its threads
+  // stashed in a slot of shared memory (the gathers wait for each other's stashes).
+  static constexpr bool kStashesKeySlots = true;
+  static constexpr bool kSparseK = true;
   // Query-tile grids of SparseK are head-major (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kHeadMajor;
   template <int kThreads, typename Element>
@@ -363,7 +385,10 @@ struct SparseKKeyVisit {
                                                   int warp_row0, int lane) const {
     const int local0 = warp_row0 % kBlockM;
     const float* s_tau_rows = s_tau();
-    if (it < sparse_tiles()) {
+    if (GateAfterExp<Cfg>::value && it < full_tiles()) {
+      // Every key's gate is 1 for every row of the tile (and no key is padding).
+      softmax.update(s, acc_o, UnitGate{});
+    } else if (it < sparse_tiles()) {
       ChunkGate gate;
       gate.u = s_u(it);
       gate.lane = lane;

@@ -52,7 +52,9 @@ struct TilePlanSmem {
   static_assert(kShared % alignof(double) == 0, "the growth summary starts with doubles");
 
   static size_t bytes(int64_t chunks) {
-    const size_t plan = static_cast<size_t>(chunks) * sizeof(int);
+    // The chunk counts: gated and (plan_lists_full_keys) full.
+    const size_t plan =
+        static_cast<size_t>(chunks) * sizeof(int) * (plan_lists_full_keys(chunks) ? 2 : 1);
     return kShared + (plan > kGrowthSummaryBytes ? plan : kGrowthSummaryBytes);
   }
 };

@@ -5,12 +5,18 @@
 //   - tau [B, Hkv, T]: every row's exact threshold (-inf when the row's sparse domain holds
 //     at most K keys), and
 //   - a visit plan per (batch, kv head, query tile of kQueryTile rows): keys are cut into
-//     chunks of kKeyChunk positions, each chunk stored sorted by score (descending), and the
-//     plan holds, for the chunks that lie wholly inside the tile's first row's sparse domain,
-//     the exclusive prefix sums of how many keys of each chunk score above that row's tau.
-//     Those keys are a prefix of each sorted chunk, and every key any row of the tile selects
-//     from those chunks is among them (tau never decreases down the rows). The keys after the
-//     last whole chunk, window band included, are visited as one contiguous range.
+//     chunks of kKeyChunk positions, each chunk stored sorted by score (descending). For the
+//     chunks that lie wholly inside the tile's first row's sparse domain, the candidates of
+//     chunk c are the keys scoring above that row's tau: a prefix of the sorted chunk, and
+//     every key any row of the tile selects from those chunks is among them (tau never
+//     decreases down the rows). Their first full_c keys are "full": u - tau >= 1 at the
+//     tile's last row, so their gate is 1 for every row of the tile (float subtraction is
+//     monotone in tau). The plan row holds two exclusive prefix sums over the chunks:
+//     gated_c (the other candidates, entries [full_c, full_c + gated_c) of the sorted chunk)
+//     at [0, chunks], then full_c at [key_chunks + 1, key_chunks + 1 + chunks]. The attention
+//     visits every chunk's full keys first (whole tiles of them skip the gate), then the
+//     gated ones. The keys after the last whole chunk, window band included, are visited as
+//     one contiguous range.
 // Memory: O(S) for the sorted chunks and O(T * S / (kQueryTile * kKeyChunk)) for the plan.
 #pragma once
 
@@ -29,7 +35,20 @@ struct SelectionTiles {
   static constexpr int kKeyChunk = 128;    // key positions per sorted chunk
   static constexpr int kAnchorEvery = 16;  // query tiles between two anchor thresholds
   static constexpr int kMaxChunks = 8192;  // the attention CTA keeps a plan row in smem
+  // Up to this many chunks the plan separates the full keys (the CTA keeps both prefix sums,
+  // no more shared memory than one of kMaxChunks + 1); past it full_c is 0 everywhere.
+  static constexpr int kMaxChunksWithFullKeys = kMaxChunks / 2 - 1;
 };
+
+// Whether the plan of a problem with `key_chunks` chunks lists full keys (full_c > 0).
+SPARSEK_HOST_DEVICE inline bool plan_lists_full_keys(int64_t key_chunks) {
+  return key_chunks <= SelectionTiles::kMaxChunksWithFullKeys;
+}
+
+// Entries of one plan row (one query tile): the gated prefix sums, then the full ones.
+SPARSEK_HOST_DEVICE inline int64_t plan_row_entries(int64_t key_chunks) {
+  return 2 * (key_chunks + 1);
+}
 
 // Sizes of the selection's buffers for one problem; offsets are in bytes from the start of
 // the workspace, each a multiple of 256.
@@ -43,7 +62,7 @@ struct SelectionLayout {
   int64_t workspace_bytes = 0;
 
   SPARSEK_HOST_DEVICE int64_t padded_keys() const { return chunks * SelectionTiles::kKeyChunk; }
-  SPARSEK_HOST_DEVICE int64_t plan_row() const { return chunks + 1; }
+  SPARSEK_HOST_DEVICE int64_t plan_row() const { return plan_row_entries(chunks); }
 };
 
 // Exported from the kernel library (the FFI and nanobind glue call it).
@@ -67,7 +86,7 @@ struct SelectionBuffers {
   float* sorted_u;     // [B*Hkv, padded_keys] each chunk sorted, descending
   int32_t* sorted_key; // [B*Hkv, padded_keys] key position of each sorted entry (-1: none)
   float* anchor_tau;   // [B*Hkv, anchors]
-  int32_t* plan;       // [B*Hkv, tiles, chunks + 1]
+  int32_t* plan;       // [B*Hkv, tiles, plan_row_entries(chunks)]
 };
 
 inline SelectionBuffers selection_buffers(const SelectionLayout& l, void* workspace) {

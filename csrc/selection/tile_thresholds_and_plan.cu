@@ -24,6 +24,7 @@ __global__ void __launch_bounds__(kTileThreads)
   constexpr int kTile = SelectionTiles::kQueryTile;
   constexpr int kChunk = SelectionTiles::kKeyChunk;
   constexpr int kWarps = kTileThreads / 32;
+  static_assert(kChunk < (1 << 16), "a chunk's two counts share one warp sum");
   static_assert(kTile <= kTileThreads, "a thread a row");
   extern __shared__ __align__(16) unsigned char smem[];
   double* scratch = reinterpret_cast<double*>(smem + TilePlanSmem::kScratch);
@@ -32,7 +33,7 @@ __global__ void __launch_bounds__(kTileThreads)
   // The keys past the first row's domain.
   float* s_growth = reinterpret_cast<float*>(smem + TilePlanSmem::kGrowth);
   float* s_tau = reinterpret_cast<float*>(smem + TilePlanSmem::kTau);
-  // [0]: breakpoints listed, [1]: first row past K keys, [8, 16): scan scratch
+  // [0]: breakpoints listed, [1]: first row past K keys
   int* s_counter = reinterpret_cast<int*>(smem + TilePlanSmem::kCounters);
   // Shared by the growth summary and, once every tau is known, the plan's chunk counts.
   unsigned char* s_shared = smem + TilePlanSmem::kShared;
@@ -209,29 +210,51 @@ __global__ void __launch_bounds__(kTileThreads)
       p.tau[bh * p.seqlen_q + row0 + r] = s_tau[r];
     }
 
-    // The plan: candidates per whole chunk of the first row's domain, as prefix sums.
+    // The plan: candidates per whole chunk of the first row's domain, split into full keys
+    // (gate 1 at the last row, hence at every row) and gated ones, as prefix sums.
     const float first_tau = s_tau[0];
+    const float last_tau = s_tau[rows - 1];
+    const bool lists_full = plan_lists_full_keys(l.chunks);
     const int chunks = static_cast<int>(n0 / kChunk);
+    int* s_full = s_chunk + chunks;  // fits: TilePlanSmem::bytes
     for (int c = warp; c < chunks; c += kWarps) {
       const float4 v = reinterpret_cast<const float4*>(u + static_cast<int64_t>(c) * kChunk)[lane];
-      int above = (v.x > first_tau) + (v.y > first_tau) + (v.z > first_tau) + (v.w > first_tau);
-      above = warp_sum(above);
-      if (lane == 0) s_chunk[c] = above;
+      const int above =
+          (v.x > first_tau) + (v.y > first_tau) + (v.z > first_tau) + (v.w > first_tau);
+      const int full = (v.x - last_tau >= 1.f) + (v.y - last_tau >= 1.f) +
+                       (v.z - last_tau >= 1.f) + (v.w - last_tau >= 1.f);
+      // One warp sum for both counts (each at most kChunk < 2^16).
+      const int both = warp_sum(above + (lists_full ? full << 16 : 0));
+      if (lane == 0) {
+        s_chunk[c] = (both & 0xffff) - (both >> 16);
+        if (lists_full) s_full[c] = both >> 16;
+      }
     }
     __syncthreads();
+    // Both prefix sums in one 64-bit scan: full counts in the high word (each total is below
+    // 2^31, so the low word never carries).
     const int per_thread = (chunks + kTileThreads - 1) / kTileThreads;
     const int begin = min(tid * per_thread, chunks);
     const int end = min(begin + per_thread, chunks);
-    int local = 0;
-    for (int c = begin; c < end; ++c) local += s_chunk[c];
-    int total = 0;
-    int running = block_exclusive_scan<kTileThreads>(local, total, s_counter + 8);
-    int32_t* plan = w.plan + (bh * l.tiles + tile) * l.plan_row();
+    auto pair_of = [&](int c) {
+      return (static_cast<int64_t>(lists_full ? s_full[c] : 0) << 32) + s_chunk[c];
+    };
+    int64_t local = 0;
+    for (int c = begin; c < end; ++c) local += pair_of(c);
+    int64_t total = 0;
+    int64_t running = block_exclusive_scan<kTileThreads>(
+        local, total, reinterpret_cast<int64_t*>(scratch));
+    int32_t* gated_plan = w.plan + (bh * l.tiles + tile) * l.plan_row();
+    int32_t* full_plan = gated_plan + l.chunks + 1;
     for (int c = begin; c < end; ++c) {
-      plan[c] = running;
-      running += s_chunk[c];
+      gated_plan[c] = static_cast<int32_t>(running & 0xffffffff);
+      full_plan[c] = static_cast<int32_t>(running >> 32);
+      running += pair_of(c);
     }
-    if (tid == 0) plan[chunks] = total;
+    if (tid == 0) {
+      gated_plan[chunks] = static_cast<int32_t>(total & 0xffffffff);
+      full_plan[chunks] = static_cast<int32_t>(total >> 32);
+    }
     __syncthreads();
   }
 }
