@@ -162,6 +162,27 @@ def test_sparsek_full_key_tiles(forward_kernel, case):
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("num_keys", [4095 * 128, 4096 * 128],
+                         ids=["S524160-full-keys-listed", "S524288-none-listed"])
+def test_sparsek_plan_full_key_limit(forward_kernel, num_keys):
+    """The plan lists full keys up to 4095 chunks of keys and none past them, where the
+    attention's shared memory keeps one prefix sum (selection_params.h): a few decode-like rows
+    over half a million widely spread scores (many full keys), against the 'xla' reference."""
+    t, topk, window = 3, 4096, 100
+    q, k, v = make_qkv(1, t, num_keys, 2, 1, 128, jnp.float16, seed=("full-limit",))
+    u = 8.0 * rng_for("full-limit-scores", num_keys).standard_normal((1, num_keys, 1))
+    u = jnp.asarray(u.astype(np.float32))
+    out, lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
+                                 implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
+                                       implementation="xla", return_lse=True)
+    assert_attention_close(out, lse, np.asarray(ref_o, np.float64),
+                           np.asarray(ref_lse, np.float64), jnp.float16,
+                           context=f"{forward_kernel} S={num_keys}")
+
+
 @pytest.mark.parametrize("sparsek", [False, True], ids=["causal", "sparsek"])
 def test_kernels_agree(monkeypatch, sparsek):
     """Same inputs on both kernels: each within the tolerance of the other (fp32 softmax,
