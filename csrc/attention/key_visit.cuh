@@ -98,6 +98,7 @@ struct DenseKeyVisit : DenseVisibility {
   // The Hopper kernel's producer warpgroup (fwd_kernel_sm90.cuh): key positions need no
   // fetching, and the copy is made by kThreads threads of which this is `thread`.
   static constexpr bool kStashesKeySlots = false;
+  // The mode the backward kernels compile for (their visits derive from this one).
   static constexpr bool kSparseK = false;
   // The grid's CTA order follows the mask (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kByFlag;

@@ -231,6 +231,7 @@ struct SparseKKeyVisit {
   // The producer warpgroup's copy (fwd_kernel_sm90.cuh), from the positions its threads
   // stashed in a slot of shared memory (the gathers wait for each other's stashes).
   static constexpr bool kStashesKeySlots = true;
+  // The mode the backward kernels compile for (SparseKKeyVisitBwd derives from this one).
   static constexpr bool kSparseK = true;
   // Query-tile grids of SparseK are head-major (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kHeadMajor;
