@@ -36,6 +36,11 @@ std::string check_problem(const Params& p) {
         p.key_chunks > SelectionTiles::kMaxChunks) {
       return "key_chunks does not match seqlen_k";
     }
+    // The gathers multiply a key position by the row stride in bytes, 32 x 32 -> 64 bits.
+    constexpr int64_t kMaxRowStride = (int64_t{1} << 31) - 1;
+    if (p.k_row_stride > kMaxRowStride || p.v_row_stride > kMaxRowStride) {
+      return "SparseK needs K and V row strides below 2^31 elements";
+    }
   }
   return {};
 }

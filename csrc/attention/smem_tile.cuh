@@ -41,6 +41,8 @@ struct RowSwizzledLayout {
 template <int kRows, int kHeadDim>
 struct Sw128Layout {
   static constexpr int kRowPitch = 64;
+  // Rows this many apart share their swizzle: their offsets differ by rows * kRowPitch.
+  static constexpr int kSwizzleRows = 8;
   static constexpr int kColumnBlockElems = kRows * 64;
   static_assert(kRows % 8 == 0 && kHeadDim % 64 == 0, "whole 8 x 128-byte atoms");
   __device__ __forceinline__ static int offset(int row, int chunk) {
@@ -153,21 +155,30 @@ __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
   }
 }
 
+// The producer's gather (a thread's rows are kRowsPerPass apart): its destination moves by a
+// constant a pass where that is a whole number of swizzle periods, and a row's source address
+// is one 32 x 32 + 64-bit multiply-add in bytes (row_stride < 2^31 elements, checked at
+// launch: check_problem.h). Written out so, a pass is 10 SASS instructions instead of 25
+// (three of them the compiler's padding before each copy).
 template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
 __device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element* tile,
                                                             const Element* gmem,
                                                             int64_t row_stride,
                                                             const int* keys, int head_dim) {
   using Slot = ChunkCopySlot<kRows, kHeadDim, kThreads>;
+  static_assert(Slot::kRowsPerPass % Layout::kSwizzleRows == 0,
+                "a thread's rows keep their swizzle from pass to pass");
   const Slot slot(thread, head_dim);
+  Element* dst = tile + Layout::offset(slot.r, slot.c);
+  const char* src = reinterpret_cast<const char*>(gmem + slot.c * 8);
+  const uint32_t stride_bytes = static_cast<uint32_t>(row_stride * sizeof(Element));
 #pragma unroll 4
   for (int i = 0; i < Slot::kPasses; ++i) {
-    const int row = slot.r + i * Slot::kRowsPerPass;
-    const int key = keys[row];
-    const bool valid = slot.column_valid && key >= 0;
-    const Element* src =
-        gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + slot.c * 8;
-    sm80::cp_async_16(tile + Layout::offset(row, slot.c), src, valid);
+    const int key = keys[slot.r + i * Slot::kRowsPerPass];
+    const bool valid = slot.column_valid & (key >= 0);
+    const uint32_t key_row = valid ? static_cast<uint32_t>(key) : 0u;
+    sm80::cp_async_16(dst + i * Slot::kRowsPerPass * Layout::kRowPitch,
+                      src + static_cast<uint64_t>(key_row) * stride_bytes, valid);
   }
 }
 
