@@ -117,8 +117,9 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
   constexpr int kProducers = Cfg::kNProducerThreads;
   static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
   static_assert(Cfg::kKeySlots == kStages + 1, "tile it + 1's slot frees with tile it's stage");
-  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread));
-  typename KeyVisit::Prefetch next = visit.prefetch_row(p, 1, thread);
+  const int64_t key_base = KeyVisit::key_base(p);
+  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
+  typename KeyVisit::Prefetch next = visit.prefetch_row(p, 1, thread, key_base);
 #pragma unroll 1
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
@@ -136,7 +137,7 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
     // V(it - 2) released: the consumers' masks are done with tile it - 2's slot.
     if (it + 1 < num_tiles) {
       visit.stash_row(it + 1, thread, next);
-      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread);
+      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread, key_base);
     }
     visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
                                             p.v_row_stride, it, head_dim);

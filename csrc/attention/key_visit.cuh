@@ -4,7 +4,7 @@
 //   num_tiles()                    how many key tiles of kBlockN keys the query tile visits;
 //   load_keys(smem, gmem, ..., it) the copy of the K or V rows of tile `it`;
 //   prefetch(it) / stash(it, ...)  (SparseK) fetching tile it's key positions a step early;
-//   prefetch_row / stash_row / load_keys_by
+//   key_base / prefetch_row / stash_row / load_keys_by
 //                                  the same for one key row, by a producer warpgroup
 //                                  (fwd_kernel_sm90.cuh);
 //   mask_and_update(...)           hiding the keys a row does not see, weighing the others,
@@ -102,8 +102,13 @@ struct DenseKeyVisit : DenseVisibility {
   static constexpr bool kSparseK = false;
   // The grid's CTA order follows the mask (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
+  // (key_base: where SparseK's selection arrays of this kv head begin; nothing to fetch here.)
   template <typename Params>
-  __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int) const {
+  __device__ __forceinline__ static int64_t key_base(const Params&) {
+    return 0;
+  }
+  template <typename Params>
+  __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int, int64_t) const {
     return {};
   }
   __device__ __forceinline__ void stash_row(int, int, const Prefetch&) {}

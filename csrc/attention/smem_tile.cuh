@@ -104,13 +104,18 @@ __device__ __forceinline__ void load_rows_gathered_async(Element* tile, const El
   static_assert(kNThreads % kChunksPerRow == 0 && kRows % kRowsPerPass == 0 &&
                     kRowsPerPass % 8 == 0,
                 "each thread copies the same chunk column of rows kRowsPerPass apart");
+  constexpr int kPasses = kRows / kRowsPerPass;
   const int r = static_cast<int>(threadIdx.x) / kChunksPerRow;
   const int c = static_cast<int>(threadIdx.x) % kChunksPerRow;
   const bool column_valid = c * 8 < head_dim;
   Element* dst = tile + Layout::offset(r, c);
-#pragma unroll 1
-  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
-    const int key = keys[r + i * kRowsPerPass];
+  // Every position before the first copy (see load_rows_gathered_async_by below).
+  int row_keys[kPasses];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) row_keys[i] = keys[r + i * kRowsPerPass];
+#pragma unroll
+  for (int i = 0; i < kPasses; ++i) {
+    const int key = row_keys[i];
     const bool valid = column_valid && key >= 0;
     const Element* src = gmem + static_cast<int64_t>(valid ? key : 0) * row_stride + c * 8;
     sm80::cp_async_16(dst + i * kRowsPerPass * Layout::kRowPitch, src, valid);
@@ -159,7 +164,11 @@ __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
 // constant a pass where that is a whole number of swizzle periods, and a row's source address
 // is one 32 x 32 + 64-bit multiply-add in bytes (row_stride < 2^31 elements, checked at
 // launch: check_problem.h). Written out so, a pass is 10 SASS instructions instead of 25
-// (three of them the compiler's padding before each copy).
+// (three of them the compiler's padding before each copy). All of a thread's positions are
+// read before its first copy is issued: the compiler does not move a shared-memory load past
+// a cp.async (which writes shared memory), so read between the copies, each position's load
+// latency stood alone in the producer's chain (ncu: the most stalled instructions of the
+// SparseK forward's producer were the uses of those loads).
 template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
 __device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element* tile,
                                                             const Element* gmem,
@@ -172,11 +181,13 @@ __device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element*
   Element* dst = tile + Layout::offset(slot.r, slot.c);
   const char* src = reinterpret_cast<const char*>(gmem + slot.c * 8);
   const uint32_t stride_bytes = static_cast<uint32_t>(row_stride * sizeof(Element));
-#pragma unroll 4
+  int row_keys[Slot::kPasses];
+#pragma unroll
+  for (int i = 0; i < Slot::kPasses; ++i) row_keys[i] = keys[slot.r + i * Slot::kRowsPerPass];
+#pragma unroll
   for (int i = 0; i < Slot::kPasses; ++i) {
-    const int key = keys[slot.r + i * Slot::kRowsPerPass];
-    const bool valid = slot.column_valid & (key >= 0);
-    const uint32_t key_row = valid ? static_cast<uint32_t>(key) : 0u;
+    const bool valid = slot.column_valid & (row_keys[i] >= 0);
+    const uint32_t key_row = valid ? static_cast<uint32_t>(row_keys[i]) : 0u;
     sm80::cp_async_16(dst + i * Slot::kRowsPerPass * Layout::kRowPitch,
                       src + static_cast<uint64_t>(key_row) * stride_bytes, valid);
   }

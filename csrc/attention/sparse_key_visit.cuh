@@ -159,17 +159,21 @@ struct SparseKKeyVisit {
   }
 
   // Thread t < kBlockN fetches the key of row t of key tile `it`. (The selection's pointers
-  // are read from the kernel parameters when needed rather than kept in registers.)
+  // and key_base are re-derived from the kernel parameters when needed rather than kept in
+  // registers through the mainloop.)
   template <typename Params>
   __device__ __forceinline__ Prefetch prefetch(const Params& p, int it) const {
     const int t = threadIdx.x;
     if (t >= kBlockN) return Prefetch{-1, -INFINITY};
-    return prefetch_row(p, it, t);
+    return prefetch_row(p, it, t, key_base(p));
   }
 
   // Row t of key tile `it` (t < kBlockN): its position and score, or -1 and -inf for padding.
+  // base: key_base(p), which a producer warpgroup computes once (it costs two integer
+  // divisions).
   template <typename Params>
-  __device__ __forceinline__ Prefetch prefetch_row(const Params& p, int it, int t) const {
+  __device__ __forceinline__ Prefetch prefetch_row(const Params& p, int it, int t,
+                                                   int64_t base) const {
     Prefetch f{-1, -INFINITY};
     const int sparse = sparse_tiles();
     if (it < sparse) {
@@ -192,7 +196,7 @@ struct SparseKKeyVisit {
         int offset = rank - plan[lo];
         // (No full keys at all: s_full_plan may not be loaded, and every full_c is 0.)
         if (!full && full_keys > 0) offset += s_full_plan()[lo + 1] - s_full_plan()[lo];
-        const int64_t entry = key_base(p) + lo * kChunk + offset;
+        const int64_t entry = base + lo * kChunk + offset;
         f.key = p.sorted_key[entry];
         f.u = p.sorted_u[entry];
       }
@@ -200,7 +204,7 @@ struct SparseKKeyVisit {
       const int q = (it - sparse) * kBlockN + t;
       if (q < tail_len) {
         f.key = tail_begin + q;
-        f.u = p.key_u[key_base(p) + f.key];
+        f.u = p.key_u[base + f.key];
       }
     }
     return f;
