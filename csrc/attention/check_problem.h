@@ -36,7 +36,8 @@ std::string check_problem(const Params& p) {
         p.key_chunks > SelectionTiles::kMaxChunks) {
       return "key_chunks does not match seqlen_k";
     }
-    // The gathers multiply a key position by the row stride in bytes, 32 x 32 -> 64 bits.
+    // The Hopper forward's producer gathers a row at a key position times the row stride in
+    // bytes, a 32 x 32 -> 64-bit multiply.
     constexpr int64_t kMaxRowStride = (int64_t{1} << 31) - 1;
     if (p.k_row_stride > kMaxRowStride || p.v_row_stride > kMaxRowStride) {
       return "SparseK needs K and V row strides below 2^31 elements";
