@@ -163,6 +163,25 @@ def test_sparsek_full_key_tiles(forward_kernel, case):
 
 
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+def test_sparsek_gated_first_tiles(forward_kernel):
+    """Narrow scores (sigma 0.25: no query tile lists a tile of full keys), so every CTA's
+    first key tiles take the gate, which reads their key slots: the Hopper producer reuses a
+    slot only once the consumers' masks are done with it (fwd_kernel_sm90.cuh), and a slot
+    overwritten early shows here, at the start of CTAs of up to 8 key tiles (rows attend up
+    to ~790 keys)."""
+    b, t, s, hq, hkv, d, dtype, topk, window = 1, 1536, 1536, 4, 2, 128, jnp.float16, 150, 64
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-gated", forward_kernel))
+    u = 0.25 * rng_for("kernels-gated-scores").standard_normal((b, s, hkv)).astype(np.float32)
+    _, tau, gates = numpy_sparsek_gates(u, topk, window, t)
+    assert _most_full_keys(u, tau, window, t) < 128
+    out, lse = sparsek_attention(q, k, v, jnp.asarray(u), topk=topk, window=window,
+                                 is_causal=True, implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_gated_attention(q, k, v, gates)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=forward_kernel)
+
+
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("num_keys", [4095 * 128, 4096 * 128],
                          ids=["S524160-full-keys-listed", "S524288-none-listed"])
 def test_sparsek_plan_full_key_limit(forward_kernel, num_keys):

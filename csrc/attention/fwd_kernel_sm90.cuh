@@ -100,13 +100,9 @@ struct KVStageBarriers {
 // Named barrier of the producer warpgroup (the consumers' are below).
 constexpr int kProducerBarrier = 4;
 
-// The producer warpgroup (thread `thread` of kProducers): for key tile it, into stage
-// it % kStages, K(it), then V(it); each waits until the consumers have released the stage's
-// previous tile. In SparseK the key positions run a tile ahead: tile it + 1's are stashed
-// into the slot of tile it - 2 once V(it - 2) is released (the consumers read a tile's slot
-// in its mask, before its P V product), and tile it + 2's are fetched from global memory
-// while tile it's copies are issued. K(it - 2)'s stage is released as soon as S(it - 2) is
-// in, so that K(it)'s gather starts a softmax earlier than it would if the slot came with it.
+// The producer warpgroup of the dense modes (thread `thread` of kProducers): for key tile it,
+// into stage it % kStages, K(it), then V(it); each waits until the consumers have released
+// the stage's previous tile (K(it - 2)'s as soon as S(it - 2) is in).
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, KeyVisit& visit,
                                                   const KVStageBarriers<Cfg::kKVStages>& bars,
@@ -115,36 +111,84 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
                                                   int num_tiles, int thread) {
   constexpr int kStages = Cfg::kKVStages;
   constexpr int kProducers = Cfg::kNProducerThreads;
-  static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
-  static_assert(Cfg::kKeySlots == kStages + 1, "tile it + 1's slot frees with tile it's stage");
-  const int64_t key_base = KeyVisit::key_base(p);
-  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
-  typename KeyVisit::Prefetch next = visit.prefetch_row(p, 1, thread, key_base);
 #pragma unroll 1
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % kStages;
     const uint32_t reuse_parity = static_cast<uint32_t>(it / kStages - 1) & 1;
     if (it >= kStages) sm90::mbarrier_wait(bars.k_empty(stage), reuse_parity);
-    if constexpr (KeyVisit::kStashesKeySlots) {
-      // Tile it's positions (stashed a step ago by other warps) are read by the gathers.
-      sm90::named_barrier_sync<kProducers>(kProducerBarrier);
-    }
     visit.template load_keys_by<kProducers>(thread, sK0 + stage * Cfg::kSmemKVElems, k,
                                             p.k_row_stride, it, head_dim);
     sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
     sm90::mbarrier_arrive(bars.k_full(stage));
     if (it >= kStages) sm90::mbarrier_wait(bars.v_empty(stage), reuse_parity);
-    // V(it - 2) released: the consumers' masks are done with tile it - 2's slot.
-    if (it + 1 < num_tiles) {
-      visit.stash_row(it + 1, thread, next);
-      if (it + 2 < num_tiles) next = visit.prefetch_row(p, it + 2, thread, key_base);
-    }
     visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
                                             p.v_row_stride, it, head_dim);
     sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
     sm90::mbarrier_arrive(bars.v_full(stage));
   }
   // The copies' arrivals are made on completion; let them land before the warps exit.
+  sm90::cp_async_wait_all();
+}
+
+// The producer warpgroup of SparseK, whose K and V rows are gathered at positions it fetches
+// itself: K runs a tile ahead of V (K(it + 1), then V(it)), since the consumers need K(it)
+// one step before V(it) (P V lags S by a step). Issued in the dense order, K(it) would wait
+// behind V(it - 1), whose stage frees only when the consumers finish step it - 2, and the
+// consumers waited for K (5.5% of their time; 1-3% faster this way, bench/NOTES.md). In the
+// dense modes the same order measured 1-3% slower, so they keep theirs.
+// Key positions run two tiles ahead of V, in kStages + 2 slots: once V(it - 2) is released
+// the consumers' masks (which read a tile's slot before its P V product) are done with tiles
+// it - 1 and before, and tile it + 2's positions go into tile it - 2's slot; tile it + 3's
+// are fetched from global memory while V(it)'s copies are issued. At it = 0 and 1 no V has
+// been released and the consumers may not have reached tile 0's mask, so tiles 2 and 3 need
+// slots of their own: with three slots tile 3 overwrote tile 0's positions before its mask
+// read them (a T = 2500 GPU test caught it). A gather reads positions other warps stashed a
+// step earlier: the producers' named barrier before each K gather orders the two.
+template <typename Cfg, typename Element, typename KeyVisit>
+__device__ __forceinline__ void produce_gathered_key_tiles(
+    const AttentionFwdParams& p, KeyVisit& visit, const KVStageBarriers<Cfg::kKVStages>& bars,
+    Element* sK0, Element* sV0, const Element* k, const Element* v, int head_dim,
+    int num_tiles, int thread) {
+  constexpr int kStages = Cfg::kKVStages;
+  constexpr int kProducers = Cfg::kNProducerThreads;
+  static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
+  static_assert(Cfg::kKeySlots == kStages + 2,
+                "tile it + 2 takes tile it - 2's slot, whose mask is done once V(it - 2) is "
+                "released (tiles 2 and 3 take fresh ones)");
+  const int64_t key_base = KeyVisit::key_base(p);
+  // K(j) into stage j % kStages once K(j - 2) is released (after S(j - 2)).
+  auto produce_k = [&](int j) {
+    const int stage = j % kStages;
+    if (j >= kStages) {
+      sm90::mbarrier_wait(bars.k_empty(stage), static_cast<uint32_t>(j / kStages - 1) & 1);
+    }
+    sm90::named_barrier_sync<kProducers>(kProducerBarrier);
+    visit.template load_keys_by<kProducers>(thread, sK0 + stage * Cfg::kSmemKVElems, k,
+                                            p.k_row_stride, j, head_dim);
+    sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
+    sm90::mbarrier_arrive(bars.k_full(stage));
+  };
+  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
+  if (num_tiles > 1) visit.stash_row(1, thread, visit.prefetch_row(p, 1, thread, key_base));
+  typename KeyVisit::Prefetch next{};
+  if (num_tiles > 2) next = visit.prefetch_row(p, 2, thread, key_base);
+  produce_k(0);
+#pragma unroll 1
+  for (int it = 0; it < num_tiles; ++it) {
+    if (it + 1 < num_tiles) produce_k(it + 1);
+    const int stage = it % kStages;
+    if (it >= kStages) {
+      sm90::mbarrier_wait(bars.v_empty(stage), static_cast<uint32_t>(it / kStages - 1) & 1);
+    }
+    if (it + 2 < num_tiles) {
+      visit.stash_row(it + 2, thread, next);
+      if (it + 3 < num_tiles) next = visit.prefetch_row(p, it + 3, thread, key_base);
+    }
+    visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
+                                            p.v_row_stride, it, head_dim);
+    sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
+    sm90::mbarrier_arrive(bars.v_full(stage));
+  }
   sm90::cp_async_wait_all();
 }
 
@@ -182,8 +226,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   if (role_warp >= kConsumers / 32) {
     sm90::release_registers<Cfg::kProducerRegisters>();
     if (num_tiles > 0) {
-      produce_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles,
-                             static_cast<int>(threadIdx.x) - kConsumers);
+      const int thread = static_cast<int>(threadIdx.x) - kConsumers;
+      if constexpr (KeyVisit::kStashesKeySlots) {
+        produce_gathered_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles,
+                                        thread);
+      } else {
+        produce_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles, thread);
+      }
     }
     return;
   }

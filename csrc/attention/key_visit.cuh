@@ -4,9 +4,9 @@
 //   num_tiles()                    how many key tiles of kBlockN keys the query tile visits;
 //   load_keys(smem, gmem, ..., it) the copy of the K or V rows of tile `it`;
 //   prefetch(it) / stash(it, ...)  (SparseK) fetching tile it's key positions a step early;
-//   key_base / prefetch_row / stash_row / load_keys_by
-//                                  the same for one key row, by a producer warpgroup
-//                                  (fwd_kernel_sm90.cuh);
+//   load_keys_by                   the copy by a producer warpgroup (fwd_kernel_sm90.cuh),
+//                                  and, where kStashesKeySlots (SparseK), key_base /
+//                                  prefetch_row / stash_row: the fetch of one key row;
 //   mask_and_update(...)           hiding the keys a row does not see, weighing the others,
 //                                  and the online-softmax update.
 // The dense modes are a contiguous range of key tiles: full, causal (keys j <= p(i)) and the
@@ -102,16 +102,6 @@ struct DenseKeyVisit : DenseVisibility {
   static constexpr bool kSparseK = false;
   // The grid's CTA order follows the mask (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
-  // (key_base: where SparseK's selection arrays of this kv head begin; nothing to fetch here.)
-  template <typename Params>
-  __device__ __forceinline__ static int64_t key_base(const Params&) {
-    return 0;
-  }
-  template <typename Params>
-  __device__ __forceinline__ Prefetch prefetch_row(const Params&, int, int, int64_t) const {
-    return {};
-  }
-  __device__ __forceinline__ void stash_row(int, int, const Prefetch&) {}
   template <int kThreads, typename Element>
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
                                                int64_t row_stride, int it,

@@ -12,8 +12,8 @@
 //   2. the contiguous range from the end of those chunks to the last row's position: the
 //      rest of the domain, the keys later rows add to it, and the window band. Those keys
 //      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
-// Key positions and scores of tile it + 1 are fetched while tile it is computed, into one
-// of two shared-memory slots.
+// Key positions and scores of a later tile are fetched while tile it is computed, into a
+// slot of shared memory (kSlots below).
 //
 // The CTA's rows may be a part of a plan tile (kBlockM dividing kQueryTile, as the backward's
 // dq kernel): the plan of the enclosing tile lists a superset of what the part needs. The
@@ -76,8 +76,8 @@ struct SparseKKeyVisit {
   // mainloop needs stays in registers; the rest is re-read from the kernel parameters.
   // kSlots: 2 where K/V tiles load one step ahead of their use (fwd_kernel.cuh), 3 where they
   // load a whole tile ahead (the Hopper dq kernel: tile it + 2's keys are stashed while tile
-  // it is computed) or where a producer warpgroup stashes tile it + 1's while the consumers
-  // read tiles it - 1 and it (fwd_kernel_sm90.cuh).
+  // it is computed), 4 where a producer warpgroup stashes tile it + 2's while the consumers
+  // read tile it's and tile it + 1's K rows are gathered from its own (fwd_kernel_sm90.cuh).
   static constexpr int kSlots = KeySlots<Cfg>::value;
   static constexpr int kKeyOffset = kSlots * kBlockN;
   static constexpr int kTauOffset = 2 * kSlots * kBlockN;

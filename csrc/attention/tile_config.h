@@ -91,8 +91,11 @@ struct FwdSm90TileConfig {
   static constexpr int kSmemQElems = kBlockM * kHeadDim;
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;
   static constexpr int kKVStages = 2;
-  // SparseK: key positions of tiles it - 1 and it (being read) and it + 1 (stashed early).
-  static constexpr int kKeySlots = kKVStages + 1;
+  // SparseK: key positions of tile it (being read by the consumers), it + 1 (gathered a tile
+  // ahead of V) and it + 2 (stashed early), and the slot of tile it - 1, which frees only
+  // once V(it - 2) is released: at the first two tiles nothing has been, so the producer
+  // stashes tiles 2 and 3 into fresh slots (fwd_kernel_sm90.cuh).
+  static constexpr int kKeySlots = kKVStages + 2;
   // The full and empty mbarriers of each K and V stage.
   static constexpr int kNumStageBarriers = 4 * kKVStages;
   // wgmma's swizzle atoms need 1024-byte alignment, which the kernel makes by rounding the
