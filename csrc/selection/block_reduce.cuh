@@ -29,20 +29,21 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// Sums kN doubles over the block. scratch: kNThreads / 32 * kN doubles of shared memory.
-template <int kNThreads, int kN>
-__device__ __forceinline__ void block_sum(double (&x)[kN], double* scratch) {
+// Sums kN values over the block (doubles, or integers where the order of a sum must not
+// matter). scratch: kNThreads / 32 * kN values of shared memory.
+template <int kNThreads, int kN, typename T>
+__device__ __forceinline__ void block_sum(T (&x)[kN], T* scratch) {
   constexpr int kWarps = kNThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int e = 0; e < kN; ++e) {
-    const double w = warp_sum(x[e]);
+    const T w = warp_sum(x[e]);
     if (lane == 0) scratch[warp * kN + e] = w;
   }
   __syncthreads();
 #pragma unroll
   for (int e = 0; e < kN; ++e) {
-    double total = 0.0;
+    T total = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) total += scratch[w * kN + e];
     x[e] = total;
@@ -114,6 +115,27 @@ __device__ __forceinline__ T block_exclusive_scan(T x, T& total, T* scratch) {
   }
   __syncthreads();
   return before + inclusive - x;
+}
+
+// Sorts v[0, n) in shared memory, descending, for n <= kNThreads: thread i counts the
+// entries that go before its own (greater, or equal at a lower index: the ranks are a
+// permutation) and writes it there. One pass over the list and two barriers, where the
+// network below takes log2(n) (log2(n) + 1) / 2 dependent steps. Ends with a barrier.
+template <int kNThreads>
+__device__ __forceinline__ void block_rank_sort_descending(float* v, int n) {
+  const int i = threadIdx.x;
+  const float own = i < n ? v[i] : 0.f;
+  int rank = 0;
+  if (i < n) {
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) {
+      const float other = v[j];
+      rank += (other > own) | ((other == own) & (j < i));
+    }
+  }
+  __syncthreads();
+  if (i < n) v[rank] = own;
+  __syncthreads();
 }
 
 // Sorts v[0, n) in shared memory, descending (bitonic network; n a power of two). Ends with

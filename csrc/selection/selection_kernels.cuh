@@ -28,6 +28,9 @@ constexpr int kSortThreads = SelectionTiles::kKeyChunk;
 constexpr int kAnchorThreads = 512;
 constexpr int kTileThreads = 256;
 constexpr int kTileBreakpointCapacity = 4096;
+// Keys still listed once a tile's bracket is narrowed to its own rows (tens in practice;
+// past this the tile keeps the anchors' bracket).
+constexpr int kTileRelistCapacity = 1024;
 
 }  // namespace sparsek
 
@@ -41,7 +44,8 @@ struct TilePlanSmem {
   static constexpr size_t kScratch = 0;  // (kTileThreads / 32) * 15 doubles
   static constexpr size_t kPrefix = kScratch + (kTileThreads / 32) * 15 * sizeof(double);
   static constexpr size_t kBreakpoints = kPrefix + (kTileBreakpointCapacity + 1) * sizeof(double);
-  static constexpr size_t kGrowth = kBreakpoints + kTileBreakpointCapacity * sizeof(float);
+  static constexpr size_t kRelisted = kBreakpoints + kTileBreakpointCapacity * sizeof(float);
+  static constexpr size_t kGrowth = kRelisted + kTileRelistCapacity * sizeof(float);
   static constexpr size_t kTau = kGrowth + kTile * sizeof(float);
   static constexpr size_t kCounters = kTau + kTile * sizeof(float);  // 16 ints
   static constexpr size_t kShared = kCounters + 16 * sizeof(int);

@@ -5,7 +5,9 @@
 // tau of each of its rows. One read of the tile's common domain classifies its keys against
 // that bracket (threshold_solve.cuh): most weigh a constant 0 or 1 or u - tau over the whole
 // bracket and are only counted; the few "breakpoint keys" are listed in shared memory,
-// sorted, with prefix sums. The keys the rows add past the first row's domain get prefix
+// sorted, with prefix sums. Before the sort the bracket is narrowed to the tile's own first
+// and last rows (tile_bracket.cuh) and the listed keys are weighed again: tens stay listed
+// instead of hundreds. The keys the rows add past the first row's domain get prefix
 // counts and sums the same way. Then each thread solves one row on its own, from a start
 // interpolated between the anchors (tau varies smoothly down the rows). If the list
 // overflows (scores bunched inside the bracket), every row is solved from its whole prefix
@@ -15,10 +17,15 @@
 #include "selection/block_reduce.cuh"
 #include "selection/selection_kernels.cuh"
 #include "selection/threshold_solve.cuh"
+#include "selection/tile_bracket.cuh"
 
 namespace sparsek {
 
-__global__ void __launch_bounds__(kTileThreads)
+// Three blocks an SM (80 registers; the spills cost one local load a quad in the domain pass,
+// the rest is outside the loops): every phase of a block waits on latency (loads, barriers,
+// one thread's row solve), and a third block hides more of it than the spills cost (-9% at
+// 32k, NVIDIA H200).
+__global__ void __launch_bounds__(kTileThreads, 3)
     tile_thresholds_and_plan_kernel(SparseKSelectParams p, SelectionLayout l,
                                     SelectionBuffers w) {
   constexpr int kTile = SelectionTiles::kQueryTile;
@@ -33,7 +40,9 @@ __global__ void __launch_bounds__(kTileThreads)
   // The keys past the first row's domain.
   float* s_growth = reinterpret_cast<float*>(smem + TilePlanSmem::kGrowth);
   float* s_tau = reinterpret_cast<float*>(smem + TilePlanSmem::kTau);
-  // [0]: breakpoints listed, [1]: first row past K keys
+  // The keys still listed once the bracket is narrowed to the tile's rows.
+  float* s_relisted = reinterpret_cast<float*>(smem + TilePlanSmem::kRelisted);
+  // [0]: breakpoints listed, [1]: first row past K keys, [2]: keys relisted
   int* s_counter = reinterpret_cast<int*>(smem + TilePlanSmem::kCounters);
   // Shared by the growth summary and, once every tau is known, the plan's chunk counts.
   unsigned char* s_shared = smem + TilePlanSmem::kShared;
@@ -67,13 +76,14 @@ __global__ void __launch_bounds__(kTileThreads)
     if (tid == 0) {
       s_counter[0] = 0;
       s_counter[1] = rows;
+      s_counter[2] = 0;
     }
     __syncthreads();
 
     float lo = anchor_lo;
-    const float hi = anchor_hi;
+    float hi = anchor_hi;
     int64_t lo_row = anchor_row(anchor, p.seqlen_q);  // where tau is lo
-    const int64_t hi_row = anchor_row(anchor + 1, p.seqlen_q);
+    int64_t hi_row = anchor_row(anchor + 1, p.seqlen_q);
     if (anchor_hi != -INFINITY && lo == -INFINITY) {
       // The tile's first rows may still take every key. The first row r* past K finite keys
       // is solved exactly from its prefix: its tau bounds every later row's from below.
@@ -100,78 +110,145 @@ __global__ void __launch_bounds__(kTileThreads)
       for (int r = tid; r < rows; r += kTileThreads) s_tau[r] = -INFINITY;
     } else {
       // Counts in integers, the linear keys' sum in double, each thread's keys in a fixed
-      // order (deterministic).
+      // order (deterministic). Without branches (bracket_weight's cases as predicates): the
+      // listed keys of a warp's quads take one atomic a warp, their slots from ballots.
       int finite_keys = 0, ones = 0, linear = 0;
       double linear_sum = 0.0;
-      auto classify = [&](float v) {
-        const BracketWeight weight = bracket_weight(v, lo, hi);
-        finite_keys += weight != BracketWeight::kNone;
-        ones += weight == BracketWeight::kOne;
-        if (weight == BracketWeight::kLinear) {
-          ++linear;
-          linear_sum += v;
-        } else if (weight == BracketWeight::kListed) {
-          const int k = atomicAdd(s_counter, 1);
-          if (k < kTileBreakpointCapacity) s_breakpoints[k] = v;
+      const float lo_plus_1 = lo + 1.f, hi_plus_1 = hi + 1.f;
+      const unsigned lanes_before = (1u << lane) - 1u;
+      // Every lane of the warp calls this (v = -inf where it has no key).
+      auto classify_quad = [&](const float (&v)[4]) {
+        bool listed[4];
+        unsigned listed_lanes[4];
+        int listed_count = 0;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool above_lo = v[e] > lo;
+          const bool is_one = above_lo && v[e] >= hi_plus_1;
+          const bool is_linear = above_lo && !is_one && v[e] >= hi && v[e] <= lo_plus_1;
+          listed[e] = above_lo && !is_one && !is_linear;
+          finite_keys += v[e] > -INFINITY;
+          ones += is_one;
+          linear += is_linear;
+          linear_sum += is_linear ? static_cast<double>(v[e]) : 0.0;
+          listed_lanes[e] = __ballot_sync(0xffffffffu, listed[e]);
+          listed_count += __popc(listed_lanes[e]);
+        }
+        if (listed_count == 0) return;  // the same for the whole warp
+        int slot = 0;
+        if (lane == 0) slot = atomicAdd(s_counter, listed_count);
+        slot = __shfl_sync(0xffffffffu, slot, 0);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k = slot + __popc(listed_lanes[e] & lanes_before);
+          if (listed[e] && k < kTileBreakpointCapacity) s_breakpoints[k] = v[e];
+          slot += __popc(listed_lanes[e]);
         }
       };
-      // The rows of u start 16-byte aligned (whole chunks).
-      // The next quad's load is issued before this one is classified: two in flight a thread.
+      // The rows of u start 16-byte aligned (whole chunks). A warp runs while any of its lanes
+      // has a quad left. The next quad's load is issued before this one is classified: two in
+      // flight a thread.
       const int64_t quads = n0 / 4;
       const float4* u4 = reinterpret_cast<const float4*>(u);
-      float4 next = tid < quads ? u4[tid] : float4{};
-      for (int64_t q = tid; q < quads; q += kTileThreads) {
-        const float4 v = next;
-        if (q + kTileThreads < quads) next = u4[q + kTileThreads];
-        classify(v.x);
-        classify(v.y);
-        classify(v.z);
-        classify(v.w);
+      const float4 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+      float4 next = tid < quads ? u4[tid] : none;
+      for (int64_t q = tid; q - lane < quads; q += kTileThreads) {
+        const float v[4] = {next.x, next.y, next.z, next.w};
+        next = q + kTileThreads < quads ? u4[q + kTileThreads] : none;
+        classify_quad(v);
       }
-      for (int64_t j = quads * 4 + tid; j < n0; j += kTileThreads) classify(u[j]);
+      if (warp == 0) {
+        // The last n0 % 4 keys.
+        const int64_t j = quads * 4 + lane;
+        const float v[4] = {j < n0 ? u[j] : -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        classify_quad(v);
+      }
       double sums[4] = {static_cast<double>(finite_keys), static_cast<double>(ones),
                         static_cast<double>(linear), linear_sum};
       block_sum<kTileThreads, 4>(sums, scratch);
-      const int breakpoints = s_counter[0];
+      int breakpoints = s_counter[0];
       if (breakpoints <= kTileBreakpointCapacity) {
+        float* list = s_breakpoints;
+        // The common domain's sums by bracket weight.
+        double bracket_ones = sums[1], bracket_linear = sums[2], bracket_linear_sum = sums[3];
+        auto along = [&](int64_t row) {
+          return hi_row > lo_row
+                     ? static_cast<float>(row - lo_row) / static_cast<float>(hi_row - lo_row)
+                     : 0.f;
+        };
+        {
+          // The tile's own bracket (tile_bracket.cuh), then its keys weighed against it.
+          TileBracketInput in;
+          in.listed = s_breakpoints;
+          in.count = breakpoints;
+          in.growth_u = s_growth;
+          in.growth = growth;
+          in.ones = bracket_ones;
+          in.linear = bracket_linear;
+          in.linear_sum = bracket_linear_sum;
+          in.first_row_finite = sums[0] > topk;  // the first row's domain is the common one
+          const float start[2] = {lo + (hi - lo) * along(row0),
+                                  lo + (hi - lo) * along(row0 + rows - 1)};
+          float narrow_lo, narrow_hi;
+          narrow_tile_bracket<kTileThreads>(in, lo, hi, start, p.topk, narrow_lo, narrow_hi,
+                                            reinterpret_cast<int64_t*>(scratch));
+          if (narrow_lo > lo || narrow_hi < hi) {
+            double new_ones = bracket_ones, new_linear = bracket_linear,
+                   new_linear_sum = bracket_linear_sum;
+            const int relisted = relist_keys<kTileThreads>(
+                s_breakpoints, breakpoints, narrow_lo, narrow_hi, s_relisted,
+                kTileRelistCapacity, s_counter + 2, new_ones, new_linear, new_linear_sum,
+                reinterpret_cast<int64_t*>(scratch));
+            if (relisted <= kTileRelistCapacity) {
+              list = s_relisted;
+              breakpoints = relisted;
+              bracket_ones = new_ones;
+              bracket_linear = new_linear;
+              bracket_linear_sum = new_linear_sum;
+              if (narrow_lo > lo) lo_row = row0;
+              if (narrow_hi < hi) hi_row = row0 + rows - 1;
+              lo = narrow_lo;
+              hi = narrow_hi;
+            }
+          }
+        }
         // Sorted (which also makes the list's order, filled by atomics, not matter), then
         // prefix sums in a fixed order.
-        int padded = 1;
-        while (padded < breakpoints) padded <<= 1;
-        for (int i = breakpoints + tid; i < padded; i += kTileThreads) {
-          s_breakpoints[i] = -INFINITY;
-        }
         if (warp == kWarps - 1) growth_summary.build_warp(s_growth, growth, lo, hi, lane);
-        block_sort_descending<kTileThreads>(s_breakpoints, padded);
+        if (breakpoints <= kTileThreads) {
+          block_rank_sort_descending<kTileThreads>(list, breakpoints);
+        } else {
+          int padded = 1;
+          while (padded < breakpoints) padded <<= 1;
+          for (int i = breakpoints + tid; i < padded; i += kTileThreads) list[i] = -INFINITY;
+          block_sort_descending<kTileThreads>(list, padded);  // starts with a barrier
+        }
         const int per_thread = (breakpoints + kTileThreads - 1) / kTileThreads;
         const int begin = min(tid * per_thread, breakpoints);
         const int end = min(begin + per_thread, breakpoints);
         double local = 0.0;
-        for (int i = begin; i < end; ++i) local += s_breakpoints[i];
+        for (int i = begin; i < end; ++i) local += list[i];
         double total = 0.0;
         double running = block_exclusive_scan<kTileThreads>(local, total, scratch);
         for (int i = begin; i < end; ++i) {
-          running += s_breakpoints[i];
+          running += list[i];
           s_prefix[i + 1] = running;
         }
         if (tid == 0) s_prefix[0] = 0.0;
         __syncthreads();
 
         BracketSummary summary;
-        summary.ones = sums[1];
-        summary.linear = sums[2];
-        summary.linear_sum = sums[3];
-        summary.breakpoints = s_breakpoints;
+        summary.ones = bracket_ones;
+        summary.linear = bracket_linear;
+        summary.linear_sum = bracket_linear_sum;
+        summary.breakpoints = list;
         summary.prefix = s_prefix;
         summary.count = breakpoints;
         if (tid < rows) {
           const int own = own_keys(tid);
           float tau = -INFINITY;
           if (sums[0] + growth_summary.finite[own] > topk) {
-            const float along = hi_row > lo_row ? static_cast<float>(row0 + tid - lo_row) /
-                                                      static_cast<float>(hi_row - lo_row)
-                                                : 0.f;
-            const float start = lo + (hi - lo) * along;
+            const float start = lo + (hi - lo) * along(row0 + tid);
             tau = solve_threshold_row(summary, growth_summary, own, lo, hi, start, p.topk);
           }
           s_tau[tid] = tau;
