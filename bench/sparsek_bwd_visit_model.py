@@ -81,6 +81,17 @@ def model_scores(seq: int, sigma: float, topk: int, window: int, seed: int, row_
     return u, tau, attended
 
 
+def add_score_args(ap: argparse.ArgumentParser):
+    """The options both visit models share: the benchmarks' shapes and scores."""
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072],
+                    help="S = T (default: 8k 32k 128k)")
+    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0],
+                    help="u ~ N(0, sigma^2)")
+    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_n: int,
                   block_m: int, order: str = "score"):
     """(key, row) pairs the dk/dv CTAs compute (whole kBlockM row steps), and the CTA count.
@@ -129,21 +140,15 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072],
-                    help="S = T (default: 8k 32k 128k)")
-    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0],
-                    help="u ~ N(0, sigma^2)")
+    add_score_args(ap)
     ap.add_argument("--spans", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096],
                     help="widths of the sorted key spans (128: the selection's chunks)")
-    ap.add_argument("--topk", type=int, default=2048)
-    ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--block-n", type=int, default=64,
                     help="entries per dk/dv CTA (kBlockN of BwdTileSizes<128>)")
     ap.add_argument("--block-m", type=int, default=32,
                     help="rows per dk/dv step (kBlockM of BwdTileSizes<128>)")
     ap.add_argument("--row-step", type=int, default=0,
                     help="rows between exact tau solves (default: S / 1024)")
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     print(f"K={args.topk} W={args.window} kBlockN={args.block_n} kBlockM={args.block_m}; "

@@ -20,7 +20,7 @@ import argparse
 
 import numpy as np
 
-from sparsek_bwd_visit_model import model_scores
+from sparsek_bwd_visit_model import add_score_args, model_scores
 
 TILE = 128   # query rows a CTA and keys a tile (FwdSm90TileConfig)
 CHUNK = 128  # keys a sorted chunk (SelectionTiles::kKeyChunk)
@@ -49,11 +49,7 @@ def forward_tiles(u: np.ndarray, tau: np.ndarray, window: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0])
-    ap.add_argument("--topk", type=int, default=2048)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    add_score_args(ap)
     args = ap.parse_args(argv)
     print(f"K={args.topk} W={args.window}; tiles per query tile (mean); pairs per (kv head, "
           "query head)")

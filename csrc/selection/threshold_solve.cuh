@@ -132,13 +132,19 @@ __device__ __forceinline__ BracketWeight bracket_weight(float v, float lo, float
   return BracketWeight::kListed;
 }
 
+// The keys of a query tile's common domain that weigh a constant over the whole bracket:
+// how many weigh 1, how many u - tau, and the latter's sum of u.
+struct BracketSums {
+  double ones = 0.0;
+  double linear = 0.0;
+  double linear_sum = 0.0;
+};
+
 // What a query tile's rows share: the keys of the tile's common domain, summed by their
 // bracket weight. The breakpoint keys are kept sorted, descending, with prefix sums, so
 // that their part of f at any x costs two binary searches instead of a pass over them.
 struct BracketSummary {
-  double ones = 0.0;
-  double linear = 0.0;      // how many weigh u - tau
-  double linear_sum = 0.0;  // their sum of u
+  BracketSums sums;
   const float* breakpoints = nullptr;  // [count], descending
   const double* prefix = nullptr;      // [count + 1]: prefix[i] = sum of breakpoints[0, i)
   int count = 0;
@@ -231,9 +237,9 @@ __device__ __forceinline__ float solve_threshold_row(const BracketSummary& s,
                                                      const GrowthSummary& g, int own, float lo,
                                                      float hi, float start, int64_t topk) {
   const double k = static_cast<double>(topk);
-  const double ones_fixed = s.ones + g.ones[own];
-  const double linear_fixed = s.linear + g.linear[own];
-  const double linear_sum_fixed = s.linear_sum + g.linear_sum[own];
+  const double ones_fixed = s.sums.ones + g.ones[own];
+  const double linear_fixed = s.sums.linear + g.linear[own];
+  const double linear_sum_fixed = s.sums.linear_sum + g.linear_sum[own];
   const int listed_own = g.listed[own];
   // f(x) and |F| at x (for x inside [lo, hi], every "linear" key is in F).
   auto evaluate = [&](float x, double& f, double& frac) {

@@ -26,7 +26,7 @@ struct TileBracketInput {
   int count = 0;
   const float* growth_u = nullptr;  // [growth]: the keys only the later rows see
   int growth = 0;
-  double ones = 0.0, linear = 0.0, linear_sum = 0.0;  // the common domain's sums on [lo, hi]
+  BracketSums sums;  // the common domain's, on [lo, hi]
   bool first_row_finite = false;  // the first row holds more than K keys
 };
 
@@ -67,8 +67,9 @@ __device__ __forceinline__ void evaluate_first_and_last(const TileBracketInput& 
   for (int s = 0; s < 2; ++s) {
     const double ones = static_cast<double>(acc[2 * s] >> 32);
     const double listed_fractional = static_cast<double>(acc[2 * s] & 0xffffffff);
-    fractional[s] = in.linear + listed_fractional;
-    f[s] = in.ones + ones + (in.linear_sum - in.linear * static_cast<double>(x[s])) +
+    fractional[s] = in.sums.linear + listed_fractional;
+    f[s] = in.sums.ones + ones +
+           (in.sums.linear_sum - in.sums.linear * static_cast<double>(x[s])) +
            static_cast<double>(acc[2 * s + 1]) / kBracketFixedScale;
   }
 }
@@ -93,7 +94,9 @@ __device__ __forceinline__ void narrow_tile_bracket(const TileBracketInput& in, 
   narrow_lo = lo;
   narrow_hi = hi;
 #pragma unroll
-  for (int s = 0; s < 2; ++s) x[s] = (start[s] >= lo && start[s] < hi) ? start[s] : 0.5f * (lo + hi);
+  for (int s = 0; s < 2; ++s) {
+    x[s] = (start[s] >= lo && start[s] < hi) ? start[s] : 0.5f * (lo + hi);
+  }
   for (int step = 0; step < kSteps && !(done[0] && done[1]); ++step) {
     double f[2], fractional[2];
     evaluate_first_and_last<kNThreads>(in, x, f, fractional, scratch);
@@ -131,8 +134,7 @@ __device__ __forceinline__ void narrow_tile_bracket(const TileBracketInput& in, 
 template <int kNThreads>
 __device__ __forceinline__ int relist_keys(const float* listed, int count, float lo, float hi,
                                            float* relisted, int capacity, int* counter,
-                                           double& ones, double& linear, double& linear_sum,
-                                           int64_t* scratch) {
+                                           BracketSums& sums, int64_t* scratch) {
   int64_t moved[3] = {0, 0, 0};  // ones, linear, linear keys' u - lo in fixed point
   for (int i = threadIdx.x; i < count; i += kNThreads) {
     const float v = listed[i];
@@ -150,10 +152,10 @@ __device__ __forceinline__ int relist_keys(const float* listed, int count, float
     }
   }
   block_sum<kNThreads, 3>(moved, scratch);
-  ones += static_cast<double>(moved[0]);
-  linear += static_cast<double>(moved[1]);
-  linear_sum += static_cast<double>(moved[1]) * static_cast<double>(lo) +
-                static_cast<double>(moved[2]) / kBracketFixedScale;
+  sums.ones += static_cast<double>(moved[0]);
+  sums.linear += static_cast<double>(moved[1]);
+  sums.linear_sum += static_cast<double>(moved[1]) * static_cast<double>(lo) +
+                     static_cast<double>(moved[2]) / kBracketFixedScale;
   return *counter;
 }
 

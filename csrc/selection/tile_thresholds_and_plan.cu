@@ -169,8 +169,7 @@ __global__ void __launch_bounds__(kTileThreads, 3)
       int breakpoints = s_counter[0];
       if (breakpoints <= kTileBreakpointCapacity) {
         float* list = s_breakpoints;
-        // The common domain's sums by bracket weight.
-        double bracket_ones = sums[1], bracket_linear = sums[2], bracket_linear_sum = sums[3];
+        BracketSums bracket_sums{sums[1], sums[2], sums[3]};
         auto along = [&](int64_t row) {
           return hi_row > lo_row
                      ? static_cast<float>(row - lo_row) / static_cast<float>(hi_row - lo_row)
@@ -183,9 +182,7 @@ __global__ void __launch_bounds__(kTileThreads, 3)
           in.count = breakpoints;
           in.growth_u = s_growth;
           in.growth = growth;
-          in.ones = bracket_ones;
-          in.linear = bracket_linear;
-          in.linear_sum = bracket_linear_sum;
+          in.sums = bracket_sums;
           in.first_row_finite = sums[0] > topk;  // the first row's domain is the common one
           const float start[2] = {lo + (hi - lo) * along(row0),
                                   lo + (hi - lo) * along(row0 + rows - 1)};
@@ -193,18 +190,15 @@ __global__ void __launch_bounds__(kTileThreads, 3)
           narrow_tile_bracket<kTileThreads>(in, lo, hi, start, p.topk, narrow_lo, narrow_hi,
                                             reinterpret_cast<int64_t*>(scratch));
           if (narrow_lo > lo || narrow_hi < hi) {
-            double new_ones = bracket_ones, new_linear = bracket_linear,
-                   new_linear_sum = bracket_linear_sum;
+            BracketSums narrow_sums = bracket_sums;
             const int relisted = relist_keys<kTileThreads>(
                 s_breakpoints, breakpoints, narrow_lo, narrow_hi, s_relisted,
-                kTileRelistCapacity, s_counter + 2, new_ones, new_linear, new_linear_sum,
+                kTileRelistCapacity, s_counter + 2, narrow_sums,
                 reinterpret_cast<int64_t*>(scratch));
             if (relisted <= kTileRelistCapacity) {
               list = s_relisted;
               breakpoints = relisted;
-              bracket_ones = new_ones;
-              bracket_linear = new_linear;
-              bracket_linear_sum = new_linear_sum;
+              bracket_sums = narrow_sums;
               if (narrow_lo > lo) lo_row = row0;
               if (narrow_hi < hi) hi_row = row0 + rows - 1;
               lo = narrow_lo;
@@ -238,9 +232,7 @@ __global__ void __launch_bounds__(kTileThreads, 3)
         __syncthreads();
 
         BracketSummary summary;
-        summary.ones = bracket_ones;
-        summary.linear = bracket_linear;
-        summary.linear_sum = bracket_linear_sum;
+        summary.sums = bracket_sums;
         summary.breakpoints = list;
         summary.prefix = s_prefix;
         summary.count = breakpoints;
