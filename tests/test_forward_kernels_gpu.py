@@ -74,6 +74,38 @@ def test_dense_modes(forward_kernel, case):
                            context=f"{forward_kernel} {_dense_id(case)}")
 
 
+# The Hopper kernel puts the scale into the exponent and takes the raw scores' row max, which
+# holds for scale > 0 only; other scales go to the mma.sync kernel (fwd_dispatch.cu). Large
+# logits (scale 1.0 at D = 128: std 11) check the online softmax's stability there.
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("scale", [0.3, 1.0, -0.1])
+def test_explicit_scale(forward_kernel, scale):
+    q, k, v = make_qkv(1, 700, 900, 4, 2, 128, jnp.float16, seed=("scale", scale))
+    out, lse = sparsek_attention(q, k, v, is_causal=True, scale=scale, implementation="cuda",
+                                 return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_attention(q, k, v, is_causal=True, scale=scale)
+    assert_attention_close(out, lse, ref_o, ref_lse, jnp.float16,
+                           context=f"{forward_kernel} scale={scale}")
+
+
+# SparseK with an explicit scale: on the Hopper kernel a gate folded into a score
+# (range tiles outside every row's window band) enters as log2(m) / c, c = scale * log2(e).
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("scale", [0.25, -0.2])
+def test_sparsek_explicit_scale(forward_kernel, scale):
+    b, t, s, hq, hkv, d, dtype, topk, window = 1, 900, 900, 4, 1, 128, jnp.bfloat16, 60, 40
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("sparsek-scale", scale))
+    rng = rng_for("sparsek-scale-scores", scale)
+    u = jnp.asarray(rng.standard_normal((b, s, hkv)).astype(np.float32))
+    out, lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
+                                 scale=scale, implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window, scale=scale)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype,
+                           context=f"{forward_kernel} scale={scale}")
+
+
 # (B, T, S, Hq, Hkv, D, dtype, topk, window): several gathered key tiles and the tail range;
 # the last case visits enough tiles (up to 9 a query tile) that every stage and key slot of
 # the warp-specialized kernel is reused several times.

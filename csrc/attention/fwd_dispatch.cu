@@ -65,7 +65,9 @@ template <typename Element>
 std::string dispatch_head_dim(const AttentionFwdParams& p, cudaStream_t stream) {
   bool hopper = false;
   if (std::string error = hopper_kernel_runs(p.head_dim, hopper); !error.empty()) return error;
-  if (hopper) return run_attention_fwd_sm90<128, Element>(p, stream);
+  // The Hopper kernel puts the scale into the exponent's FFMA and takes the row max of the
+  // raw scores, which needs scale > 0; the mma.sync kernel scales first and takes any.
+  if (hopper && p.scale > 0.f) return run_attention_fwd_sm90<128, Element>(p, stream);
   if (p.head_dim <= 64) return run_attention_fwd<64, Element>(p, stream);
   if (p.head_dim <= 128) return run_attention_fwd<128, Element>(p, stream);
   return run_attention_fwd<256, Element>(p, stream);

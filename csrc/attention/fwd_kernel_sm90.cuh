@@ -255,6 +255,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     for (int r = 0; r < 4; ++r) s[0][nt][r] = 0.f;
   }
   const float scale_log2 = p.scale * 1.44269504088896340736f;
+  // The scale goes into the exponent (online_softmax.cuh, RawScores); p.scale > 0 here
+  // (fwd_dispatch.cu sends the other scales to the mma.sync kernel).
+  RawScoreSoftmax<1> raw_softmax{softmax, RawScores{scale_log2, 1.f / scale_log2}};
 
   if (num_tiles > 0) {
     // Q by the consumers themselves, while the producer starts on K(0).
@@ -302,13 +305,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
       }
       sm90::fence_registers(s[0]);
       sm90::release_to_producer(bars.k_empty(stage), lane);
-#pragma unroll
-      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) s[0][nt][r] *= scale_log2;
-      }
       DeferredRescale<1> rescale;
-      visit.mask_and_update(p, s, rescale, softmax, it, warp_row0, lane);
+      visit.mask_and_update(p, s, rescale, raw_softmax, it, warp_row0, lane);
       sm90::wgmma_wait<0>();
       sm90::fence_registers(acc_o[0]);
       if (it > 0) sm90::release_to_producer(bars.v_empty(prev_stage), lane);

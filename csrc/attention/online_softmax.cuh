@@ -1,8 +1,8 @@
 // Online softmax over the score fragments of mma m16n8 tiles, float32, base 2.
 //
 // A thread holds, for each of its m16 tiles, two rows (lane/4 and lane/4 + 8) and two
-// adjacent columns per n8 tile; the four lanes of a quad share a row. Scores arrive already
-// multiplied by scale * log2(e), hidden keys as -inf. Rows that have seen no key keep max
+// adjacent columns per n8 tile; the four lanes of a quad share a row. Scores arrive
+// multiplied by scale * log2(e) (or raw, through RawScoreSoftmax), hidden keys as -inf. Rows that have seen no key keep max
 // -inf; they are computed against base 0 so that no -inf - -inf NaN appears.
 #pragma once
 
@@ -31,6 +31,34 @@ __device__ __forceinline__ float quad_sum(float x) {
 // so that a gate read from shared memory takes one 8-byte load for both.
 struct UnitGate {
   __device__ __forceinline__ float2 pair(int, int, int) const { return make_float2(1.f, 1.f); }
+};
+
+// How a tile's scores reach the exponent. PrescaledScores: the caller has multiplied them by
+// scale * log2(e) (the mma.sync kernel). RawScores: they are the product's raw q.k, and the
+// scale enters the exponent's FFMA, exp2(s * c - max * c), one instruction a score fewer than
+// a multiply first (the Hopper kernel; c > 0, so that the raw scores' max is the scaled
+// scores' max over c). Either way the running max is kept scaled (log2 domain).
+struct PrescaledScores {
+  static constexpr bool kPrescaled = true;
+  __device__ __forceinline__ float exponent(float s, float base) const { return s - base; }
+  // A gate m folded into the score: s + log2(m) in the scaled domain.
+  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
+    return s + log2_m;
+  }
+};
+
+struct RawScores {
+  static constexpr bool kPrescaled = false;
+  float scale_log2;      // c = scale * log2(e) > 0
+  float inv_scale_log2;  // 1 / c
+
+  __device__ __forceinline__ float scaled(float raw) const { return raw * scale_log2; }
+  __device__ __forceinline__ float exponent(float s, float base) const {
+    return fmaf(s, scale_log2, -base);
+  }
+  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
+    return fmaf(log2_m, inv_scale_log2, s);
+  }
 };
 
 // The output accumulator's rescale factors of one update, per row (OnlineSoftmax::update's
@@ -95,19 +123,35 @@ struct OnlineSoftmax {
     });
   }
 
-  template <int kNTilesS, typename Gate, typename Rescale>
+  // A gate folded into a score (the scores are prescaled).
+  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
+    return PrescaledScores{}.add_log2_weight(s, log2_m);
+  }
+
+  template <int kNTilesS, typename Gate, typename Rescale, typename Scaling = PrescaledScores>
   __device__ __forceinline__ void update_rows(float (&s)[kMTiles][kNTilesS][4], const Gate& gate,
-                                              const Rescale& rescale) {
+                                              const Rescale& rescale,
+                                              const Scaling& scaling = {}) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float new_max = row_max[mt][h];
+        float new_max;
+        if constexpr (Scaling::kPrescaled) {
+          new_max = row_max[mt][h];
 #pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt) {
-          new_max = fmaxf(new_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          for (int nt = 0; nt < kNTilesS; ++nt) {
+            new_max = fmaxf(new_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          }
+          new_max = quad_max(new_max);
+        } else {
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < kNTilesS; ++nt) {
+            tile_max = fmaxf(tile_max, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          }
+          new_max = fmaxf(row_max[mt][h], scaling.scaled(quad_max(tile_max)));
         }
-        new_max = quad_max(new_max);
         const float base = new_max == -INFINITY ? 0.f : new_max;
         const float correction = fast_exp2(row_max[mt][h] - base);
         row_max[mt][h] = new_max;
@@ -115,8 +159,8 @@ struct OnlineSoftmax {
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
           const float2 m = gate.pair(mt, nt, h);
-          const float p0 = fast_exp2(s[mt][nt][2 * h] - base) * m.x;
-          const float p1 = fast_exp2(s[mt][nt][2 * h + 1] - base) * m.y;
+          const float p0 = fast_exp2(scaling.exponent(s[mt][nt][2 * h], base)) * m.x;
+          const float p1 = fast_exp2(scaling.exponent(s[mt][nt][2 * h + 1], base)) * m.y;
           s[mt][nt][2 * h] = p0;
           s[mt][nt][2 * h + 1] = p1;
           tile_sum += p0 + p1;
@@ -142,6 +186,26 @@ struct OnlineSoftmax {
         lse[mt][h] = seen ? (row_max[mt][h] + __log2f(sum)) * kLn2 : -INFINITY;
       }
     }
+  }
+};
+
+// An OnlineSoftmax fed raw scores (RawScores): what the key visits call as their softmax in
+// the Hopper kernel. The deferred-rescale form only (the Hopper accumulator's).
+template <int kMTiles>
+struct RawScoreSoftmax {
+  OnlineSoftmax<kMTiles>& softmax;
+  RawScores scaling;
+
+  template <int kNTilesS, typename Gate>
+  __device__ __forceinline__ void update(float (&s)[kMTiles][kNTilesS][4],
+                                         DeferredRescale<kMTiles>& rescale, const Gate& gate) {
+    softmax.update_rows(
+        s, gate, [&](int mt, int h, float correction) { rescale.correction[mt][h] = correction; },
+        scaling);
+  }
+
+  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
+    return scaling.add_log2_weight(s, log2_m);
   }
 };
 

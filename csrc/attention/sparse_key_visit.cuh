@@ -333,7 +333,8 @@ struct SparseKKeyVisit {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const float m = gate(mt, nt, r);
-            s[mt][nt][r] = m > 0.f ? s[mt][nt][r] + __log2f(m) : -INFINITY;
+            s[mt][nt][r] = m > 0.f ? softmax.add_log2_weight(s[mt][nt][r], __log2f(m))
+                                   : -INFINITY;
           }
         }
       }
