@@ -9,7 +9,8 @@ namespace sparsek {
 __global__ void __launch_bounds__(kAnchorThreads)
     anchor_thresholds_kernel(SparseKSelectParams p, SelectionLayout l, SelectionBuffers w) {
   __shared__ double scratch[kAnchorThreads / 32 * 15];
-  const int64_t anchor = blockIdx.x;
+  // The longest prefix first: the blocks of a last wave are then the shortest.
+  const int64_t anchor = gridDim.x - 1 - blockIdx.x;
   const int64_t row = anchor_row(anchor, p.seqlen_q);
   const int64_t n = sparse_domain_end(row, p.seqlen_q, p.seqlen_k, p.window);
   for (int64_t bh = blockIdx.y; bh < l.batch_heads; bh += gridDim.y) {

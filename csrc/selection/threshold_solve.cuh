@@ -19,6 +19,37 @@
 
 namespace sparsek {
 
+// Calls visit(v) for each score u[j], j < n, that this thread owns, in a fixed order: the
+// prefix is read as float4 (u is 16-byte aligned), four loads in flight a thread, since a
+// pass over a long prefix is bound by the loads' latency, not by the work per key.
+template <int kNThreads, typename Visit>
+__device__ __forceinline__ void for_each_prefix_key(const float* u, int64_t n, Visit&& visit) {
+  const float4* u4 = reinterpret_cast<const float4*>(u);
+  const int64_t n4 = n / 4;
+  int64_t q = threadIdx.x;
+  for (; q + 3 * kNThreads < n4; q += 4 * kNThreads) {
+    float4 v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = u4[q + e * kNThreads];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      visit(v[e].x);
+      visit(v[e].y);
+      visit(v[e].z);
+      visit(v[e].w);
+    }
+  }
+  for (; q < n4; q += kNThreads) {
+    const float4 v = u4[q];
+    visit(v.x);
+    visit(v.y);
+    visit(v.z);
+    visit(v.w);
+  }
+  const int64_t j = 4 * n4 + threadIdx.x;
+  if (j < n) visit(u[j]);
+}
+
 // The whole block solves one prefix u[0, n) read from global memory (-inf entries are not in
 // the domain). Used for the anchor rows, and as the fallback of a query tile whose bracket
 // holds too many breakpoints. Each pass evaluates f at kPoints points of the bracket at once
@@ -34,14 +65,13 @@ __device__ __noinline__ float solve_threshold_block(const float* u, int64_t n, i
   constexpr int kNewtonPasses = 12;  // ...then Newton steps, usually 2 or 3
   double count[1] = {0.0};
   float lo = INFINITY, hi = -INFINITY;
-  for (int64_t j = threadIdx.x; j < n; j += kNThreads) {
-    const float v = u[j];
+  for_each_prefix_key<kNThreads>(u, n, [&](float v) {
     if (v > -INFINITY) {
       count[0] += 1.0;
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
-  }
+  });
   block_sum<kNThreads, 1>(count, scratch);
   if (count[0] <= static_cast<double>(topk)) return -INFINITY;
   block_min_max<kNThreads>(lo, hi, reinterpret_cast<float*>(scratch));
@@ -57,11 +87,10 @@ __device__ __noinline__ float solve_threshold_block(const float* u, int64_t n, i
       x[e] = lo + step * static_cast<float>(e + 1);
       part[e] = 0.f;
     }
-    for (int64_t j = threadIdx.x; j < n; j += kNThreads) {
-      const float v = u[j];
+    for_each_prefix_key<kNThreads>(u, n, [&](float v) {
 #pragma unroll
       for (int e = 0; e < kPoints; ++e) part[e] += __saturatef(v - x[e]);
-    }
+    });
     double f[kPoints];
 #pragma unroll
     for (int e = 0; e < kPoints; ++e) f[e] = part[e];
@@ -84,15 +113,14 @@ __device__ __noinline__ float solve_threshold_block(const float* u, int64_t n, i
   // f, |F| and sum_F (u - x) at x, over the whole prefix.
   auto evaluate = [&](float x, double (&sums)[3]) {
     sums[0] = sums[1] = sums[2] = 0.0;
-    for (int64_t j = threadIdx.x; j < n; j += kNThreads) {
-      const float v = u[j];
+    for_each_prefix_key<kNThreads>(u, n, [&](float v) {
       if (v >= x + 1.f) {
         sums[0] += 1.0;
       } else if (v > x) {
         sums[1] += 1.0;
         sums[2] += static_cast<double>(v) - static_cast<double>(x);
       }
-    }
+    });
     block_sum<kNThreads, 3>(sums, scratch);
     sums[0] += sums[2];  // f(x)
   };
