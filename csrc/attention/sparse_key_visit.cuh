@@ -249,6 +249,19 @@ struct SparseKKeyVisit {
                                                                   head_dim);
   }
 
+  // The scores of a thread's two adjacent columns of n8 tile nt of a key tile's u (shared
+  // memory): one 8-byte load, re-issued at each use (asm volatile), so that no copy of a
+  // tile's scores stays in registers through the softmax (cached, they spilled).
+  __device__ __forceinline__ static float2 load_column_scores(const volatile float* u, int nt,
+                                                              int lane) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                 : "=f"(v.x), "=f"(v.y)
+                 : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(
+                       const_cast<const float*>(u) + nt * 8 + (lane & 3) * 2))));
+    return v;
+  }
+
   // clip(u - tau, 0, 1); -inf scores and -inf tau (the row takes its whole domain) come out
   // as 0 and 1: saturation turns the NaN of -inf - -inf into 0.
   struct ChunkGate {
@@ -264,12 +277,7 @@ struct SparseKKeyVisit {
     }
     // The scores of the thread's two adjacent columns of n8 tile nt: one 8-byte load.
     __device__ __forceinline__ float2 column_scores(int nt) const {
-      float2 v;
-      asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                   : "=f"(v.x), "=f"(v.y)
-                   : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(
-                         const_cast<const float*>(u) + nt * 8 + (lane & 3) * 2))));
-      return v;
+      return load_column_scores(u, nt, lane);
     }
     __device__ __forceinline__ float2 pair(int mt, int nt, int h) const {
       const float2 v = column_scores(nt);
@@ -295,6 +303,8 @@ struct SparseKKeyVisit {
     }
   };
 
+  // The full gate of a range pair from the key's position and score (sparsek_gate), folded
+  // in as log2: the mma.sync kernel's range tiles.
   struct RangeGate {
     const float* u;
     const int* key;
@@ -309,6 +319,53 @@ struct SparseKKeyVisit {
     }
   };
 
+  // The gate of a contiguous-range tile after the exponential (the Hopper kernel, on the
+  // range tiles outside some row's window band: at W = 512 the first, where the domain's last
+  // keys meet the band). A range tile's keys are consecutive positions, so key - p(i) is one
+  // per-thread offset plus a constant a fragment entry (as hide_future_keys): past the row's
+  // position (d > 0) the key is hidden, inside the band (-W < d <= 0) it weighs 1, and in the
+  // sparse domain (d <= -W) clip(u - tau, 0, 1), as ChunkGate. Two compares with immediates
+  // a pair instead of sparsek_gate's branches, and no log2. Padding entries (u = -inf) lie
+  // past the CTA's last position, hidden as future keys from every row that is stored.
+  struct RangeGateAfterExp {
+    const volatile float* u;
+    float tau[Cfg::kMTiles][2];
+    int future;   // key - p(i) of the thread's first column and row: entry e's is future + d(e)
+    int outside;  // future + W: entry e is in the sparse domain iff outside + d(e) <= 0
+    int lane;
+    // d(e) of the entry in column c of n8 tile nt, row half h of m16 tile mt.
+    __device__ __forceinline__ static constexpr int entry_offset(int mt, int nt, int h, int c) {
+      return nt * 8 + c - mt * 16 - 8 * h;
+    }
+    __device__ __forceinline__ float2 column_scores(int nt) const {
+      return load_column_scores(u, nt, lane);
+    }
+    __device__ __forceinline__ float2 pair(int mt, int nt, int h) const {
+      const float2 v = column_scores(nt);
+      const float m0 = __saturatef(v.x - tau[mt][h]);
+      const float m1 = __saturatef(v.y - tau[mt][h]);
+      return make_float2(outside + entry_offset(mt, nt, h, 0) <= 0 ? m0 : 1.f,
+                         outside + entry_offset(mt, nt, h, 1) <= 0 ? m1 : 1.f);
+    }
+    template <typename Scores>
+    __device__ __forceinline__ void hide_outside(Scores& s) const {
+#pragma unroll
+      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+        const float2 v = column_scores(nt);
+#pragma unroll
+        for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int d = entry_offset(mt, nt, r >> 1, r & 1);
+            const bool hidden = future + d > 0 ||
+                                (outside + d <= 0 && !((r & 1 ? v.y : v.x) > tau[mt][r >> 1]));
+            if (hidden) s[mt][nt][r] = -INFINITY;
+          }
+        }
+      }
+    }
+  };
+
   // Two ways to weigh a pair by its gate m, both leaving keys with m = 0 out of the running
   // max (as -inf) and giving m * exp2(s - max):
   //  - log2(m) added to the (log2-domain) score before the softmax (gates of 1 add exactly
@@ -317,8 +374,10 @@ struct SparseKKeyVisit {
   //  - m multiplied after the exponential, recomputed from u (shared memory) and tau
   //    (registers) inside the softmax: a few ALU operations instead of the MUFU one, which
   //    halves the MUFU work a pair. The Hopper kernel (16 rows a warp: kGateAfterExp) does
-  //    this on the planned candidates, most of a row's keys; on the contiguous range the
-  //    gate also needs the key's position and the row's, and recomputing it there spilled.
+  //    this everywhere: ChunkGate on the planned candidates, RangeGateAfterExp on the range
+  //    tiles outside the band (their positions are consecutive, so the key's place relative
+  //    to the row is a compare with an immediate). The mma.sync kernel takes RangeGate
+  //    with log2 on the range.
   template <bool kAfterExp, typename Gate, typename Softmax, typename Scores, typename Acc>
   __device__ __forceinline__ static void gate_and_update(const Gate& gate, Scores& s, Acc& acc_o,
                                                          Softmax& softmax) {
@@ -410,6 +469,22 @@ struct SparseKKeyVisit {
                GateAfterExp<Cfg>::value && range_tile_in_band(p, key0, warp_row0)) {
       hide_future_keys(p, s, key0, warp_row0, lane);
       softmax.update(s, acc_o, UnitGate{});
+    } else if constexpr (GateAfterExp<Cfg>::value) {
+      RangeGateAfterExp gate;
+      gate.u = s_u(it);
+      gate.lane = lane;
+      gate.future = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
+                    static_cast<int>(p.seqlen_k - p.seqlen_q);
+      // A band of S keys or more holds every key before the position (d > -S).
+      gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
+        }
+      }
+      gate_and_update<true>(gate, s, acc_o, softmax);
     } else {
       RangeGate gate;
       gate.u = s_u(it);
