@@ -328,37 +328,31 @@ struct SparseKKeyVisit {
   // a pair instead of sparsek_gate's branches, and no log2. Padding entries (u = -inf) lie
   // past the CTA's last position, hidden as future keys from every row that is stored.
   struct RangeGateAfterExp {
-    const volatile float* u;
-    float tau[Cfg::kMTiles][2];
+    ChunkGate chunk;  // the sparse-domain keys' gate (scores and the rows' tau)
     int future;   // key - p(i) of the thread's first column and row: entry e's is future + d(e)
     int outside;  // future + W: entry e is in the sparse domain iff outside + d(e) <= 0
-    int lane;
     // d(e) of the entry in column c of n8 tile nt, row half h of m16 tile mt.
     __device__ __forceinline__ static constexpr int entry_offset(int mt, int nt, int h, int c) {
       return nt * 8 + c - mt * 16 - 8 * h;
     }
-    __device__ __forceinline__ float2 column_scores(int nt) const {
-      return load_column_scores(u, nt, lane);
-    }
     __device__ __forceinline__ float2 pair(int mt, int nt, int h) const {
-      const float2 v = column_scores(nt);
-      const float m0 = __saturatef(v.x - tau[mt][h]);
-      const float m1 = __saturatef(v.y - tau[mt][h]);
-      return make_float2(outside + entry_offset(mt, nt, h, 0) <= 0 ? m0 : 1.f,
-                         outside + entry_offset(mt, nt, h, 1) <= 0 ? m1 : 1.f);
+      const float2 m = chunk.pair(mt, nt, h);
+      return make_float2(outside + entry_offset(mt, nt, h, 0) <= 0 ? m.x : 1.f,
+                         outside + entry_offset(mt, nt, h, 1) <= 0 ? m.y : 1.f);
     }
     template <typename Scores>
     __device__ __forceinline__ void hide_outside(Scores& s) const {
 #pragma unroll
       for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
-        const float2 v = column_scores(nt);
+        const float2 v = chunk.column_scores(nt);
 #pragma unroll
         for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const int d = entry_offset(mt, nt, r >> 1, r & 1);
-            const bool hidden = future + d > 0 ||
-                                (outside + d <= 0 && !((r & 1 ? v.y : v.x) > tau[mt][r >> 1]));
+            const bool hidden =
+                future + d > 0 ||
+                (outside + d <= 0 && !((r & 1 ? v.y : v.x) > chunk.tau[mt][r >> 1]));
             if (hidden) s[mt][nt][r] = -INFINITY;
           }
         }
@@ -444,46 +438,46 @@ struct SparseKKeyVisit {
     }
   }
 
+  // The thresholds of the thread's rows (local0: the warp's first row in the CTA).
+  __device__ __forceinline__ void load_row_taus(float (&tau)[Cfg::kMTiles][2], int local0,
+                                                int lane) const {
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) tau[mt][h] = s_tau()[local0 + mt * 16 + (lane >> 2) + 8 * h];
+    }
+  }
+
+  __device__ __forceinline__ ChunkGate chunk_gate(int it, int local0, int lane) const {
+    ChunkGate gate;
+    gate.u = s_u(it);
+    gate.lane = lane;
+    load_row_taus(gate.tau, local0, lane);
+    return gate;
+  }
+
   template <typename Softmax, typename Scores, typename Acc>
   __device__ __forceinline__ void mask_and_update(const AttentionFwdParams& p, Scores& s,
                                                   Acc& acc_o, Softmax& softmax, int it,
                                                   int warp_row0, int lane) const {
     const int local0 = warp_row0 % kBlockM;
-    const float* s_tau_rows = s_tau();
     if (GateAfterExp<Cfg>::value && it < full_tiles()) {
       // Every key's gate is 1 for every row of the tile (and no key is padding).
       softmax.update(s, acc_o, UnitGate{});
     } else if (it < sparse_tiles()) {
-      ChunkGate gate;
-      gate.u = s_u(it);
-      gate.lane = lane;
-#pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
-        }
-      }
-      gate_and_update<GateAfterExp<Cfg>::value>(gate, s, acc_o, softmax);
+      gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(it, local0, lane), s, acc_o,
+                                                softmax);
     } else if (const int key0 = range_tile_key0(it);
                GateAfterExp<Cfg>::value && range_tile_in_band(p, key0, warp_row0)) {
       hide_future_keys(p, s, key0, warp_row0, lane);
       softmax.update(s, acc_o, UnitGate{});
     } else if constexpr (GateAfterExp<Cfg>::value) {
       RangeGateAfterExp gate;
-      gate.u = s_u(it);
-      gate.lane = lane;
+      gate.chunk = chunk_gate(it, local0, lane);
       gate.future = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
                     static_cast<int>(p.seqlen_k - p.seqlen_q);
       // A band of S keys or more holds every key before the position (d > -S).
       gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
-#pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
-        }
-      }
       gate_and_update<true>(gate, s, acc_o, softmax);
     } else {
       RangeGate gate;
@@ -492,13 +486,7 @@ struct SparseKKeyVisit {
       gate.window = static_cast<int>(p.window);
       gate.lane = lane;
       gate.pos0 = warp_row0 + (lane >> 2) + static_cast<int>(p.seqlen_k - p.seqlen_q);
-#pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          gate.tau[mt][h] = s_tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
-        }
-      }
+      load_row_taus(gate.tau, local0, lane);
       gate_and_update<false>(gate, s, acc_o, softmax);
     }
   }
