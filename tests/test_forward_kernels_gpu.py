@@ -89,8 +89,9 @@ def test_explicit_scale(forward_kernel, scale):
                            context=f"{forward_kernel} scale={scale}")
 
 
-# SparseK with an explicit scale: on the Hopper kernel a gate folded into a score
-# (range tiles outside every row's window band) enters as log2(m) / c, c = scale * log2(e).
+# SparseK with an explicit scale: the mma.sync kernel folds a gate into a score as log2(m);
+# the Hopper kernel takes the raw scores' max and multiplies the gate after exp2(s c - max c),
+# c = scale * log2(e) (a negative scale goes to the mma.sync kernel).
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("scale", [0.25, -0.2])
 def test_sparsek_explicit_scale(forward_kernel, scale):

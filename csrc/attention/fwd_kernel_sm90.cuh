@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   const float scale_log2 = p.scale * 1.44269504088896340736f;
   // The scale goes into the exponent (online_softmax.cuh, RawScores); p.scale > 0 here
   // (fwd_dispatch.cu sends the other scales to the mma.sync kernel).
-  RawScoreSoftmax<1> raw_softmax{softmax, RawScores{scale_log2, 1.f / scale_log2}};
+  RawScoreSoftmax<1> raw_softmax{softmax, RawScores{scale_log2}};
 
   if (num_tiles > 0) {
     // Q by the consumers themselves, while the producer starts on K(0).

@@ -2,8 +2,9 @@
 //
 // A thread holds, for each of its m16 tiles, two rows (lane/4 and lane/4 + 8) and two
 // adjacent columns per n8 tile; the four lanes of a quad share a row. Scores arrive
-// multiplied by scale * log2(e) (or raw, through RawScoreSoftmax), hidden keys as -inf. Rows that have seen no key keep max
-// -inf; they are computed against base 0 so that no -inf - -inf NaN appears.
+// multiplied by scale * log2(e) (or raw, through RawScoreSoftmax), hidden keys as -inf.
+// Rows that have seen no key keep max -inf; they are computed against base 0 so that no
+// -inf - -inf NaN appears.
 #pragma once
 
 #include <cmath>
@@ -41,23 +42,15 @@ struct UnitGate {
 struct PrescaledScores {
   static constexpr bool kPrescaled = true;
   __device__ __forceinline__ float exponent(float s, float base) const { return s - base; }
-  // A gate m folded into the score: s + log2(m) in the scaled domain.
-  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
-    return s + log2_m;
-  }
 };
 
 struct RawScores {
   static constexpr bool kPrescaled = false;
-  float scale_log2;      // c = scale * log2(e) > 0
-  float inv_scale_log2;  // 1 / c
+  float scale_log2;  // c = scale * log2(e) > 0
 
   __device__ __forceinline__ float scaled(float raw) const { return raw * scale_log2; }
   __device__ __forceinline__ float exponent(float s, float base) const {
     return fmaf(s, scale_log2, -base);
-  }
-  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
-    return fmaf(log2_m, inv_scale_log2, s);
   }
 };
 
@@ -121,11 +114,6 @@ struct OnlineSoftmax {
     update_rows(s, gate, [&](int mt, int h, float correction) {
       rescale.correction[mt][h] = correction;
     });
-  }
-
-  // A gate folded into a score (the scores are prescaled).
-  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
-    return PrescaledScores{}.add_log2_weight(s, log2_m);
   }
 
   template <int kNTilesS, typename Gate, typename Rescale, typename Scaling = PrescaledScores>
@@ -202,10 +190,6 @@ struct RawScoreSoftmax {
     softmax.update_rows(
         s, gate, [&](int mt, int h, float correction) { rescale.correction[mt][h] = correction; },
         scaling);
-  }
-
-  __device__ __forceinline__ float add_log2_weight(float s, float log2_m) const {
-    return scaling.add_log2_weight(s, log2_m);
   }
 };
 

@@ -321,24 +321,20 @@ struct SparseKKeyVisit {
 
   // The gate of a contiguous-range tile after the exponential (the Hopper kernel, on the
   // range tiles outside some row's window band: at W = 512 the first, where the domain's last
-  // keys meet the band). A range tile's keys are consecutive positions, so key - p(i) is one
-  // per-thread offset plus a constant a fragment entry (as hide_future_keys): past the row's
-  // position (d > 0) the key is hidden, inside the band (-W < d <= 0) it weighs 1, and in the
-  // sparse domain (d <= -W) clip(u - tau, 0, 1), as ChunkGate. Two compares with immediates
-  // a pair instead of sparsek_gate's branches, and no log2. Padding entries (u = -inf) lie
-  // past the CTA's last position, hidden as future keys from every row that is stored.
+  // keys meet the band), from key - p(i) = future + d(e) (range_key_offset,
+  // range_entry_offset): past the row's position (d > 0) the key is hidden, inside the band
+  // (-W < d <= 0) it weighs 1, and in the sparse domain (d <= -W) clip(u - tau, 0, 1), as
+  // ChunkGate. Two compares with immediates a pair instead of sparsek_gate's branches, and
+  // no log2. Padding entries (u = -inf) lie past the CTA's last position, hidden as future
+  // keys from every row that is stored.
   struct RangeGateAfterExp {
     ChunkGate chunk;  // the sparse-domain keys' gate (scores and the rows' tau)
-    int future;   // key - p(i) of the thread's first column and row: entry e's is future + d(e)
+    int future;   // range_key_offset: entry e's key - p(i) is future + d(e)
     int outside;  // future + W: entry e is in the sparse domain iff outside + d(e) <= 0
-    // d(e) of the entry in column c of n8 tile nt, row half h of m16 tile mt.
-    __device__ __forceinline__ static constexpr int entry_offset(int mt, int nt, int h, int c) {
-      return nt * 8 + c - mt * 16 - 8 * h;
-    }
     __device__ __forceinline__ float2 pair(int mt, int nt, int h) const {
       const float2 m = chunk.pair(mt, nt, h);
-      return make_float2(outside + entry_offset(mt, nt, h, 0) <= 0 ? m.x : 1.f,
-                         outside + entry_offset(mt, nt, h, 1) <= 0 ? m.y : 1.f);
+      return make_float2(outside + range_entry_offset(mt, nt, 2 * h) <= 0 ? m.x : 1.f,
+                         outside + range_entry_offset(mt, nt, 2 * h + 1) <= 0 ? m.y : 1.f);
     }
     template <typename Scores>
     __device__ __forceinline__ void hide_outside(Scores& s) const {
@@ -349,7 +345,7 @@ struct SparseKKeyVisit {
         for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            const int d = entry_offset(mt, nt, r >> 1, r & 1);
+            const int d = range_entry_offset(mt, nt, r);
             const bool hidden =
                 future + d > 0 ||
                 (outside + d <= 0 && !((r & 1 ? v.y : v.x) > chunk.tau[mt][r >> 1]));
@@ -386,8 +382,7 @@ struct SparseKKeyVisit {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const float m = gate(mt, nt, r);
-            s[mt][nt][r] = m > 0.f ? softmax.add_log2_weight(s[mt][nt][r], __log2f(m))
-                                   : -INFINITY;
+            s[mt][nt][r] = m > 0.f ? s[mt][nt][r] + __log2f(m) : -INFINITY;
           }
         }
       }
@@ -418,14 +413,28 @@ struct SparseKKeyVisit {
     return tail_begin + (it - sparse_tiles()) * kBlockN;
   }
 
-  // -inf for the keys past each row's position: key - pos > 0, with key - pos a constant
-  // a fragment entry plus one per-thread offset. Applied to every tile of the band (also
-  // those every row sees): skipping it by a branch made the kernel spill.
+  // A contiguous-range tile's keys are consecutive positions, so key - p(i) of a thread's
+  // score entries is one per-thread offset (range_key_offset: its first entry's, the tile's
+  // first key key0) plus a constant an entry (range_entry_offset: element r of the m16 x n8
+  // fragment s[mt][nt], as the mma layout places it).
+  template <typename Params>
+  __device__ __forceinline__ static int range_key_offset(const Params& p, int key0,
+                                                         int warp_row0, int lane) {
+    return key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
+           static_cast<int>(p.seqlen_k - p.seqlen_q);
+  }
+  __device__ __forceinline__ static constexpr int range_entry_offset(int mt, int nt, int r) {
+    return nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1);
+  }
+
+  // -inf for the keys past each row's position: key - pos > 0. Applied to every tile of the
+  // band (also those every row sees): skipping it by a branch made the kernel spill.
   template <typename Params, typename Scores>
   __device__ __forceinline__ static void hide_future_keys(const Params& p, Scores& s, int key0,
                                                           int warp_row0, int lane) {
-    const int offset = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
-                       static_cast<int>(p.seqlen_k - p.seqlen_q);
+    // (The entry's constant is added term by term, not as range_entry_offset: the GPU-tested
+    // build; folded into one immediate, ptxas drops 32 instructions, a change not yet run.)
+    const int offset = range_key_offset(p, key0, warp_row0, lane);
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
@@ -474,8 +483,7 @@ struct SparseKKeyVisit {
     } else if constexpr (GateAfterExp<Cfg>::value) {
       RangeGateAfterExp gate;
       gate.chunk = chunk_gate(it, local0, lane);
-      gate.future = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
-                    static_cast<int>(p.seqlen_k - p.seqlen_q);
+      gate.future = range_key_offset(p, key0, warp_row0, lane);
       // A band of S keys or more holds every key before the position (d > -S).
       gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
       gate_and_update<true>(gate, s, acc_o, softmax);
