@@ -4,6 +4,7 @@
     python bench/backward_benchmark.py                     # dense configs, then SparseK
     python bench/backward_benchmark.py --dense foundation_t8192_causal --sparse-seq 32768
     python bench/backward_benchmark.py --kernels default deterministic mma_sync
+    python bench/backward_benchmark.py --dense --sparse-seq 32768 --sigma 1 4
 
 Times (median over --reps, each a jitted program over distinct input sets):
     fwd        o = attention(q, k, v)
@@ -13,7 +14,7 @@ for ours (sparsek_attention, implementation='cuda') and
 jax.nn.dot_product_attention(implementation='cudnn'). Backward TFLOP/s = 2.5 x the forward's
 FLOPs (4 * B * Hq * D * attended pairs) over the backward time. Dense configs are those of
 bench/benchmark.py; SparseK: B=1, Hq=32, Hkv=8, D=128, K=2048, W=512, T = S, scores
-u ~ N(0, 1), against cuDNN's dense causal backward (the pairs SparseK attends are counted
+u ~ N(0, sigma^2) (--sigma, default 1), against cuDNN's dense causal backward (the pairs SparseK attends are counted
 exactly from the selection's tau, as bench/sparsek_benchmark.py does).
 
 --kernels: "default" is the kernel the device picks (the wgmma kernels on Hopper at
@@ -146,10 +147,10 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
     return r
 
 
-def sparse_row(seq, dtype_key, iters, reps, kernel="default"):
+def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0):
     dtype = DTYPES[dtype_key]
     sets = [s + (jax.random.normal(jax.random.PRNGKey(100 + i), s[0].shape, jnp.float32),)
-            for i, s in enumerate(skb.make_inputs(seq, dtype, 1.0, 2))]
+            for i, s in enumerate(skb.make_inputs(seq, dtype, sigma, 2))]
     ours = functools.partial(sparsek_attention, topk=skb.TOPK, window=skb.WINDOW,
                              is_causal=True, implementation="cuda")
     cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
@@ -166,15 +167,15 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default"):
     t_cudnn = cudnn_times(("sparsek", seq, dtype_key), lambda: time_fwd_bwd(
         cudnn, dense_sets, (0, 1, 2), max(1, iters // 2), reps))
     dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
-    r = {"seq": seq, "kernel": kernel, "dtype": jnp.dtype(dtype).name, "topk": skb.TOPK,
-         "window": skb.WINDOW,
+    r = {"seq": seq, "sigma": sigma, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
+         "topk": skb.TOPK, "window": skb.WINDOW,
          "keys_per_row": pairs / (skb.B * skb.HQ * seq),
          "ours_fwd_s": t_ours[0], "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0],
          "cudnn_bwd_s": t_cudnn[2],
          "ours_bwd_tflops": 2.5 * 4 * skb.D * pairs / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * 4 * skb.D * dense_pairs / t_cudnn[2] / 1e12,
          "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite}
-    print(f"SparseK S={seq:6d} {kernel:13s} {r['dtype']:8s} keys/row "
+    print(f"SparseK S={seq:6d} sigma={sigma:g} {kernel:13s} {r['dtype']:8s} keys/row "
           f"{r['keys_per_row']:7.1f} | bwd ours "
           f"{t_ours[2] * 1e3:8.3f} ms ({r['ours_bwd_tflops']:5.1f} TFLOP/s on attended pairs) "
           f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
@@ -187,6 +188,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dense", nargs="*", default=DEFAULT_DENSE)
     ap.add_argument("--sparse-seq", type=int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--sigma", type=float, nargs="+", default=[1.0],
+                    help="SparseK rows: scores u ~ N(0, sigma^2), as bench/sparsek_benchmark.py")
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp16"])
     ap.add_argument("--kernels", nargs="+", choices=["default", "deterministic", "mma_sync"],
                     default=["default"])
@@ -205,8 +208,8 @@ def main(argv=None):
         for kernel in args.kernels:
             results += [dense_row(name, dt, args.iters, args.reps, kernel)
                         for name in args.dense]
-            results += [sparse_row(seq, dt, args.iters, args.reps, kernel)
-                        for seq in args.sparse_seq]
+            results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma)
+                        for seq in args.sparse_seq for sigma in args.sigma]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "results": results}, f,
