@@ -150,7 +150,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                  QBlock::kColumnBlockElems, KVBlock::kColumnBlockElems, true>(
           dp[0], sdO_rows, sV);
       sm90::wgmma_commit();
-      const auto gate = visit.tile_gate(p, it, warp_row0, lane);
+      const auto gate = [&] {
+        if constexpr (KeyVisit::kSparseK) {
+          return visit.range_tile_gate(p, it, warp_row0, lane);
+        } else {
+          return visit.tile_gate(p, it, warp_row0, lane);
+        }
+      }();
       // Groups in flight: dq(it - 1), S(it), dP(it); they complete in that order.
       if constexpr (KeyVisit::kSparseK) {
         // SparseK: P = m exp(s - lse), dS = P (dP - Delta) and g = exp(s - lse)(dP - Delta)
@@ -181,7 +187,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           }
         };
         // Tiles of full keys skip the gate; the other tiles of planned candidates (most of a
-        // row's keys) skip the positions.
+        // row's keys) skip the positions, and the contiguous range takes them from offsets.
         if (visit.is_full_tile(it)) {
           sparse_pass([&](int, int, float& m, bool& fractional) {
             m = 1.f;
@@ -191,9 +197,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           sparse_pass([&](int nt, int r, float& m, bool& fractional) {
             gate.candidate(0, nt, r, m, fractional);
           });
+        } else if (gate.in_band) {
+          // Range tiles: the gate from the keys' offsets to the rows' positions.
+          sparse_pass([&](int nt, int r, float& m, bool& fractional) {
+            gate.band(0, nt, r, m, fractional);
+          });
         } else {
           sparse_pass([&](int nt, int r, float& m, bool& fractional) {
-            gate(0, nt, r, m, fractional);
+            gate.range(0, nt, r, m, fractional);
           });
         }
       } else {
