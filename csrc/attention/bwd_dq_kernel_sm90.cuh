@@ -186,9 +186,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
             }
           }
         };
-        // Tiles of full keys skip the gate; the other tiles of planned candidates (most of a
-        // row's keys) skip the positions, and the contiguous range takes them from offsets.
-        if (visit.is_full_tile(it)) {
+        // Tiles of full keys, and range tiles every row of the warp sees whole, skip the gate;
+        // the other tiles of planned candidates (most of a row's keys) skip the positions, and
+        // the rest of the range takes them from offsets.
+        if (visit.is_full_tile(it) || (!visit.is_candidate_tile(it) && gate.seen_whole)) {
           sparse_pass([&](int, int, float& m, bool& fractional) {
             m = 1.f;
             fractional = false;

@@ -112,6 +112,7 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
     int future;    // key - p(i) of the thread's first element
     int outside;   // future + W: an element is in its row's sparse domain iff outside + d <= 0
     bool in_band;  // every key within W of the warp's last row (range_tile_in_band)
+    bool seen_whole;  // in_band, and no key past the warp's first row: every gate is 1
     __device__ __forceinline__ static constexpr int entry_offset(int mt, int nt, int r) {
       return nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1);
     }
@@ -143,6 +144,8 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
     // A band of S keys or more holds every key before the position.
     gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
     gate.in_band = Base::range_tile_in_band(p, key0, warp_row0);
+    gate.seen_whole = gate.in_band && key0 + Cfg::kBlockN - 1 <=
+                                          warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q);
     return gate;
   }
 };

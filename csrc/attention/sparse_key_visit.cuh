@@ -478,7 +478,12 @@ struct SparseKKeyVisit {
                                                 softmax);
     } else if (const int key0 = range_tile_key0(it);
                GateAfterExp<Cfg>::value && range_tile_in_band(p, key0, warp_row0)) {
-      hide_future_keys(p, s, key0, warp_row0, lane);
+      // Only a tile reaching past the warp's first row's position needs the causal mask: at
+      // W = 512, the diagonal one of the band's four. (This branch spilled before r1 took
+      // the log2-domain update out of the kernel.)
+      if (key0 + kBlockN - 1 > warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q)) {
+        hide_future_keys(p, s, key0, warp_row0, lane);
+      }
       softmax.update(s, acc_o, UnitGate{});
     } else if constexpr (GateAfterExp<Cfg>::value) {
       RangeGateAfterExp gate;
