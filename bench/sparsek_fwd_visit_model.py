@@ -1,12 +1,15 @@
-"""How many key tiles the SparseK forward visits per query tile, and how many are full.
+"""How many key tiles the SparseK forward visits per query tile, and how many are full or sure.
 
 The forward (csrc/attention/sparse_key_visit.cuh) visits, for each query tile of 128 rows, the
 planned candidates of the whole 128-key chunks of its first row's sparse domain (keys scoring
 above that row's tau) in tiles of 128, then the contiguous range from the end of those chunks
 to the last row's position. Candidates with u - tau >= 1 at the tile's last row are "full"
 (gate 1 for every row of the tile); the plan lists them first, and every whole tile of them
-takes the dense update with no gate (selection_params.h). The model counts, per query tile,
-the planned tiles, the full ones and the range tiles, and the pairs visited over the pairs
+takes the dense update with no gate (selection_params.h). Then come the "sure" ones, u > tau
+at the last row (a gate above 0 for every row): whole tiles of full and sure keys are weighed
+without the mask that hides a row's gate-0 keys. The model counts, per query tile, the
+planned tiles, the full ones, the unmasked ones (full or sure) and the range tiles, and the
+pairs visited over the pairs
 attended (gate > 0, window band included), with the same thresholds as
 bench/sparsek_bwd_visit_model.py (exact on every S/1024-th row, interpolated between).
 
@@ -27,9 +30,9 @@ CHUNK = 128  # keys a sorted chunk (SelectionTiles::kKeyChunk)
 
 
 def forward_tiles(u: np.ndarray, tau: np.ndarray, window: int):
-    """Per query tile: (planned tiles, full tiles, range tiles), and the pairs visited."""
+    """Per query tile: (planned, full, unmasked and range tiles), and the pairs visited."""
     seq = u.size
-    planned, full, ranged = [], [], []
+    planned, full, unmasked, ranged = [], [], [], []
     visited = 0
     for row0 in range(0, seq, TILE):
         last = min(seq, row0 + TILE) - 1
@@ -38,12 +41,15 @@ def forward_tiles(u: np.ndarray, tau: np.ndarray, window: int):
         candidates = int(np.count_nonzero(keys > tau[row0]))
         with np.errstate(invalid="ignore"):
             full_keys = int(np.count_nonzero(keys - tau[last] >= np.float32(1)))
+        unmasked_keys = int(np.count_nonzero(keys > tau[last]))
         range_keys = max(0, last - domain // CHUNK * CHUNK + 1)
         planned.append(-(-candidates // TILE))
         full.append(full_keys // TILE)
+        unmasked.append(unmasked_keys // TILE)
         ranged.append(-(-range_keys // TILE))
         visited += (planned[-1] + ranged[-1]) * TILE * (last - row0 + 1)
-    return np.array(planned), np.array(full), np.array(ranged), float(visited)
+    return (np.array(planned), np.array(full), np.array(unmasked), np.array(ranged),
+            float(visited))
 
 
 def main(argv=None):
@@ -53,19 +59,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     print(f"K={args.topk} W={args.window}; tiles per query tile (mean); pairs per (kv head, "
           "query head)")
-    print("| S | sigma | keys/row | planned tiles | of them full | range tiles | "
+    print("| S | sigma | keys/row | planned tiles | of them full | full or sure | range tiles | "
           "visited / attended |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for seq in args.seq:
         for sigma in args.sigma:
             u, tau, attended = model_scores(seq, sigma, args.topk, args.window, args.seed)
             # The kernel's scores and taus are float32; its taus never decrease down the rows.
             tau = np.maximum.accumulate(tau.astype(np.float32))
-            planned, full, ranged, visited = forward_tiles(u.astype(np.float32), tau,
-                                                           args.window)
+            planned, full, unmasked, ranged, visited = forward_tiles(
+                u.astype(np.float32), tau, args.window)
             print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | {planned.mean():.1f} | "
-                  f"{full.mean():.1f} | {ranged.mean():.1f} | {visited / attended:.2f} |",
-                  flush=True)
+                  f"{full.mean():.1f} | {unmasked.mean():.1f} | {ranged.mean():.1f} | "
+                  f"{visited / attended:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,10 @@ FULL_KEY_CASES = [
 ]
 
 
-def _most_full_keys(u, tau, window, num_queries):
+def _most_full_keys(u, tau, window, num_queries, unmasked=False):
     """The most full keys any query tile's plan lists (selection_params.h), from the float64
     thresholds tau [B, Hkv, T]: keys of the whole 128-key chunks of the tile's first row's
-    sparse domain with u - tau >= 1 at its last row."""
+    sparse domain with u - tau >= 1 at its last row (unmasked: full and sure keys, u > tau)."""
     u = np.asarray(u, np.float32).astype(np.float64)
     b, s, hkv = u.shape
     most = 0
@@ -168,8 +168,9 @@ def _most_full_keys(u, tau, window, num_queries):
         for bi in range(b):
             for h in range(hkv):
                 with np.errstate(invalid="ignore"):  # -inf scores against tau = -inf
-                    full = keys[bi, :, h] - tau[bi, h, last] >= 1.0
-                most = max(most, int(np.count_nonzero(full)))
+                    gap = keys[bi, :, h] - tau[bi, h, last]
+                    listed = gap > 0.0 if unmasked else gap >= 1.0
+                most = max(most, int(np.count_nonzero(listed)))
     return most
 
 
@@ -198,15 +199,18 @@ def test_sparsek_full_key_tiles(forward_kernel, case):
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
 def test_sparsek_gated_first_tiles(forward_kernel):
     """Narrow scores (sigma 0.25: no query tile lists a tile of full keys), so every CTA's
-    first key tiles take the gate, which reads their key slots: the Hopper producer reuses a
-    slot only once the consumers' masks are done with it (fwd_kernel_sm90.cuh), and a slot
-    overwritten early shows here, at the start of CTAs of up to 8 key tiles (rows attend up
-    to ~790 keys)."""
+    first key tiles take the gate (on the Hopper kernel, tiles of sure keys the weight
+    without the mask), which reads their key slots: the Hopper producer reuses a slot only
+    once the consumers' gates are done with it (fwd_kernel_sm90.cuh), and a slot overwritten
+    early shows here, at the start of CTAs of up to 8 key tiles (rows attend up to ~790
+    keys)."""
     b, t, s, hq, hkv, d, dtype, topk, window = 1, 1536, 1536, 4, 2, 128, jnp.float16, 150, 64
     q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-gated", forward_kernel))
     u = 0.25 * rng_for("kernels-gated-scores").standard_normal((b, s, hkv)).astype(np.float32)
     _, tau, gates = numpy_sparsek_gates(u, topk, window, t)
     assert _most_full_keys(u, tau, window, t) < 128
+    # ... while some query tile lists a whole tile of sure keys (no row hides them).
+    assert _most_full_keys(u, tau, window, t, unmasked=True) >= 136
     out, lse = sparsek_attention(q, k, v, jnp.asarray(u), topk=topk, window=window,
                                  is_causal=True, implementation="cuda", return_lse=True)
     out, lse = jax.block_until_ready((out, lse))
@@ -215,12 +219,14 @@ def test_sparsek_gated_first_tiles(forward_kernel):
 
 
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
-@pytest.mark.parametrize("num_keys", [4095 * 128, 4096 * 128],
-                         ids=["S524160-full-keys-listed", "S524288-none-listed"])
-def test_sparsek_plan_full_key_limit(forward_kernel, num_keys):
-    """The plan lists full keys up to 4095 chunks of keys and none past them, where the
-    attention's shared memory keeps one prefix sum (selection_params.h): a few decode-like rows
-    over half a million widely spread scores (many full keys), against the 'xla' reference."""
+@pytest.mark.parametrize("num_keys", [2730 * 128, 2731 * 128, 4095 * 128, 4096 * 128],
+                         ids=["S349440-sure-keys-listed", "S349568-full-keys-listed",
+                              "S524160-full-keys-listed", "S524288-none-listed"])
+def test_sparsek_plan_class_limits(forward_kernel, num_keys):
+    """The plan lists sure keys up to 2730 chunks of keys, full keys up to 4095, and neither
+    past them, where the attention's shared memory keeps fewer prefix sums
+    (selection_params.h): a few decode-like rows over a third to half a million widely spread
+    scores (many full keys, ~1300 sure ones), against the 'xla' reference."""
     t, topk, window = 3, 4096, 100
     q, k, v = make_qkv(1, t, num_keys, 2, 1, 128, jnp.float16, seed=("full-limit",))
     u = 8.0 * rng_for("full-limit-scores", num_keys).standard_normal((1, num_keys, 1))

@@ -4,11 +4,13 @@
 //
 // A query tile visits, in this order,
 //   1. the candidates of the whole chunks of its first row's sparse domain: for chunk c, the
-//      first full_c + gated_c keys of the chunk sorted by score (the plan holds the prefix
-//      sums of both). Every row of the tile has all those keys in its sparse domain, so their
-//      gate is clip(u_j - tau_i, 0, 1), nothing else. The full keys of every chunk come
-//      first: their gate is 1 for every row of the tile, so whole tiles of them take the
-//      dense update (no gate, no mask); then the gated ones;
+//      first full_c + sure_c + gated_c keys of the chunk sorted by score (the plan holds the
+//      prefix sums of the three). Every row of the tile has all those keys in its sparse
+//      domain, so their gate is clip(u_j - tau_i, 0, 1), nothing else. The full keys of every
+//      chunk come first: their gate is 1 for every row of the tile, so whole tiles of them
+//      take the dense update (no gate, no mask); then the sure ones, whose gate is above 0
+//      for every row, so that whole tiles of them (and of full ones) are weighed but never
+//      hidden; then the gated ones;
 //   2. the contiguous range from the end of those chunks to the last row's position: the
 //      rest of the domain, the keys later rows add to it, and the window band. Those keys
 //      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
@@ -72,7 +74,8 @@ struct SparseKKeyVisit {
   // Shared memory past the Q, K and V tiles, from `smem`: u [kSlots][kBlockN] and key
   // [kSlots][kBlockN] of the key tiles in flight (key -1: padding), tau [kBlockM] of the query
   // rows (+inf past T), and the plan row's gated prefix sums [chunks + 1], then its full ones
-  // [chunks + 1] where the plan lists full keys (plan_lists_full_keys). Only what the
+  // [chunks + 1] and its sure ones [chunks + 1] where the plan lists them
+  // (plan_lists_full_keys, plan_lists_sure_keys). Only what the
   // mainloop needs stays in registers; the rest is re-read from the kernel parameters.
   // kSlots: 2 where K/V tiles load one step ahead of their use (fwd_kernel.cuh), 3 where they
   // load a whole tile ahead (the Hopper dq kernel: tile it + 2's keys are stashed while tile
@@ -86,6 +89,7 @@ struct SparseKKeyVisit {
   int chunks;          // whole chunks in the first row's domain
   int candidates;      // keys listed by the plan
   int full_keys;       // of which full (listed first)
+  int unmasked_keys;   // full and sure (listed next): never hidden from a row
   int tail_begin, tail_len;
 
   __device__ __forceinline__ static int slot(int it) {
@@ -100,11 +104,14 @@ struct SparseKKeyVisit {
     return reinterpret_cast<int*>(smem + kPlanOffset);
   }
   __device__ __forceinline__ int* s_full_plan() const { return s_gated_plan() + chunks + 1; }
+  __device__ __forceinline__ int* s_sure_plan() const { return s_full_plan() + chunks + 1; }
   __device__ __forceinline__ int sparse_tiles() const {
     return (candidates + kBlockN - 1) / kBlockN;
   }
   // Tiles of full keys only: the first full_tiles() tiles.
   __device__ __forceinline__ int full_tiles() const { return full_keys / kBlockN; }
+  // Tiles of full and sure keys only (no padding): the first unmasked_tiles() tiles.
+  __device__ __forceinline__ int unmasked_tiles() const { return unmasked_keys / kBlockN; }
   template <typename Params>
   __device__ __forceinline__ static int64_t key_base(const Params& p) {
     const CtaCoords cta = cta_coords<kGridOrder>(p);
@@ -117,7 +124,7 @@ struct SparseKKeyVisit {
   template <typename Params>
   static size_t smem_bytes(const Params& p) {
     const size_t plan_entries =
-        (static_cast<size_t>(p.key_chunks) + 1) * (plan_lists_full_keys(p.key_chunks) ? 2 : 1);
+        (static_cast<size_t>(p.key_chunks) + 1) * plan_listed_sums(p.key_chunks);
     return (plan_entries + kSlots * kBlockN) * sizeof(int) +
            (kSlots * kBlockN + kBlockM) * sizeof(float);
   }
@@ -141,9 +148,11 @@ struct SparseKKeyVisit {
         p.plan + (batch_head * ((p.seqlen_q + kPlanTile - 1) / kPlanTile) + tile) *
                      plan_row_entries(p.key_chunks);
     const bool lists_full = plan_lists_full_keys(p.key_chunks);
+    const bool lists_sure = plan_lists_sure_keys(p.key_chunks);
     for (int i = threadIdx.x; i <= chunks; i += Cfg::kNThreads) {
       s_gated_plan()[i] = plan[i];
       if (lists_full) s_full_plan()[i] = plan[p.key_chunks + 1 + i];
+      if (lists_sure) s_sure_plan()[i] = plan[2 * (p.key_chunks + 1) + i];
     }
     const float* tau = p.tau + batch_head * p.seqlen_q;
     for (int i = threadIdx.x; i < kBlockM; i += Cfg::kNThreads) {
@@ -151,7 +160,8 @@ struct SparseKKeyVisit {
     }
     __syncthreads();
     full_keys = lists_full ? s_full_plan()[chunks] : 0;
-    candidates = full_keys + s_gated_plan()[chunks];
+    unmasked_keys = full_keys + (lists_sure ? s_sure_plan()[chunks] : 0);
+    candidates = unmasked_keys + s_gated_plan()[chunks];
   }
 
   __device__ __forceinline__ int num_tiles() const {
@@ -179,11 +189,17 @@ struct SparseKKeyVisit {
     if (it < sparse) {
       const int r = it * kBlockN + t;
       if (r < candidates) {
-        // Entry `rank` of the full keys, or of the gated ones (which follow each chunk's
-        // full keys in the sorted chunk).
-        const bool full = r < full_keys;
-        const int* plan = full ? s_full_plan() : s_gated_plan();
-        const int rank = full ? r : r - full_keys;
+        // Entry `rank` of the full keys, of the sure ones (which follow each chunk's full keys
+        // in the sorted chunk) or of the gated ones (which follow both).
+        const int* plan = s_gated_plan();
+        int rank = r - unmasked_keys;
+        if (r < full_keys) {
+          plan = s_full_plan();
+          rank = r;
+        } else if (r < unmasked_keys) {
+          plan = s_sure_plan();
+          rank = r - full_keys;
+        }
         int lo = 0, hi = chunks;  // plan[lo] <= rank < plan[hi]
         while (hi - lo > 1) {
           const int mid = (lo + hi) >> 1;
@@ -194,8 +210,14 @@ struct SparseKKeyVisit {
           }
         }
         int offset = rank - plan[lo];
-        // (No full keys at all: s_full_plan may not be loaded, and every full_c is 0.)
-        if (!full && full_keys > 0) offset += s_full_plan()[lo + 1] - s_full_plan()[lo];
+        // Past the chunk's entries of the classes listed before. (No full or no sure keys at
+        // all: their prefix sums may not be loaded, and every count of theirs is 0.)
+        if (r >= full_keys && full_keys > 0) {
+          offset += s_full_plan()[lo + 1] - s_full_plan()[lo];
+        }
+        if (r >= unmasked_keys && unmasked_keys > full_keys) {
+          offset += s_sure_plan()[lo + 1] - s_sure_plan()[lo];
+        }
         const int64_t entry = base + lo * kChunk + offset;
         f.key = p.sorted_key[entry];
         f.u = p.sorted_u[entry];
@@ -473,6 +495,10 @@ struct SparseKKeyVisit {
     if (GateAfterExp<Cfg>::value && it < full_tiles()) {
       // Every key's gate is 1 for every row of the tile (and no key is padding).
       softmax.update(s, acc_o, UnitGate{});
+    } else if (GateAfterExp<Cfg>::value && it < unmasked_tiles()) {
+      // Every key's gate is above 0 for every row (and no key is padding): weighed, not
+      // hidden.
+      softmax.update(s, acc_o, chunk_gate(it, local0, lane));
     } else if (it < sparse_tiles()) {
       gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(it, local0, lane), s, acc_o,
                                                 softmax);

@@ -56,9 +56,8 @@ struct TilePlanSmem {
   static_assert(kShared % alignof(double) == 0, "the growth summary starts with doubles");
 
   static size_t bytes(int64_t chunks) {
-    // The chunk counts: gated and (plan_lists_full_keys) full.
-    const size_t plan =
-        static_cast<size_t>(chunks) * sizeof(int) * (plan_lists_full_keys(chunks) ? 2 : 1);
+    // The chunk counts: gated, and full and sure where the plan lists them.
+    const size_t plan = static_cast<size_t>(chunks) * sizeof(int) * plan_listed_sums(chunks);
     return kShared + (plan > kGrowthSummaryBytes ? plan : kGrowthSummaryBytes);
   }
 };

@@ -9,14 +9,16 @@
 //     chunks that lie wholly inside the tile's first row's sparse domain, the candidates of
 //     chunk c are the keys scoring above that row's tau: a prefix of the sorted chunk, and
 //     every key any row of the tile selects from those chunks is among them (tau never
-//     decreases down the rows). Their first full_c keys are "full": u - tau >= 1 at the
-//     tile's last row, so their gate is 1 for every row of the tile (float subtraction is
-//     monotone in tau). The plan row holds two exclusive prefix sums over the chunks:
-//     gated_c (the other candidates, entries [full_c, full_c + gated_c) of the sorted chunk)
-//     at [0, chunks], then full_c at [key_chunks + 1, key_chunks + 1 + chunks]. The attention
-//     visits every chunk's full keys first (whole tiles of them skip the gate), then the
-//     gated ones. The keys after the last whole chunk, window band included, are visited as
-//     one contiguous range.
+//     decreases down the rows). The prefix splits into three classes, by the tile's last
+//     row's tau (which bounds every row's tau from above; float subtraction is monotone in
+//     tau): its first full_c keys are "full" (u - tau >= 1: gate 1 for every row of the tile),
+//     the next sure_c keys are "sure" (u > tau: a gate above 0 for every row, so no row
+//     hides them), and the last gated_c keys may weigh 0 for some rows. The plan row holds
+//     three exclusive prefix sums over the chunks: gated_c at [0, chunks], full_c at
+//     [chunks + 1, 2 chunks + 1] and sure_c at [2 chunks + 2, 3 chunks + 2]. The attention
+//     visits every chunk's full keys first (whole tiles of them skip the gate), then the sure
+//     ones (whole tiles skip the mask), then the gated ones. The keys after the last whole
+//     chunk, window band included, are visited as one contiguous range.
 // Memory: O(S) for the sorted chunks and O(T * S / (kQueryTile * kKeyChunk)) for the plan.
 #pragma once
 
@@ -35,9 +37,11 @@ struct SelectionTiles {
   static constexpr int kKeyChunk = 128;    // key positions per sorted chunk
   static constexpr int kAnchorEvery = 16;  // query tiles between two anchor thresholds
   static constexpr int kMaxChunks = 8192;  // the attention CTA keeps a plan row in smem
-  // Up to this many chunks the plan separates the full keys (the CTA keeps both prefix sums,
-  // no more shared memory than one of kMaxChunks + 1); past it full_c is 0 everywhere.
+  // Up to these many chunks the plan separates the full keys, and the sure ones (the CTA
+  // keeps the prefix sums it uses, no more shared memory than one of kMaxChunks + 1); past
+  // them full_c, or sure_c, is 0 everywhere.
   static constexpr int kMaxChunksWithFullKeys = kMaxChunks / 2 - 1;
+  static constexpr int kMaxChunksWithSureKeys = (kMaxChunks + 1) / 3 - 1;
 };
 
 // Whether the plan of a problem with `key_chunks` chunks lists full keys (full_c > 0).
@@ -45,9 +49,21 @@ SPARSEK_HOST_DEVICE inline bool plan_lists_full_keys(int64_t key_chunks) {
   return key_chunks <= SelectionTiles::kMaxChunksWithFullKeys;
 }
 
-// Entries of one plan row (one query tile): the gated prefix sums, then the full ones.
+// Whether it lists sure keys (sure_c > 0).
+SPARSEK_HOST_DEVICE inline bool plan_lists_sure_keys(int64_t key_chunks) {
+  return key_chunks <= SelectionTiles::kMaxChunksWithSureKeys;
+}
+
+// How many of a plan row's prefix sums a consumer reads: gated, then full and sure where
+// listed.
+SPARSEK_HOST_DEVICE inline int plan_listed_sums(int64_t key_chunks) {
+  return 1 + (plan_lists_full_keys(key_chunks) ? 1 : 0) + (plan_lists_sure_keys(key_chunks) ? 1 : 0);
+}
+
+// Entries of one plan row (one query tile): the gated prefix sums, the full ones, the sure
+// ones.
 SPARSEK_HOST_DEVICE inline int64_t plan_row_entries(int64_t key_chunks) {
-  return 2 * (key_chunks + 1);
+  return 3 * (key_chunks + 1);
 }
 
 // Sizes of the selection's buffers for one problem; offsets are in bytes from the start of

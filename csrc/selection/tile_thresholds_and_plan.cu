@@ -280,28 +280,39 @@ __global__ void __launch_bounds__(kTileThreads, 3)
     }
 
     // The plan: candidates per whole chunk of the first row's domain, split into full keys
-    // (gate 1 at the last row, hence at every row) and gated ones, as prefix sums.
+    // (gate 1 at the last row, hence at every row), sure ones (a gate above 0 at every row)
+    // and gated ones, as prefix sums (selection_params.h).
     const float first_tau = s_tau[0];
     const float last_tau = s_tau[rows - 1];
     const bool lists_full = plan_lists_full_keys(l.chunks);
+    const bool lists_sure = plan_lists_sure_keys(l.chunks);
     const int chunks = static_cast<int>(n0 / kChunk);
     int* s_full = s_chunk + chunks;  // fits: TilePlanSmem::bytes
+    int* s_sure = s_full + (lists_full ? chunks : 0);
     for (int c = warp; c < chunks; c += kWarps) {
       const float4 v = reinterpret_cast<const float4*>(u + static_cast<int64_t>(c) * kChunk)[lane];
       const int above =
           (v.x > first_tau) + (v.y > first_tau) + (v.z > first_tau) + (v.w > first_tau);
+      const int sure = (v.x > last_tau) + (v.y > last_tau) + (v.z > last_tau) + (v.w > last_tau);
       const int full = (v.x - last_tau >= 1.f) + (v.y - last_tau >= 1.f) +
                        (v.z - last_tau >= 1.f) + (v.w - last_tau >= 1.f);
-      // One warp sum for both counts (each at most kChunk < 2^16).
-      const int both = warp_sum(above + (lists_full ? full << 16 : 0));
+      // One warp sum for the three counts (each at most kChunk < 2^10). full <= sure <= above:
+      // last_tau >= first_tau, and u - last_tau >= 1 implies u > last_tau.
+      static_assert(kChunk < (1 << 10), "ten bits a count");
+      const int packed = warp_sum(above + (lists_sure ? sure << 10 : 0) +
+                                  (lists_full ? full << 20 : 0));
       if (lane == 0) {
-        s_chunk[c] = (both & 0xffff) - (both >> 16);
-        if (lists_full) s_full[c] = both >> 16;
+        const int n_above = packed & 0x3ff, n_sure = (packed >> 10) & 0x3ff;
+        const int n_full = packed >> 20;
+        const int listed_before_gated = lists_sure ? n_sure : n_full;
+        s_chunk[c] = n_above - listed_before_gated;
+        if (lists_full) s_full[c] = n_full;
+        if (lists_sure) s_sure[c] = n_sure - n_full;
       }
     }
     __syncthreads();
-    // Both prefix sums in one 64-bit scan: full counts in the high word (each total is below
-    // 2^31, so the low word never carries).
+    // The gated and full prefix sums in one 64-bit scan (full counts in the high word: each
+    // total is below 2^31, so the low word never carries), the sure ones in a second.
     const int per_thread = (chunks + kTileThreads - 1) / kTileThreads;
     const int begin = min(tid * per_thread, chunks);
     const int end = min(begin + per_thread, chunks);
@@ -315,6 +326,7 @@ __global__ void __launch_bounds__(kTileThreads, 3)
         local, total, reinterpret_cast<int64_t*>(scratch));
     int32_t* gated_plan = w.plan + (bh * l.tiles + tile) * l.plan_row();
     int32_t* full_plan = gated_plan + l.chunks + 1;
+    int32_t* sure_plan = full_plan + l.chunks + 1;
     for (int c = begin; c < end; ++c) {
       gated_plan[c] = static_cast<int32_t>(running & 0xffffffff);
       full_plan[c] = static_cast<int32_t>(running >> 32);
@@ -324,6 +336,16 @@ __global__ void __launch_bounds__(kTileThreads, 3)
       gated_plan[chunks] = static_cast<int32_t>(total & 0xffffffff);
       full_plan[chunks] = static_cast<int32_t>(total >> 32);
     }
+    int sure_local = 0;
+    for (int c = begin; c < end; ++c) sure_local += lists_sure ? s_sure[c] : 0;
+    int sure_total = 0;
+    int sure_running = block_exclusive_scan<kTileThreads>(sure_local, sure_total,
+                                                          reinterpret_cast<int*>(scratch));
+    for (int c = begin; c < end; ++c) {
+      sure_plan[c] = sure_running;
+      sure_running += lists_sure ? s_sure[c] : 0;
+    }
+    if (tid == 0) sure_plan[chunks] = sure_total;
     __syncthreads();
   }
 }
