@@ -103,29 +103,26 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
     return gate;
   }
 
-  // The Hopper dq kernel's TileGate, which also gates contiguous-range tiles from offsets:
-  // their keys are consecutive positions, so key - p(i) is `future` plus a constant an
-  // element (as in the forward's RangeGateAfterExp), and the key's place relative to the row
-  // is a compare with an immediate instead of sparsek_gate's position load and branches.
-  // Padding entries lie past the CTA's last position: gate 0 for every row that is stored.
+  // The Hopper dq kernel's TileGate, which also gates contiguous-range tiles from key
+  // offsets (Base::range_key_offset, as the forward's RangeGateAfterExp): the key's place
+  // relative to the row is a compare with an immediate instead of sparsek_gate's position
+  // load and branches. Padding entries lie past the CTA's last position: gate 0 for every
+  // row that is stored.
   struct RangeTileGate : TileGate {
-    int future;    // key - p(i) of the thread's first element
-    int outside;   // future + W: an element is in its row's sparse domain iff outside + d <= 0
+    int future;    // key - p(i) of the thread's first element (range_key_offset)
+    int outside;   // range_domain_offset: in its row's sparse domain iff outside + d <= 0
     bool in_band;  // every key within W of the warp's last row (range_tile_in_band)
-    bool seen_whole;  // in_band, and no key past the warp's first row: every gate is 1
-    __device__ __forceinline__ static constexpr int entry_offset(int mt, int nt, int r) {
-      return nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1);
-    }
+    bool seen_whole;  // in_band and range_tile_seen_whole: every gate is 1
     // A range tile in_band: the causal mask alone (a key a row sees is in its band).
     __device__ __forceinline__ void band(int mt, int nt, int r, float& m,
                                          bool& fractional) const {
-      m = future + entry_offset(mt, nt, r) > 0 ? 0.f : 1.f;
+      m = future + Base::range_entry_offset(mt, nt, r) > 0 ? 0.f : 1.f;
       fractional = false;
     }
     // Any other range tile: 0 past the row's position, 1 in its band, else clip(u - tau, 0, 1).
     __device__ __forceinline__ void range(int mt, int nt, int r, float& m,
                                           bool& fractional) const {
-      const int d = entry_offset(mt, nt, r);
+      const int d = Base::range_entry_offset(mt, nt, r);
       float domain_gate;
       this->candidate(mt, nt, r, domain_gate, fractional);
       m = future + d > 0 ? 0.f : (outside + d <= 0 ? domain_gate : 1.f);
@@ -139,13 +136,10 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
     RangeTileGate gate;
     static_cast<TileGate&>(gate) = tile_gate(p, it, warp_row0, lane);
     const int key0 = this->range_tile_key0(it);  // (meaningless on a tile of candidates)
-    gate.future = key0 + (lane & 3) * 2 - warp_row0 - (lane >> 2) -
-                  static_cast<int>(p.seqlen_k - p.seqlen_q);
-    // A band of S keys or more holds every key before the position.
-    gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
+    gate.future = Base::range_key_offset(p, key0, warp_row0, lane);
+    gate.outside = Base::range_domain_offset(p, gate.future);
     gate.in_band = Base::range_tile_in_band(p, key0, warp_row0);
-    gate.seen_whole = gate.in_band && key0 + Cfg::kBlockN - 1 <=
-                                          warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q);
+    gate.seen_whole = gate.in_band && Base::range_tile_seen_whole(p, key0, warp_row0);
     return gate;
   }
 };

@@ -448,14 +448,26 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ static constexpr int range_entry_offset(int mt, int nt, int r) {
     return nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1);
   }
+  // future + W (future: range_key_offset): an entry e is in its row's sparse domain iff this
+  // plus d(e) <= 0. A band of S keys or more holds every key before the position.
+  template <typename Params>
+  __device__ __forceinline__ static int range_domain_offset(const Params& p, int future) {
+    return future + static_cast<int>(min(p.window, p.seqlen_k));
+  }
+  // Whether every row of the warp sees range tile key0 whole: its last key at or before the
+  // warp's first row's position (then no key of it is past any row's, and within the band,
+  // range_tile_in_band, every gate is 1).
+  template <typename Params>
+  __device__ __forceinline__ static bool range_tile_seen_whole(const Params& p, int key0,
+                                                               int warp_row0) {
+    return key0 + kBlockN - 1 <= warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q);
+  }
 
   // -inf for the keys past each row's position: key - pos > 0. Applied to every tile of the
   // band (also those every row sees): skipping it by a branch made the kernel spill.
   template <typename Params, typename Scores>
   __device__ __forceinline__ static void hide_future_keys(const Params& p, Scores& s, int key0,
                                                           int warp_row0, int lane) {
-    // (The entry's constant is added term by term, not as range_entry_offset: the GPU-tested
-    // build; folded into one immediate, ptxas drops 32 instructions, a change not yet run.)
     const int offset = range_key_offset(p, key0, warp_row0, lane);
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
@@ -463,7 +475,7 @@ struct SparseKKeyVisit {
       for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          if (offset + nt * 8 + (r & 1) - mt * 16 - 8 * (r >> 1) > 0) s[mt][nt][r] = -INFINITY;
+          if (offset + range_entry_offset(mt, nt, r) > 0) s[mt][nt][r] = -INFINITY;
         }
       }
     }
@@ -507,7 +519,7 @@ struct SparseKKeyVisit {
       // Only a tile reaching past the warp's first row's position needs the causal mask: at
       // W = 512, the diagonal one of the band's four. (This branch spilled before r1 took
       // the log2-domain update out of the kernel.)
-      if (key0 + kBlockN - 1 > warp_row0 + static_cast<int>(p.seqlen_k - p.seqlen_q)) {
+      if (!range_tile_seen_whole(p, key0, warp_row0)) {
         hide_future_keys(p, s, key0, warp_row0, lane);
       }
       softmax.update(s, acc_o, UnitGate{});
@@ -515,8 +527,7 @@ struct SparseKKeyVisit {
       RangeGateAfterExp gate;
       gate.chunk = chunk_gate(it, local0, lane);
       gate.future = range_key_offset(p, key0, warp_row0, lane);
-      // A band of S keys or more holds every key before the position (d > -S).
-      gate.outside = gate.future + static_cast<int>(min(p.window, p.seqlen_k));
+      gate.outside = range_domain_offset(p, gate.future);
       gate_and_update<true>(gate, s, acc_o, softmax);
     } else {
       RangeGate gate;
