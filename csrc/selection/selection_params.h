@@ -15,7 +15,8 @@
 //     the next sure_c keys are "sure" (u > tau: a gate above 0 for every row, so no row
 //     hides them), and the last gated_c keys may weigh 0 for some rows. The plan row holds
 //     three exclusive prefix sums over the chunks: gated_c at [0, chunks], full_c at
-//     [chunks + 1, 2 chunks + 1] and sure_c at [2 chunks + 2, 3 chunks + 2]. The attention
+//     [chunks + 1, 2 chunks + 1] and sure_c at [2 chunks + 2, 3 chunks + 2] (written only
+//     where plan_lists_sure_keys; nothing reads it elsewhere). The attention
 //     visits every chunk's full keys first (whole tiles of them skip the gate), then the sure
 //     ones (whole tiles skip the mask), then the gated ones. The keys after the last whole
 //     chunk, window band included, are visited as one contiguous range.

@@ -336,16 +336,18 @@ __global__ void __launch_bounds__(kTileThreads, 3)
       gated_plan[chunks] = static_cast<int32_t>(total & 0xffffffff);
       full_plan[chunks] = static_cast<int32_t>(total >> 32);
     }
-    int sure_local = 0;
-    for (int c = begin; c < end; ++c) sure_local += lists_sure ? s_sure[c] : 0;
-    int sure_total = 0;
-    int sure_running = block_exclusive_scan<kTileThreads>(sure_local, sure_total,
-                                                          reinterpret_cast<int*>(scratch));
-    for (int c = begin; c < end; ++c) {
-      sure_plan[c] = sure_running;
-      sure_running += lists_sure ? s_sure[c] : 0;
+    if (lists_sure) {  // (else no consumer reads the sure sums)
+      int sure_local = 0;
+      for (int c = begin; c < end; ++c) sure_local += s_sure[c];
+      int sure_total = 0;
+      int sure_running = block_exclusive_scan<kTileThreads>(sure_local, sure_total,
+                                                            reinterpret_cast<int*>(scratch));
+      for (int c = begin; c < end; ++c) {
+        sure_plan[c] = sure_running;
+        sure_running += s_sure[c];
+      }
+      if (tid == 0) sure_plan[chunks] = sure_total;
     }
-    if (tid == 0) sure_plan[chunks] = sure_total;
     __syncthreads();
   }
 }
