@@ -45,12 +45,17 @@ SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int
                                             int64_t heads_kv);
 
 // The SparseK backward's span sort (selection/sort_key_spans.h): the keys sorted within spans
-// of KeySpans::kKeySpan keys by the last row that attends them, for the dk/dv kernel. Run it
+// of params.key_span keys by the last row that attends them, for the dk/dv kernel. Run it
 // after sparsek_select (whose scores and tau it reads) and before attention_bwd in SparseK
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
 
-// Bytes of device workspace sparsek_sort_key_spans writes (KeySpanLayout, 256-byte aligned).
+// The span width for S keys: JAX_SPARSEK_KEY_SPAN where set (read at every call; -1 if it
+// is not 1024, 2048 or 4096), else key_span_width(S) (selection/sort_key_spans.h).
+SPARSEK_API int sparsek_key_span_width(int64_t seqlen_k);
+
+// Bytes of device workspace sparsek_sort_key_spans writes (KeySpanLayout, 256-byte aligned;
+// the same for every span width).
 SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_k,
                                                      int64_t heads_kv);
 

@@ -8,7 +8,8 @@ scores, for fp16 and bf16. Outputs are poisoned with NaN before every kernel run
 (conftest.py), so "no NaN" means every element was written. Also: a long
 SparseK case against implementation='xla' on the GPU (too large for the float64 oracle), and
 run-to-run determinism of SparseK (its kernels use no atomics; the dense modes' atomic dq is
-covered in test_backward_kernels_gpu.py).
+covered in test_backward_kernels_gpu.py), and the wider sorted key spans of long sequences
+(JAX_SPARSEK_KEY_SPAN).
 """
 from __future__ import annotations
 
@@ -113,6 +114,40 @@ def test_sparsek_backward_long_against_xla(dtype):
         assert not np.isnan(got).any(), f"NaN in d{name}"
         err = rel_err(got, np.asarray(xla[name].astype(jnp.float32)))
         assert err < tolerance(dtype), f"d{name}: cuda vs xla relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("width", ["2048", "4096"])
+@pytest.mark.parametrize("name", ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64"])
+def test_sparsek_backward_span_widths(name, width, monkeypatch):
+    """The wider sorted key spans that S > 48k takes (selection/sort_key_spans.h), forced at
+    small S through JAX_SPARSEK_KEY_SPAN (read at every call): one partial span, or two."""
+    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", width)
+    case = SPARSEK_CASES[name]
+    api, inputs = _api_grads(case, jnp.float16)
+    ref = reference_grads(case, *inputs)
+    _check(case, api, ref, jnp.float16, context=f"{name} span {width}")
+
+
+def test_sparsek_backward_span_4096_long_against_xla(monkeypatch):
+    """Spans of 4096 keys over several spans (T = S = 9000: two whole, one partial): kernels
+    against the pure-JAX reference on the GPU."""
+    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", "4096")
+    case = Case(1, 9000, 9000, 8, 2, d=128, is_causal=True, topk=512, window=128)
+    cuda, _ = _api_grads(case, jnp.bfloat16, "cuda")
+    xla, _ = _api_grads(case, jnp.bfloat16, "xla")
+    for name in xla:
+        got = np.asarray(cuda[name].astype(jnp.float32))
+        assert not np.isnan(got).any(), f"NaN in d{name}"
+        err = rel_err(got, np.asarray(xla[name].astype(jnp.float32)))
+        assert err < tolerance(jnp.bfloat16), f"d{name}: cuda vs xla relative error {err:.3g}"
+
+
+def test_sparsek_backward_bad_span_width(monkeypatch):
+    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has: an error naming it."""
+    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", "3000")
+    with pytest.raises(Exception, match="JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096"):
+        grads, _ = _api_grads(SPARSEK_CASES["T300_K40_W16_gqa4_d128"], jnp.float16)
+        jax.block_until_ready(grads)
 
 
 @pytest.mark.parametrize("name", ["T640_K100_W32_gqa8_d128", "T1100_S2600_K96_W40_gqa8_d128"])

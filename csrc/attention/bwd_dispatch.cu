@@ -48,7 +48,10 @@ std::string check_params(const AttentionBwdParams& p) {
       return "SparseK mode needs the span sort's span_sorted_u, span_sorted_key and "
              "span_last_row (sparsek_sort_key_spans)";
     }
-    if (p.key_spans != key_span_count(p.seqlen_k)) return "key_spans does not match seqlen_k";
+    if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048 or 4096";
+    if (p.key_span_stride != key_span_stride(p.seqlen_k)) {
+      return "key_span_stride does not match seqlen_k";
+    }
   }
   // 16-byte cp.async copies and vector loads: every row start must be 16-byte aligned.
   for (const void* ptr : {p.q, p.k, p.v, p.o, p.d_out, static_cast<const void*>(p.dq),

@@ -52,10 +52,9 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
     chunk.sorted_u = p.sorted_u + heads * padded;
     chunk.sorted_key = p.sorted_key + heads * padded;
     chunk.plan = p.plan + heads * plan_tiles * plan_row_entries(p.key_chunks);
-    const int64_t span_padded = p.key_spans * KeySpans::kKeySpan;
-    chunk.span_sorted_u = p.span_sorted_u + heads * span_padded;
-    chunk.span_sorted_key = p.span_sorted_key + heads * span_padded;
-    chunk.span_last_row = p.span_last_row + heads * span_padded;
+    chunk.span_sorted_u = p.span_sorted_u + heads * p.key_span_stride;
+    chunk.span_sorted_key = p.span_sorted_key + heads * p.key_span_stride;
+    chunk.span_last_row = p.span_last_row + heads * p.key_span_stride;
   }
   return chunk;
 }
@@ -103,7 +102,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
   const int64_t m_blocks = (p.seqlen_q + DqCfg::kBlockM - 1) / DqCfg::kBlockM;
   // SparseK: one dk/dv CTA per kBlockN entries of the span sort (bwd_query_visit.cuh).
   const int64_t key_tiles =
-      p.sparsek ? p.key_spans * (KeySpans::kKeySpan / DkDvCfg::kBlockN)
+      p.sparsek ? key_span_count(p.seqlen_k, p.key_span) * (p.key_span / DkDvCfg::kBlockN)
                 : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
   int sms = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));

@@ -89,7 +89,7 @@ struct DenseQueryVisit {
 };
 
 // SparseK: key tile n is the entries [n kBlockN, (n + 1) kBlockN) of the backward's span sort
-// (selection/sort_key_spans.h: spans of kKeySpan key positions, each sorted by the last row
+// (selection/sort_key_spans.h: spans of key_span key positions, each sorted by the last row
 // that attends a key, descending; a tile lies inside one span). Every key position appears in
 // exactly one tile, so the tile's dk, dv and du are scattered to positions no other CTA writes.
 // Contiguous key tiles would not do: nearly every block of keys holds a high-scoring key that
@@ -106,7 +106,7 @@ struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
   // Always tile-major: the top slices of the first spans visit nearly every row (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kTileMajor;
-  static_assert(KeySpans::kKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
+  static_assert(KeySpans::kMinKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
   // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions.
   int* s_key;
@@ -130,7 +130,7 @@ struct SparseKQueryVisit {
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
     int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key
     const int64_t entry0 =
-        batch_head * p.key_spans * KeySpans::kKeySpan + int64_t{tile} * Cfg::kBlockN;
+        batch_head * p.key_span_stride + int64_t{tile} * Cfg::kBlockN;
     const int t = threadIdx.x;
     int key = -1;
     if (t < Cfg::kBlockN) {

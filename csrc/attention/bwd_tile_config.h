@@ -78,7 +78,7 @@ struct BwdDkDvTileConfig {
   static_assert(kNWarps % kDimSplit == 0 && kNTilesO % 2 == 0, "whole dim-tile pairs a warp");
   static_assert(kWarpRows % 16 == 0 && kMTiles >= 1, "a warp owns whole m16 tiles of keys");
   static_assert(kBlockM % 16 == 0 && kHeadDim % 64 == 0, "tiles of 16 rows, 64 dims");
-  static_assert(KeySpans::kKeySpan % kBlockN == 0,
+  static_assert(KeySpans::kMinKeySpan % kBlockN == 0,
                 "a SparseK key tile is a slice of one sorted key span");
 };
 
@@ -221,7 +221,7 @@ struct BwdDkDvSm90TileConfig {
       (2 * kSmemKVElems + 2 * kQStages * kSmemQElems + kSmemDsElems) * 2 +
       kQStages * kRowVectors * kBlockM * 4 + kNumBarriers * 8 + kSmemAlign;
 
-  static_assert(KeySpans::kKeySpan % kBlockN == 0,
+  static_assert(KeySpans::kMinKeySpan % kBlockN == 0,
                 "a SparseK key tile is a slice of one sorted key span");
   static_assert(!kFuseDq || (kWarpgroups == 2 && kDqDims == 64 &&
                               kBlockM == DqAccumulatorTiles::kRows &&

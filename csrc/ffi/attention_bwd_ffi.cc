@@ -163,6 +163,11 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
   spans.device = device;
+  spans.key_span = sparsek::sparsek_key_span_width(p.seqlen_k);
+  if (spans.key_span < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096");
+  }
   if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
   }
@@ -172,7 +177,8 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.span_sorted_u = spans.span_sorted_u;
   p.span_sorted_key = spans.span_sorted_key;
   p.span_last_row = spans.span_last_row;
-  p.key_spans = span_layout.spans;
+  p.key_span = spans.key_span;
+  p.key_span_stride = span_layout.stride;
   p.du = du->typed_data();
   p.workspace = span_workspace + span_bytes;
   p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - selection_bytes - span_bytes;

@@ -30,4 +30,13 @@ bool deterministic_backward_requested() {
   return env_equals("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1");
 }
 
+int requested_key_span() {
+  const char* value = std::getenv("JAX_SPARSEK_KEY_SPAN");
+  if (value == nullptr || value[0] == '\0') return 0;
+  for (const char* width : {"1024", "2048", "4096"}) {
+    if (std::strcmp(value, width) == 0) return std::atoi(width);
+  }
+  return -1;
+}
+
 }  // namespace sparsek

@@ -20,4 +20,10 @@ bool mma_sync_backward_requested();
 // at every call; the workspace that jit reserves follows the value at trace time.
 bool deterministic_backward_requested();
 
+// JAX_SPARSEK_KEY_SPAN=1024|2048|4096: the width of the SparseK backward's sorted key spans
+// (selection/sort_key_spans.h) instead of key_span_width(S); read at every call (tests run
+// the wider spans at small S; benchmarks compare widths). 0 when unset, -1 when it holds
+// anything else.
+int requested_key_span();
+
 }  // namespace sparsek

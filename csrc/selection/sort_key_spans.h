@@ -1,6 +1,6 @@
-// A backward-only ordering of the keys: within spans of kKeySpan key positions, the keys
-// sorted by the last row that attends them (descending; then by position), with each entry's
-// score, position and last row.
+// A backward-only ordering of the keys: within spans of key_span_width(S) key positions, the
+// keys sorted by the last row that attends them (descending; then by position), with each
+// entry's score, position and last row.
 //
 // A key's last row is the later of the last row whose window band holds it (p(i) < j + W)
 // and the last row whose tau lies below its score (tau never decreases down the rows): no
@@ -14,14 +14,16 @@
 // one slice end close together and its rows shrink to about the rows that attend its keys;
 // the price is that a slice's keys spread over the whole span, so its rows start at the
 // span's first keys. bench/sparsek_bwd_visit_model.py counts both effects (K = 2048,
-// W = 512, kBlockN = kBlockM = 64): spans of 1024 keys sorted by score visit 1.26-1.98x the
-// attended (key, row) pairs at 8k-128k (about half what 128-key chunks visit at 32k); sorted
-// by last row, 1.15-1.73x (9-14% fewer than by score: a key whose window band outlasts its
-// selection ends where its window does, which its score does not tell). Wider or narrower
-// spans visit more. The forward keeps the selection's chunks and plan (selection_params.h).
+// W = 512, kBlockN = kBlockM = 64): sorted by last row, 1024-key spans visit 1.15-1.28x the
+// attended (key, row) pairs at 8k-32k but 1.35x / 1.73x at 128k (sigma 1 / 4), where
+// 4096-key spans visit 1.21x / 1.33x; the best width grows with S (about S / 32: 2048 at
+// 64k). key_span_width takes 1024 keys up to 48k, 2048 up to 96k, 4096 past that. The
+// forward keeps the selection's chunks and plan (selection_params.h).
 //
-// Layout: [batch_heads, key_span_count(S) * kKeySpan]; entries past S hold u = -inf,
-// key = -1, last row -1. Memory: O(S) per (batch, kv head), no T-dependence.
+// Layout: [batch_heads, key_span_stride(S)] with key_span_stride(S) = S rounded up to the
+// widest span, whatever the width (so that the workspace does not depend on it); the first
+// key_span_count(S, width) * width entries of a row are used, and those past S hold
+// u = -inf, key = -1, last row -1. Memory: O(S) per (batch, kv head), no T-dependence.
 #pragma once
 
 #include <cstdint>
@@ -31,12 +33,27 @@
 namespace sparsek {
 
 struct KeySpans {
-  static constexpr int kKeySpan = 1024;  // key positions per sorted span
-  static constexpr int kSortThreads = kKeySpan;  // one thread per entry (bitonic network)
+  static constexpr int kMinKeySpan = 1024;  // key positions per sorted span: 1024, 2048, 4096
+  static constexpr int kMaxKeySpan = 4096;
+  static constexpr int kSortThreads = 1024;  // a bitonic network, kSpan / 1024 entries a thread
 };
 
-inline int64_t key_span_count(int64_t seqlen_k) {
-  return (seqlen_k + KeySpans::kKeySpan - 1) / KeySpans::kKeySpan;
+// The span width for S keys (sort_key_spans.h: about S / 32, within 1024..4096).
+inline int key_span_width(int64_t seqlen_k) {
+  return seqlen_k <= 49152 ? 1024 : (seqlen_k <= 98304 ? 2048 : 4096);
+}
+
+inline bool valid_key_span_width(int64_t width) {
+  return width == 1024 || width == 2048 || width == 4096;
+}
+
+inline int64_t key_span_count(int64_t seqlen_k, int64_t width) {
+  return (seqlen_k + width - 1) / width;
+}
+
+// Entries between two (batch, kv head) rows of the sort's results, for every width.
+inline int64_t key_span_stride(int64_t seqlen_k) {
+  return key_span_count(seqlen_k, KeySpans::kMaxKeySpan) * KeySpans::kMaxKeySpan;
 }
 
 struct SortKeySpansParams {
@@ -51,7 +68,8 @@ struct SortKeySpansParams {
   const float* tau = nullptr;
   int64_t seqlen_q = 0;
   int64_t window = 0;  // W >= 0
-  // Results, [batch_heads, key_span_count(seqlen_k) * kKeySpan] each.
+  int32_t key_span = 0;  // the span width (valid_key_span_width; key_span_width by default)
+  // Results, [batch_heads, key_span_stride(seqlen_k)] each.
   float* span_sorted_u = nullptr;
   int32_t* span_sorted_key = nullptr;
   int32_t* span_last_row = nullptr;
@@ -61,18 +79,16 @@ struct SortKeySpansParams {
 // Where the three result arrays sit in a workspace of the sort's own (the launcher,
 // sparsek_sort_key_spans, and sparsek_key_span_workspace_bytes are in sparsek_api.h).
 struct KeySpanLayout {
-  int64_t spans = 0;                     // key_span_count(seqlen_k)
+  int64_t stride = 0;                    // key_span_stride(seqlen_k)
   int64_t span_sorted_u_offset = 0;      // bytes, multiples of 256
   int64_t span_sorted_key_offset = 0;
   int64_t span_last_row_offset = 0;
   int64_t workspace_bytes = 0;
 
-  int64_t padded_keys() const { return spans * KeySpans::kKeySpan; }
-
   static KeySpanLayout make(int64_t batch_heads, int64_t seqlen_k) {
     KeySpanLayout l;
-    l.spans = key_span_count(seqlen_k);
-    const int64_t entries = batch_heads * l.padded_keys();
+    l.stride = key_span_stride(seqlen_k);
+    const int64_t entries = batch_heads * l.stride;
     l.span_sorted_u_offset = 0;
     l.span_sorted_key_offset = align256(entries * 4);
     l.span_last_row_offset = l.span_sorted_key_offset + align256(entries * 4);
