@@ -7,7 +7,9 @@ reaches the slice's smallest key to the last row that either has one of its keys
 band or has tau below one of its scores, in steps of kBlockM rows. The model counts what each
 span width and order visits, against the pairs actually attended (gate m_ij > 0, window band
 included): spans sorted by score (the kernel until b3 in bench/NOTES.md) and by the last row
-that attends a key (the kernel since), so that both can be chosen before writing the kernel.
+that attends a key (the kernel since), so that both can be chosen before writing the kernel. The last line of each (S, sigma) is
+the kernel's own choice: last-row order at key_span_width(S) (1024 keys up to 48k, 2048 up to
+96k, 4096 past that; selection/sort_key_spans.h, s8 in bench/NOTES.md).
 
 tau is the exact SPARSEK threshold (SPARSEK.md), solved on every `--row-step`-th row from the
 whole prefix (bisection on the keys within 1 of the K-th largest score, which bracket tau) and
@@ -137,6 +139,11 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows
 
 
+def kernel_span_width(seq: int) -> int:
+    """key_span_width of selection/sort_key_spans.h: the kernel's span width for S keys."""
+    return 1024 if seq <= 49152 else (2048 if seq <= 98304 else 4096)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +181,11 @@ def main(argv=None):
                 print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | {span} | {ctas} | "
                       f"{visited / attended:.2f} | {visited / base:.2f} | "
                       f"{by_last / attended:.2f} |", flush=True)
+            width = kernel_span_width(seq)
+            kernel, ctas, _ = visited_pairs(u, tau, width, args.window, args.block_n,
+                                            args.block_m, order="last-row")
+            print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | kernel: {width} | {ctas} | - "
+                  f"| - | {kernel / attended:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
