@@ -14,8 +14,9 @@ for ours (sparsek_attention, implementation='cuda') and
 jax.nn.dot_product_attention(implementation='cudnn'). Backward TFLOP/s = 2.5 x the forward's
 FLOPs (4 * B * Hq * D * attended pairs) over the backward time. Dense configs are those of
 bench/benchmark.py; SparseK: B=1, Hq=32, Hkv=8, D=128, K=2048, W=512, T = S, scores
-u ~ N(0, sigma^2) (--sigma, default 1), against cuDNN's dense causal backward (the pairs SparseK attends are counted
-exactly from the selection's tau, as bench/sparsek_benchmark.py does).
+u ~ N(0, sigma^2) (--sigma, default 1), against cuDNN's dense causal backward (the pairs
+SparseK attends are counted exactly from the selection's tau, as bench/sparsek_benchmark.py
+does).
 
 --kernels: "default" is the kernel the device picks (the wgmma kernels on Hopper at
 64 < D <= 128, whose dense dk/dv kernel also adds dq with atomics), "deterministic" the same

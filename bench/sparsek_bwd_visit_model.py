@@ -7,9 +7,10 @@ reaches the slice's smallest key to the last row that either has one of its keys
 band or has tau below one of its scores, in steps of kBlockM rows. The model counts what each
 span width and order visits, against the pairs actually attended (gate m_ij > 0, window band
 included): spans sorted by score (the kernel until b3 in bench/NOTES.md) and by the last row
-that attends a key (the kernel since), so that both can be chosen before writing the kernel. The last line of each (S, sigma) is
-the kernel's own choice: last-row order at key_span_width(S) (1024 keys up to 48k, 2048 up to
-96k, 4096 past that; selection/sort_key_spans.h, s8 in bench/NOTES.md).
+that attends a key (the kernel since), so that both can be chosen before writing the kernel.
+The last line of each (S, sigma) is the kernel's own choice: last-row order at
+key_span_width(S) (1024 keys up to 48k, 2048 up to 96k, 4096 past that;
+selection/sort_key_spans.h, s8 in bench/NOTES.md).
 
 tau is the exact SPARSEK threshold (SPARSEK.md), solved on every `--row-step`-th row from the
 whole prefix (bisection on the keys within 1 of the K-th largest score, which bracket tau) and

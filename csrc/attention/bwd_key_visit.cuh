@@ -91,15 +91,7 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
     gate.window = static_cast<int>(p.window);
     gate.lane = lane;
     gate.pos0 = warp_row0 + (lane >> 2) + static_cast<int>(p.seqlen_k - p.seqlen_q);
-    const int local0 = warp_row0 % Cfg::kBlockM;
-    const float* tau_rows = this->s_tau();
-#pragma unroll
-    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        gate.tau[mt][h] = tau_rows[local0 + mt * 16 + (lane >> 2) + 8 * h];
-      }
-    }
+    this->load_row_taus(gate.tau, warp_row0 % Cfg::kBlockM, lane);
     return gate;
   }
 

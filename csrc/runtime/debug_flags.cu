@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace sparsek {
 
@@ -33,8 +34,8 @@ bool deterministic_backward_requested() {
 int requested_key_span() {
   const char* value = std::getenv("JAX_SPARSEK_KEY_SPAN");
   if (value == nullptr || value[0] == '\0') return 0;
-  for (const char* width : {"1024", "2048", "4096"}) {
-    if (std::strcmp(value, width) == 0) return std::atoi(width);
+  for (const int width : {1024, 2048, 4096}) {
+    if (std::to_string(width) == value) return width;
   }
   return -1;
 }
