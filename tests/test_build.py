@@ -11,8 +11,15 @@ from conftest import BUILD_INFO
 
 def test_build_info():
     info = jax_sparsek.build_info()
-    assert set(info) == {"extension_loaded", "cuda_kernels_built", "supported_archs",
-                         "extension_version", "jax_cuda_devices", "cuda_arch"}
+    always = {"extension_loaded", "cuda_kernels_built", "supported_archs", "extension_version",
+              "jax_cuda_devices", "cuda_arch"}
+    # Where a device answers (cuda_arch set): which kernels run at head dim 128 on it.
+    on_device = {"forward_kernel", "backward_kernel", "backward_dq"}
+    assert set(info) == (always | on_device if info["cuda_arch"] is not None else always)
+    if info["cuda_arch"] is not None:
+        assert info["forward_kernel"] in ("sm90_wgmma", "mma_sync")
+        assert info["backward_kernel"] in ("sm90_wgmma", "mma_sync")
+        assert info["backward_dq"] in ("dkdv_atomic", "dq_kernel")
     assert isinstance(info["extension_loaded"], bool)
     assert isinstance(info["cuda_kernels_built"], bool)
     assert isinstance(info["jax_cuda_devices"], bool)
