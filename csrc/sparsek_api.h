@@ -29,11 +29,11 @@ SPARSEK_API std::string forward_kernel_name(int64_t head_dim);
 SPARSEK_API std::string backward_kernel_name(int64_t head_dim);
 
 // How the backward computes dq for this head dim and mode on the current device:
-// "dkdv_atomic" (the dense Hopper backward: the dk/dv kernel adds dS K into a float32
-// accumulator with atomics; the order of the additions varies from run to run) or
-// "dq_kernel" (a kernel of its own, bitwise reproducible: SparseK, the mma.sync kernels, and
-// wherever JAX_SPARSEK_DETERMINISTIC_BACKWARD=1). Throws std::runtime_error without a usable
-// device.
+// "dkdv_atomic" (the Hopper backward: the dk/dv kernel adds dS K into a float32 accumulator
+// with atomics, and in SparseK mode the rows' sums of g that du's means come from; the order
+// of the additions varies from run to run) or "dq_kernel" (a kernel of its own, bitwise
+// reproducible: the mma.sync kernels, and wherever JAX_SPARSEK_DETERMINISTIC_BACKWARD=1).
+// The same in both modes. Throws std::runtime_error without a usable device.
 SPARSEK_API std::string backward_dq_name(int64_t head_dim, bool sparsek);
 
 // The SparseK selection stage (selection/selection_params.h): tau for every row and the
@@ -62,7 +62,8 @@ SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seql
 // Launches the attention backward on `stream`: dq, dk, dv (and du in SparseK mode, after
 // sparsek_select and sparsek_sort_key_spans have filled their buffers for the same scores).
 // Deterministic where backward_dq_name says "dq_kernel"; with "dkdv_atomic", dq's float32
-// sums are added in a varying order (dk, dv and du are always deterministic).
+// sums (and in SparseK mode du's row sums) are added in a varying order (dk and dv are always
+// deterministic).
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 

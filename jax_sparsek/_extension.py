@@ -130,8 +130,8 @@ def build_info() -> dict:
         try:
             info["cuda_arch"] = ext.cuda_arch()
             # Which forward and backward kernels run at head dim 128 here ('sm90_wgmma' or
-            # 'mma_sync'), and how the dense backward computes dq ('dkdv_atomic' or
-            # 'dq_kernel').
+            # 'mma_sync'), and how the backward computes dq ('dkdv_atomic' or 'dq_kernel';
+            # the same in every mode).
             info["forward_kernel"] = ext.forward_kernel(128)
             info["backward_kernel"] = ext.backward_kernel(128)
             info["backward_dq"] = ext.backward_dq(128, False)

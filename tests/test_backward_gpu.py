@@ -6,10 +6,10 @@ tiles, lengths that are multiples of no tile, T != S, GQA 1/4/8, head dims 64/96
 K >= the domain, W = 0 and W >= S, several sorted key spans (the dk/dv kernel's order), -inf
 scores, for fp16 and bf16. Outputs are poisoned with NaN before every kernel run
 (conftest.py), so "no NaN" means every element was written. Also: a long
-SparseK case against implementation='xla' on the GPU (too large for the float64 oracle), and
-run-to-run determinism of SparseK (its kernels use no atomics; the dense modes' atomic dq is
-covered in test_backward_kernels_gpu.py), and the wider sorted key spans of long sequences
-(JAX_SPARSEK_KEY_SPAN).
+SparseK case against implementation='xla' on the GPU (too large for the float64 oracle),
+run-to-run determinism of SparseK with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (the default
+kernels add dq, and the rows' sums of g, with atomics: test_backward_kernels_gpu.py), and the
+wider sorted key spans of long sequences (JAX_SPARSEK_KEY_SPAN).
 """
 from __future__ import annotations
 
@@ -151,8 +151,10 @@ def test_sparsek_backward_bad_span_width(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["T640_K100_W32_gqa8_d128", "T1100_S2600_K96_W40_gqa8_d128"])
-def test_backward_deterministic(name):
-    """Two SparseK runs give bitwise-equal gradients (no atomics in its kernels)."""
+def test_backward_deterministic(name, monkeypatch):
+    """With JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 two SparseK runs give bitwise-equal
+    gradients (no atomics in its kernels)."""
+    monkeypatch.setenv("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1")
     case = SPARSEK_CASES[name]
     first, _ = _api_grads(case, jnp.float16)
     second, _ = _api_grads(case, jnp.float16)

@@ -3,11 +3,11 @@ same device.
 
 On Hopper (compute capability 9.0, built for sm_90a) the backward runs on the wgmma kernels
 (bwd_dq_kernel_sm90.cuh, bwd_dkdv_kernel_sm90.cuh) for head dims 72 to 128, which
-test_backward_gpu.py and test_gradients_gpu.py then exercise; in the dense modes the dk/dv
-kernel also computes dq (float32 atomics), unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps
-the dq kernel. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync sends calls to the mma.sync kernels,
-which every other GPU runs. Both variables are read at every call, so one process can check
-every choice ("deterministic" below). Outputs are poisoned with NaN before every run
+test_backward_gpu.py and test_gradients_gpu.py then exercise; the dk/dv kernel also computes
+dq (float32 atomics; in SparseK mode also the rows' sums of g that du needs), unless
+JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq kernel. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync
+sends calls to the mma.sync kernels, which every other GPU runs. Both variables are read at
+every call, so one process can check every choice ("deterministic" below). Outputs are poisoned with NaN before every run
 (conftest.py).
 """
 from __future__ import annotations
@@ -56,23 +56,24 @@ def test_kernel_choice(monkeypatch):
 
 
 def test_dq_choice(monkeypatch):
-    """dq comes from the dk/dv kernel's atomics only in the dense modes on the Hopper kernels,
-    and JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the mma.sync kernels turn that off."""
+    """dq comes from the dk/dv kernel's atomics in every mode on the Hopper kernels, and
+    JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the mma.sync kernels turn that off."""
     ext = _extension.load_extension()
     use_backward_kernel(monkeypatch, "default")
     atomic = "dkdv_atomic" if on_hopper_build() else "dq_kernel"
     assert ext.backward_dq(128, False) == atomic
     assert ext.backward_dq(96, False) == atomic
-    assert ext.backward_dq(128, True) == "dq_kernel"
+    assert ext.backward_dq(128, True) == atomic
     assert ext.backward_dq(64, False) == "dq_kernel"
     assert _extension.build_info()["backward_dq"] == atomic
     for kernel in ("deterministic", "mma_sync"):
         use_backward_kernel(monkeypatch, kernel)
         assert ext.backward_dq(128, False) == "dq_kernel", kernel
+        assert ext.backward_dq(128, True) == "dq_kernel", kernel
 
 
-# Several dq row tiles (128) and dk/dv key tiles (128 dense, 64 SparseK), lengths that are
-# multiples of no tile, T != S both ways, GQA 1/4/8, D = 96 (padded to 128) and 128, rows that
+# Several dq row tiles (128) and dk/dv key tiles (128; 64 for SparseK's deterministic kernel),
+# lengths that are multiples of no tile, T != S both ways, GQA 1/4/8, D = 96 (padded to 128) and 128, rows that
 # see no key (T > S causal), full, causal and windowed.
 CASES = {
     "T700_full_gqa4_d128_f16": (Case(1, 700, 700, 8, 2, d=128), jnp.float16),
@@ -136,9 +137,9 @@ def test_kernels_agree(monkeypatch, mode):
 
 @pytest.mark.parametrize("mode", ["causal", "sparsek"])
 def test_hopper_backward_deterministic(monkeypatch, mode):
-    """With JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (and always in SparseK mode) two runs are
-    bitwise equal. Without it, the dense modes' dk and dv still are (only dq is added with
-    atomics)."""
+    """With JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 two runs are bitwise equal. Without it dk and
+    dv still are: only dq is added with atomics (and in SparseK mode the rows' sums of g,
+    from which du's means come)."""
     if mode == "causal":
         case = Case(1, 1100, 2600, 8, 1, d=128, is_causal=True)
     else:
@@ -150,18 +151,22 @@ def test_hopper_backward_deterministic(monkeypatch, mode):
         first = jax.block_until_ready(fn(*inputs))
         second = jax.block_until_ready(fn(*inputs))
         for name in first:
-            if kernel == "default" and mode == "causal" and name == "q":
+            if kernel == "default" and name in ("q", "u"):
                 continue
             assert np.array_equal(np.asarray(first[name].astype(jnp.float32)),
                                   np.asarray(second[name].astype(jnp.float32))), (kernel, name)
 
 
-def test_deterministic_at_trace_time(monkeypatch):
+@pytest.mark.parametrize("mode", ["window", "sparsek"])
+def test_deterministic_at_trace_time(monkeypatch, mode):
     """A program traced with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 reserved no dq accumulator:
     called after the variable is unset, it keeps the dq kernel (bitwise equal to the traced
     choice) instead of failing; one traced without it and called with it set reserves the
     accumulator but takes the dq kernel."""
-    case = Case(1, 700, 900, 8, 2, d=128, is_causal=True, window=200)
+    if mode == "window":
+        case = Case(1, 700, 900, 8, 2, d=128, is_causal=True, window=200)
+    else:
+        case = Case(1, 700, 900, 8, 2, d=128, is_causal=True, topk=150, window=40)
     inputs = _inputs(case, jnp.float16)
     ref = reference_grads(case, *inputs)
     use_backward_kernel(monkeypatch, "deterministic")

@@ -495,3 +495,77 @@ def test_numpy_inputs_accepted():
     b = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
                           implementation="xla")
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# The fused Hopper backward's split of du (csrc/attention/bwd_sparsek_du.h), in NumPy on the
+# reference's float32 thresholds: because tau never decreases down the rows, each key's rows
+# of F form one interval found by binary search with the gate's own float32 comparisons, and
+#   du_j = sum_i [j in F_i] g_ij - sum_{i in [lo_j, hi_j)} mean_i
+# equals SPARSEK.md's sum_i [j in F_i] (g_ij - mean_i).
+
+def _first_row(n, start, holds):
+    """The first row in [start, n) where holds(row) is true (n: none), by the kernel's
+    binary search (holds is monotone: false, then true)."""
+    lo, hi = start, n
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _fractional_intervals(u_col, tau_row, s, t, window):
+    """[lo_j, hi_j) per key as fractional_rows() of bwd_sparsek_du.cu computes them."""
+    u32, tau32 = u_col.astype(np.float32), tau_row.astype(np.float32)
+    intervals = []
+    for j in range(s):
+        first = max(0, j + window - (s - t))
+        if not u32[j] > -np.inf or first >= t:
+            intervals.append((0, 0))
+            continue
+        lo = _first_row(t, first, lambda i: u32[j] - tau32[i] < np.float32(1))
+        hi = _first_row(t, lo, lambda i: not u32[j] > tau32[i])
+        intervals.append((lo, hi))
+    return intervals
+
+
+@pytest.mark.parametrize("group", [(40, 40, 2, "float32"), (129, 129, 2, "float32"),
+                                   (40, 9, 2, "float32"), (40, 45, 2, "float32"),
+                                   (129, 129, 2, "bfloat16")], ids=str)
+def test_fractional_rows_are_intervals(group):
+    s, t, _, _ = group
+    u, results = _gate_group(group)
+    rng = rng_for("du-split", group)
+    keys = np.arange(s)
+    with np.errstate(invalid="ignore"):
+        for (topk, window), (tau, _) in results.items():
+            for b, name in enumerate(VARIANTS):
+                for h in range(u.shape[2]):
+                    ctx = f"{name} head {h} K={topk} W={window} S={s} T={t}"
+                    u32 = u[b, :, h].astype(np.float32)
+                    tau32 = tau[b, h].astype(np.float32)
+                    # F as the kernels' gate decides it: sparse domain, 0 < fl(u - tau) < 1.
+                    pos = np.arange(t)[:, None] + (s - t)
+                    domain = keys[None, :] <= pos - window
+                    diff = u32[None, :] - tau32[:, None]
+                    frac = domain & (diff > 0) & (diff < 1)
+                    intervals = _fractional_intervals(u[b, :, h], tau[b, h], s, t, window)
+                    in_interval = np.zeros_like(frac)
+                    for j, (lo, hi) in enumerate(intervals):
+                        in_interval[lo:hi, j] = True
+                    np.testing.assert_array_equal(in_interval, frac, err_msg=ctx)
+
+                    # Two query heads of the group, arbitrary g: the split equals the direct sum.
+                    g = rng.standard_normal((2, t, s))
+                    count = frac.sum(axis=1)
+                    row_sums = (g * frac).sum(axis=2)  # [heads, T]
+                    means = np.where(count > 0, row_sums / np.maximum(count, 1), 0.0)
+                    direct = ((g - means[:, :, None]) * frac).sum(axis=(0, 1))
+                    prefix = np.concatenate([[0.0], np.cumsum(means.sum(axis=0))])
+                    split = (g * frac).sum(axis=(0, 1)) - np.array(
+                        [prefix[hi] - prefix[lo] for lo, hi in intervals])
+                    np.testing.assert_allclose(split, direct, rtol=1e-12, atol=1e-12,
+                                               err_msg=ctx)

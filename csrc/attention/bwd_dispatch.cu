@@ -1,8 +1,9 @@
 // attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
 // and dk/dv kernels for the dtype, head dim and device (bwd_launch.cuh), all on the caller's
-// stream. The dense Hopper backward computes dq inside the dk/dv kernel (atomics into a
-// float32 accumulator in the workspace) unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the
-// workspace has no room for it.
+// stream. The Hopper backward computes dq inside the dk/dv kernel (atomics into a float32
+// accumulator in the workspace; in SparseK mode du then takes a pass of its own,
+// bwd_sparsek_du.h) unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the workspace has no room
+// for it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -25,8 +26,8 @@ template <int kHeadDim, typename Element>
 std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* mean,
                               cudaStream_t stream);
 template <int kHeadDim, typename Element>
-std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
-                                   float* dq_accum, cudaStream_t stream);
+std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                                   cudaStream_t stream);
 
 namespace {
 
@@ -38,7 +39,9 @@ std::string check_params(const AttentionBwdParams& p) {
   if (!p.workspace) return "the workspace pointer is null";
   if (p.workspace_bytes != 0 &&
       p.workspace_bytes <
-          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, false).bytes) {
+          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.sparsek,
+                                   false)
+              .bytes) {
     return "the workspace is smaller than attention_bwd_min_workspace_bytes";
   }
   if (std::string error = check_problem(p); !error.empty()) return error;
@@ -96,28 +99,28 @@ std::string hopper_kernels_run_backward(int64_t head_dim, bool& runs) {
   return hopper_kernels_run(head_dim, runs);
 }
 
-// Whether the dk/dv kernel adds dq with atomics: the dense modes on the Hopper kernels, unless
+// Whether the dk/dv kernel adds dq with atomics: every mode on the Hopper kernels, unless
 // JAX_SPARSEK_DETERMINISTIC_BACKWARD=1.
-bool dq_in_dkdv_kernel(bool hopper, bool sparsek) {
-  return hopper && !sparsek && !deterministic_backward_requested();
-}
+bool dq_in_dkdv_kernel(bool hopper) { return hopper && !deterministic_backward_requested(); }
 
-std::string backward_adds_dq_atomically(int64_t head_dim, bool sparsek, bool& atomic) {
+std::string backward_adds_dq_atomically(int64_t head_dim, bool& atomic) {
   bool hopper = false;
   const std::string error = hopper_kernels_run_backward(head_dim, hopper);
-  atomic = dq_in_dkdv_kernel(hopper, sparsek);
+  atomic = dq_in_dkdv_kernel(hopper);
   return error;
 }
 
-// hopper: hopper_kernels_run_backward's answer; dq_accum: the workspace's accumulator when the
-// dk/dv kernel adds dq, else null.
+// hopper: hopper_kernels_run_backward's answer; rows.dq_accum: the workspace's accumulator
+// when the dk/dv kernel adds dq, else null.
 template <typename Element>
-std::string dispatch_head_dim(const AttentionBwdParams& p, float* delta, float* mean,
-                              float* dq_accum, bool hopper, cudaStream_t stream) {
-  if (hopper) return run_attention_bwd_sm90<128, Element>(p, delta, mean, dq_accum, stream);
-  if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, delta, mean, stream);
-  if (p.head_dim <= 128) return run_attention_bwd<128, Element>(p, delta, mean, stream);
-  return run_attention_bwd<256, Element>(p, delta, mean, stream);
+std::string dispatch_head_dim(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                              bool hopper, cudaStream_t stream) {
+  if (hopper) return run_attention_bwd_sm90<128, Element>(p, rows, stream);
+  if (p.head_dim <= 64) return run_attention_bwd<64, Element>(p, rows.delta, rows.mean, stream);
+  if (p.head_dim <= 128) {
+    return run_attention_bwd<128, Element>(p, rows.delta, rows.mean, stream);
+  }
+  return run_attention_bwd<256, Element>(p, rows.delta, rows.mean, stream);
 }
 
 }  // namespace
@@ -129,8 +132,9 @@ std::string backward_kernel_name(int64_t head_dim) {
 }
 
 std::string backward_dq_name(int64_t head_dim, bool sparsek) {
+  (void)sparsek;  // both modes go the same way
   bool atomic = false;
-  throw_if_error(backward_adds_dq_atomically(head_dim, sparsek, atomic));
+  throw_if_error(backward_adds_dq_atomically(head_dim, atomic));
   return atomic ? "dkdv_atomic" : "dq_kernel";
 }
 
@@ -139,19 +143,17 @@ int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t s
                                       bool sparsek) {
   // A failed device query reserves no accumulator: the call then takes the dq kernel.
   bool atomic = false;
-  (void)backward_adds_dq_atomically(head_dim, sparsek, atomic);
+  (void)backward_adds_dq_atomically(head_dim, atomic);
   (void)seqlen_k;
-  (void)heads_kv;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek, atomic).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, atomic).bytes;
 }
 
 int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                           int64_t heads_q, int64_t heads_kv, int64_t head_dim,
                                           bool sparsek) {
   (void)seqlen_k;
-  (void)heads_kv;
   (void)head_dim;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, sparsek, false).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, false).bytes;
 }
 
 std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
@@ -170,19 +172,29 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
   // A workspace reserved while JAX_SPARSEK_DETERMINISTIC_BACKWARD was set has no room for the
   // accumulator: that call keeps the dq kernel.
   const bool atomic =
-      dq_in_dkdv_kernel(hopper, p.sparsek) &&
-      p.workspace_bytes >=
-          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, true).bytes;
-  const BwdWorkspaceLayout layout =
-      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.sparsek, atomic);
-  float* delta = layout.delta(p.workspace);
-  float* mean = layout.mean(p.workspace, p.sparsek);
-  float* dq_accum = atomic ? layout.dq_accum(p.workspace) : nullptr;
-  if (std::string error = launch_bwd_preprocess(p, delta, stream); !error.empty()) return error;
-  if (p.dtype == DType::kBFloat16) {
-    return dispatch_head_dim<__nv_bfloat16>(p, delta, mean, dq_accum, hopper, stream);
+      dq_in_dkdv_kernel(hopper) &&
+      p.workspace_bytes >= BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.heads_kv,
+                                                    p.sparsek, true)
+                               .bytes;
+  const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
+                                                             p.heads_kv, p.sparsek, atomic);
+  BwdRowBuffers rows;
+  rows.delta = layout.delta(p.workspace);
+  rows.mean = layout.mean(p.workspace, p.sparsek);
+  if (atomic) {
+    rows.dq_accum = layout.dq_accum(p.workspace);
+    if (p.sparsek) {
+      rows.row_edges = layout.row_edges(p.workspace);
+      rows.mean_prefix = layout.mean_prefix(p.workspace);
+    }
   }
-  return dispatch_head_dim<__half>(p, delta, mean, dq_accum, hopper, stream);
+  if (std::string error = launch_bwd_preprocess(p, rows.delta, stream); !error.empty()) {
+    return error;
+  }
+  if (p.dtype == DType::kBFloat16) {
+    return dispatch_head_dim<__nv_bfloat16>(p, rows, hopper, stream);
+  }
+  return dispatch_head_dim<__half>(p, rows, hopper, stream);
 }
 
 }  // namespace sparsek

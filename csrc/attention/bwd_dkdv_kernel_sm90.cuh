@@ -8,13 +8,16 @@
 //   du_j += sum_i [j in F_i] (g_ij - mean_i)   (SparseK; mean_i from the dq kernel)
 // as the mma.sync kernel (bwd_dkdv_kernel.cuh), whose per-element code this is with one m16
 // tile a warp: each dk, dv and du element is written by exactly one CTA, without atomics.
-// With Cfg::kFuseDq (dense modes) the kernel also computes dq, and the dq kernel does not
-// run: dS goes to shared memory (stmatrix, transposed), and after a barrier each warpgroup
+// With Cfg::kFuseDq the kernel also computes dq, and the dq kernel does not run: dS goes to
+// shared memory (stmatrix, transposed), and after a barrier each warpgroup
 // issues dq = dS K for half the head dim over the CTA's 128 keys and adds it into a float32
 // accumulator of 64-row tiles (bwd_dq_accumulator.h; its conversion scales it into dq) with
 // coalesced 16-byte atomics. Row steps start at multiples of 64 (one tile each). The order of
 // the additions varies from run to run: JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq
-// kernel instead.
+// kernel instead. In SparseK mode no means exist yet: this kernel writes du's first term
+//   du_j = sum_i [j in F_i] g_ij
+// and adds each row's sum of g over F_i (its share from the CTA's keys) into row_stats by
+// one atomic a row and step; bwd_sparsek_du.h then subtracts the means.
 //
 // K and V stay in shared memory. Q, dO and the rows' lse, Delta, tau and mean are
 // double-buffered: step + 1's copy has all of step `step` to land. The four products are
@@ -51,23 +54,26 @@ namespace sparsek {
 // warp's dS of the step is in shared memory.
 constexpr int kDsReadyBarrier = 1;
 
-// delta, mean: [B, Hq, T] of this launch's batches (mean: SparseK only); dq_accum: the
-// zeroed accumulator tiles of the same batches (Cfg::kFuseDq only).
+// delta, row_stats: [B, Hq, T] of this launch's batches. row_stats (SparseK only): the dq
+// kernel's means of g over F_i, read; with Cfg::kFuseDq the rows' sums of g over F_i, zeroed
+// before and added to. dq_accum: the zeroed accumulator tiles of the same batches
+// (Cfg::kFuseDq only).
 template <typename Cfg, typename Element, typename QueryVisit>
 __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     attention_bwd_dkdv_sm90_kernel(const __grid_constant__ AttentionBwdParams p,
                                    const float* __restrict__ delta,
-                                   const float* __restrict__ mean,
+                                   float* __restrict__ row_stats,
                                    float* __restrict__ dq_accum) {
-  static_assert(!(Cfg::kFuseDq && QueryVisit::kSparseK),
-                "SparseK's dq kernel also computes the means du needs");
+  static_assert(!Cfg::kFuseDq || Cfg::kSparseK == QueryVisit::kSparseK,
+                "the fused kernel's shared memory is laid out for its mode");
+  constexpr bool kSumRows = Cfg::kRowPartialsInSmem;  // SparseK with dq fused
 #ifdef SPARSEK_SM90_KERNEL_BODY
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - raw_address % Cfg::kSmemAlign) %
                                     Cfg::kSmemAlign);
-  // K, V, Q stages, dO stages, dS (kFuseDq), then per stage the rows' lse (log2), Delta, tau
-  // and mean, then the query visit's own.
+  // K, V, Q stages, dO stages, dS (kFuseDq), the row partials (kSumRows), then per stage
+  // the rows' lse (log2), Delta, tau and mean, then the query visit's own.
   using QBlock = typename Cfg::QLayout;
   using KVBlock = typename Cfg::KVLayout;
   Element* sK = reinterpret_cast<Element*>(smem);
@@ -75,7 +81,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   Element* sQ0 = sV + Cfg::kSmemKVElems;
   Element* sdO0 = sQ0 + Cfg::kQStages * Cfg::kSmemQElems;
   Element* sdS = sdO0 + Cfg::kQStages * Cfg::kSmemQElems;
-  float* s_rows0 = reinterpret_cast<float*>(sdS + Cfg::kSmemDsElems);
+  float* s_row_partials = reinterpret_cast<float*>(sdS + Cfg::kSmemDsElems);
+  float* s_rows0 = s_row_partials + Cfg::kSmemRowPartialsFloats;
   constexpr int kRowsStageFloats = Cfg::kRowVectors * Cfg::kBlockM;
   // kWarpSpecialized: K/V full, then Q full and Q empty per stage (Q, dO and the row vectors).
   uint64_t* barriers = reinterpret_cast<uint64_t*>(s_rows0 + Cfg::kQStages * kRowsStageFloats);
@@ -172,11 +179,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     for (int i = thread; i < Cfg::kBlockM; i += kThreads) {
       const int row = row0 + i;
       const bool valid = row < seqlen_q;
-      s_rows[i] = valid ? p.lse[rows_base + row] * kLog2e : -INFINITY;
+      if constexpr (QueryVisit::kSparseK) {
+        // SparseK weighs every pair by its gate: lse +inf (rows past T, or that see no key,
+        // all of whose gates are 0) makes P^T 0 without a test of its own.
+        const float lse = valid ? p.lse[rows_base + row] : -INFINITY;
+        s_rows[i] = lse > -INFINITY ? lse * kLog2e : INFINITY;
+      } else {
+        s_rows[i] = valid ? p.lse[rows_base + row] * kLog2e : -INFINITY;
+      }
       s_rows[Cfg::kBlockM + i] = valid ? delta[rows_base + row] : 0.f;
       if constexpr (QueryVisit::kSparseK) {
         s_rows[2 * Cfg::kBlockM + i] = valid ? p.tau[batch_head * p.seqlen_q + row] : INFINITY;
-        s_rows[3 * Cfg::kBlockM + i] = valid ? mean[rows_base + row] : 0.f;
+        if constexpr (!kSumRows) {
+          s_rows[3 * Cfg::kBlockM + i] = valid ? row_stats[rows_base + row] : 0.f;
+        }
       }
     }
   };
@@ -269,12 +285,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       }
     }
 
+    // kSumRows: this step's row partials, [kBlockM rows][kRowPartialsPitch]; the thread's
+    // two keys are share warp * 8 + lane / 4 of each row.
+    [[maybe_unused]] float* s_partials =
+        s_row_partials + (step % Cfg::kDsStages) * Cfg::kBlockM * Cfg::kRowPartialsPitch;
     // Element r of st[0][nt]: key row lane / 4 + 8 (r / 2) of the warp's 16, query column
     // 8 nt + 2 (lane % 4) + r % 2. The column's row data is read once for both key rows.
     if constexpr (QueryVisit::kSparseK) {
       // SparseK: P^T = m exp(s - lse), dS^T and du's g - mean (j in F_i) in one pass once
       // both products are in, so that the gate (most of the per-element work) is computed
-      // once.
+      // once. kSumRows: du's g alone, and the row's share of its sum of g over F_i.
       sm90::wgmma_wait<0>();
       sm90::fence_registers(st[0]);
       sm90::fence_registers(dpt[0]);
@@ -288,17 +308,26 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
             const float lse2 = s_lse2[col];
             const float row_delta = s_delta[col];
             const float tau = s_tau[col];
-            const float row_mean = s_mean[col];
+            [[maybe_unused]] const float row_mean = kSumRows ? 0.f : s_mean[col];
+            [[maybe_unused]] float row_share = 0.f;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int r = 2 * h + c;
               const float m = gate_of(h, row0 + col, tau);
-              const bool live = m > 0.f && lse2 > -INFINITY;
-              const float e = live ? fast_exp2(st[0][nt][r] * scale_log2 - lse2) : 0.f;
+              const float e = m > 0.f ? fast_exp2(st[0][nt][r] * scale_log2 - lse2) : 0.f;
               const float diff = dpt[0][nt][r] - row_delta;
               st[0][nt][r] = m * e;                 // P^T
               dpt[0][nt][r] = st[0][nt][r] * diff;  // dS^T
-              if (sparsek_fractional(m)) du[0][h] += e * diff - row_mean;
+              if constexpr (kSumRows) {
+                const float g = sparsek_fractional(m) ? e * diff : 0.f;
+                du[0][h] += g;
+                row_share += g;
+              } else if (sparsek_fractional(m)) {
+                du[0][h] += e * diff - row_mean;
+              }
+            }
+            if constexpr (kSumRows) {
+              s_partials[col * Cfg::kRowPartialsPitch + warp * 8 + (lane >> 2)] = row_share;
             }
           }
         }
@@ -387,10 +416,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
            row0 / DqAccumulatorTiles::kRows) *
               DqAccumulatorTiles::kTileFloats +
           wg * DqAccumulatorTiles::kHalfFloats;
-      // Every warp's dS is in before either warpgroup reads it. The next write of this
-      // buffer comes after the next barrier of this kind (kDsStages = 2: two steps on; else
-      // the next step's CTA barrier), by which time every consumer has waited for its dq
-      // product. dq is issued before dk, so that dk's product runs during the atomics.
+      // Every warp's dS (and row partials) is in before either warpgroup reads it. The next
+      // write of this buffer comes after the next barrier of this kind (kDsStages = 2: two
+      // steps on; else the next step's CTA barrier), by which time every consumer has waited
+      // for its dq product (and summed its rows). dq is issued before dk, so that dk's
+      // product runs during the atomics.
       sm90::fence_async_shared();
       if constexpr (kWs) {
         sm90::named_barrier_sync<Cfg::kNConsumerThreads>(kDsReadyBarrier);
@@ -404,6 +434,29 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           acc_dq, sdS_step, sK + wg * KVBlock::kColumnBlockElems);
       sm90::wgmma_commit();
       issue_dk();
+      if constexpr (kSumRows) {
+        // The first warp of each warpgroup adds up the shares of its 32 rows while dq and dk
+        // are in the tensor cores: one atomic a row that some key of the CTA has in F_i.
+        if (warp % 4 == 0) {
+          const int r = wg * 32 + lane;
+          const float4* shares =
+              reinterpret_cast<const float4*>(s_partials + r * Cfg::kRowPartialsPitch);
+          float4 sum = shares[0];
+#pragma unroll
+          for (int j = 1; j < Cfg::kRowPartials / 4; ++j) {
+            const float4 x = shares[j];
+            sum.x += x.x;
+            sum.y += x.y;
+            sum.z += x.z;
+            sum.w += x.w;
+          }
+          const float total = (sum.x + sum.y) + (sum.z + sum.w);
+          if (total != 0.f && row0 + r < seqlen_q) {
+            atomicAdd(row_stats + (batch * p.heads_q + step_head(step)) * p.seqlen_q + row0 + r,
+                      total);
+          }
+        }
+      }
       sm90::wgmma_wait<1>();  // dv and dq; dk runs on during the atomics
       sm90::fence_registers(acc_dq);
       // acc_dq[j] is float4 j * 128 + wg_thread of the tile half (bwd_dq_accumulator.h):

@@ -1,7 +1,8 @@
 // Launching one instantiation of the backward's dq and dk/dv kernels (in that order: dk/dv
 // reads the SparseK means dq writes): the mma.sync ones (bwd_dq_kernel.cuh,
-// bwd_dkdv_kernel.cuh) or the Hopper ones (bwd_*_kernel_sm90.cuh), whose dense dk/dv kernel
-// can also compute dq (atomics into a float32 accumulator; no dq kernel). Included only by the
+// bwd_dkdv_kernel.cuh) or the Hopper ones (bwd_*_kernel_sm90.cuh), whose dk/dv kernel can
+// also compute dq (atomics into a float32 accumulator; no dq kernel; SparseK's du then
+// finishes in bwd_sparsek_du.h). Included only by the
 // bwd_*hdim*.cu files, each of which instantiates one padded head dim of one kernel pair (so
 // they compile in parallel).
 #pragma once
@@ -16,6 +17,7 @@
 #include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_dq_kernel_sm90.cuh"
+#include "attention/bwd_sparsek_du.h"
 #include "attention/bwd_tile_config.h"
 #include "attention/bwd_workspace.h"
 #include "attention/cta_order.h"
@@ -71,22 +73,23 @@ std::string allow_smem(Kernel kernel, size_t smem_bytes) {
 // The dk/dv kernels: the mma.sync one and the Hopper one (which also takes the dq
 // accumulator, null unless it computes dq).
 using DkDvKernel = void (*)(AttentionBwdParams, const float*, const float*);
-using DkDvSm90Kernel = void (*)(AttentionBwdParams, const float*, const float*, float*);
+using DkDvSm90Kernel = void (*)(AttentionBwdParams, const float*, float*, float*);
 
 inline void launch_dkdv(DkDvKernel kernel, dim3 grid, int threads, size_t smem,
                         cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
-                        const float* mean, float*) {
+                        float* mean, float*) {
   kernel<<<grid, threads, smem, stream>>>(p, delta, mean);
 }
 inline void launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int threads, size_t smem,
                         cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
-                        const float* mean, float* dq_accum) {
+                        float* mean, float* dq_accum) {
   kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
 }
 
-// delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK). dq_accum: the
-// zeroed float32 accumulator (bwd_dq_accumulator.h) when the dk/dv kernel computes dq (the dq
-// kernel is then not launched), else null.
+// delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK; with dq_accum
+// the rows' sums of g over F_i, zeroed). dq_accum: the zeroed float32 accumulator
+// (bwd_dq_accumulator.h) when the dk/dv kernel computes dq (the dq kernel is then not
+// launched), else null.
 template <typename DqCfg, typename DkDvCfg, typename Element, typename KeyVisit,
           typename QueryVisit, typename DqKernel, typename DkDvKernelT>
 std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
@@ -156,41 +159,65 @@ std::string run_attention_bwd(const AttentionBwdParams& p, float* delta, float* 
       attention_bwd_dkdv_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr, stream);
 }
 
-// The Hopper kernels (BwdSm90TileSizes): dense modes take two-warpgroup dk/dv CTAs, SparseK
-// one-warpgroup ones. dq_accum (dense modes; null for the dq kernel): the workspace's float32
-// accumulator (bwd_dq_accumulator.h), zeroed here, into which the dk/dv kernel adds dq.
+// One Hopper dq and dk/dv kernel pair on the workspace's buffers.
+template <typename Dq, typename DkDv, typename Element, template <typename> class KeyVisit,
+          template <typename> class QueryVisit>
+std::string launch_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                                      cudaStream_t stream) {
+  return launch_attention_bwd<Dq, DkDv, Element, KeyVisit<Dq>, QueryVisit<DkDv>>(
+      attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit<Dq>>,
+      attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit<DkDv>>, p, rows.delta,
+      rows.mean, rows.dq_accum, stream);
+}
+
+// The Hopper kernels (BwdSm90TileSizes). rows.dq_accum null: the dq kernel, then dk/dv CTAs
+// of two warpgroups (dense modes) or one (SparseK). Otherwise the warp-specialized dk/dv
+// kernel with dq fused (two warpgroups, every mode) adds dq into rows.dq_accum, zeroed here;
+// in SparseK mode it also sums g over F_i into rows.mean (zeroed here), and du finishes in
+// bwd_sparsek_du.h.
 template <int kHeadDim, typename Element>
-std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, float* mean,
-                                   float* dq_accum, cudaStream_t stream) {
+std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                                   cudaStream_t stream) {
   using Sizes = BwdSm90TileSizes<kHeadDim>;
   using Dq = typename Sizes::Dq;
+  if (!rows.dq_accum) {
+    if (p.sparsek) {
+      return launch_attention_bwd_sm90<Dq, typename Sizes::DkDvSparseK, Element,
+                                       SparseKKeyVisitBwd, SparseKQueryVisit>(p, rows, stream);
+    }
+    return launch_attention_bwd_sm90<Dq, typename Sizes::DkDvDense, Element, DenseKeyVisitBwd,
+                                     DenseQueryVisit>(p, rows, stream);
+  }
+  if (std::string error = zero_dq_accumulator(p, rows.dq_accum, stream); !error.empty()) {
+    return error;
+  }
   if (p.sparsek) {
-    using DkDv = typename Sizes::DkDvSparseK;
-    using KeyVisit = SparseKKeyVisitBwd<Dq>;
-    using QueryVisit = SparseKQueryVisit<DkDv>;
-    return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
-        attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, nullptr,
-        stream);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
+        rows.mean, 0, p.batch * p.heads_q * p.seqlen_q * sizeof(float), stream));
+    if (std::string error = sparsek_du_count_fractional_rows(p, rows.row_edges, stream);
+        !error.empty()) {
+      return error;
+    }
+    if (std::string error =
+            launch_attention_bwd_sm90<Dq, typename Sizes::DkDvSparseKFusedDq, Element,
+                                      SparseKKeyVisitBwd, SparseKQueryVisit>(p, rows, stream);
+        !error.empty()) {
+      return error;
+    }
+    if (std::string error = sparsek_du_subtract_means(p, rows.mean, rows.row_edges,
+                                                      rows.mean_prefix, stream);
+        !error.empty()) {
+      return error;
+    }
+  } else {
+    if (std::string error =
+            launch_attention_bwd_sm90<Dq, typename Sizes::DkDvDenseFusedDq, Element,
+                                      DenseKeyVisitBwd, DenseQueryVisit>(p, rows, stream);
+        !error.empty()) {
+      return error;
+    }
   }
-  using KeyVisit = DenseKeyVisitBwd<Dq>;
-  auto launch_dense = [&](auto dkdv_config, float* accum) {
-    using DkDv = decltype(dkdv_config);
-    using QueryVisit = DenseQueryVisit<DkDv>;
-    return launch_attention_bwd<Dq, DkDv, Element, KeyVisit, QueryVisit>(
-        attention_bwd_dq_sm90_kernel<Dq, Element, KeyVisit>,
-        attention_bwd_dkdv_sm90_kernel<DkDv, Element, QueryVisit>, p, delta, mean, accum,
-        stream);
-  };
-  if (!dq_accum) return launch_dense(typename Sizes::DkDvDense{}, nullptr);
-  if (std::string error = zero_dq_accumulator(p, dq_accum, stream); !error.empty()) {
-    return error;
-  }
-  if (std::string error = launch_dense(typename Sizes::DkDvDenseFusedDq{}, dq_accum);
-      !error.empty()) {
-    return error;
-  }
-  return store_dq_from_accumulator(p, dq_accum, stream);
+  return store_dq_from_accumulator(p, rows.dq_accum, stream);
 }
 
 }  // namespace sparsek
@@ -203,6 +230,6 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, float* delta, fl
 
 #define SPARSEK_INSTANTIATE_BWD_SM90(kHeadDim)                                             \
   template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __half>(                  \
-      const sparsek::AttentionBwdParams&, float*, float*, float*, cudaStream_t);           \
+      const sparsek::AttentionBwdParams&, const sparsek::BwdRowBuffers&, cudaStream_t);    \
   template std::string sparsek::run_attention_bwd_sm90<kHeadDim, __nv_bfloat16>(           \
-      const sparsek::AttentionBwdParams&, float*, float*, float*, cudaStream_t)
+      const sparsek::AttentionBwdParams&, const sparsek::BwdRowBuffers&, cudaStream_t)

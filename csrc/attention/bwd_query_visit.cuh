@@ -6,7 +6,7 @@
 //   smem_bytes(p)                  shared memory it needs past the kernel's tiles;
 //   row_lo, num_rows               the query rows to visit (in every query head of the group);
 //   load_keys(tile, gmem, ...)     the copy of the tile's K or V rows (load_keys_by: by a
-//                                  producer warpgroup, dense modes);
+//                                  producer warpgroup);
 //   key_position(i), key_score(i)  the position (-1: none) and score of the tile's key i;
 //   gate(key, u, row, tau, frac)   m_ij, and whether j is in F_i (SparseK).
 #pragma once
@@ -168,6 +168,14 @@ struct SparseKQueryVisit {
     load_rows_gathered_async<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kNThreads,
                              typename KVTileLayout<Cfg>::type>(tile, gmem, row_stride, s_key,
                                                                head_dim);
+  }
+  // The same gather by kThreads threads of which this is `thread` (a producer warpgroup).
+  template <int kThreads, typename Element>
+  __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
+                                               int64_t row_stride, int head_dim) const {
+    load_rows_gathered_async_by<Cfg::kBlockN, Cfg::kHeadDim, kThreads,
+                                typename KVTileLayout<Cfg>::type>(thread, tile, gmem,
+                                                                  row_stride, s_key, head_dim);
   }
 
   __device__ __forceinline__ int key_position(int i) const { return s_key[i]; }

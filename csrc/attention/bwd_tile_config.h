@@ -174,11 +174,19 @@ struct BwdDqSm90TileConfig {
 // <= 512 a scheduler lane; 232 leave the consumers without spills, 24 spilled the producers).
 // dS is then double-buffered: a warpgroup may write step + 1's while the other still reads
 // step's for its dq product.
-template <int kHeadDim_, int kWarpgroups_, bool kFuseDq_ = false>
+// SparseK runs on the kFuseDq kernel too (kSparseK): without the dq kernel nothing computes
+// the rows' means of g over F_i before dk/dv, so the kernel adds each row's sum of g over
+// the CTA's keys into a float32 row vector (bwd_sparsek_du.h completes du from it). Each
+// consumer thread stores its two keys' share of a row (one float a column) into a
+// [kBlockM rows x kRowPartials] block, double-buffered like dS; after the dS barrier the
+// first warp of each warpgroup adds up 32 rows' kRowPartials shares (float4 loads; the
+// pitch of kRowPartials + 4 floats keeps both sides free of bank conflicts).
+template <int kHeadDim_, int kWarpgroups_, bool kFuseDq_ = false, bool kSparseK_ = false>
 struct BwdDkDvSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr bool kFuseDq = kFuseDq_;
+  static constexpr bool kSparseK = kSparseK_;  // laid out for SparseK (row partials)
   static constexpr bool kWarpSpecialized = kFuseDq;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                // query rows per step
@@ -211,15 +219,23 @@ struct BwdDkDvSm90TileConfig {
   static constexpr int kSmemDsStageElems = kFuseDq ? kBlockM * kBlockN : 0;
   static constexpr int kSmemDsElems = kDsStages * kSmemDsStageElems;
   static constexpr int kQStages = 2;
+  // kFuseDq and kSparseK: each row's sums of g over F_i, one a (warp, quad) of the CTA.
+  static constexpr bool kRowPartialsInSmem = kFuseDq && kSparseK;
+  static constexpr int kRowPartials = kNWarps * 8;
+  static constexpr int kRowPartialsPitch = kRowPartials + 4;
+  static constexpr int kSmemRowPartialsFloats =
+      kRowPartialsInSmem ? kDsStages * kBlockM * kRowPartialsPitch : 0;
   // Per query row and stage: lse (log2 domain), Delta, tau, mean of g over F_i.
   static constexpr int kRowVectors = 4;
   // kWarpSpecialized: the mbarriers K/V full, and Q full and empty per stage.
   static constexpr int kNumBarriers = kWarpSpecialized ? 1 + 2 * kQStages : 0;
   static constexpr int kSmemAlign = 1024;
-  // K, V, then Q and dO stages, then dS (kFuseDq), then the row vectors, then the mbarriers.
+  // K, V, then Q and dO stages, then dS (kFuseDq), then the row partials (kFuseDq and
+  // kSparseK), then the row vectors, then the mbarriers.
   static constexpr int kSmemBytes =
       (2 * kSmemKVElems + 2 * kQStages * kSmemQElems + kSmemDsElems) * 2 +
-      kQStages * kRowVectors * kBlockM * 4 + kNumBarriers * 8 + kSmemAlign;
+      (kSmemRowPartialsFloats + kQStages * kRowVectors * kBlockM) * 4 + kNumBarriers * 8 +
+      kSmemAlign;
 
   static_assert(KeySpans::kMinKeySpan % kBlockN == 0,
                 "a SparseK key tile is a slice of one sorted key span");
@@ -237,6 +253,7 @@ struct BwdSm90TileSizes {
   using DkDvDense = BwdDkDvSm90TileConfig<kHeadDim, 2>;
   using DkDvDenseFusedDq = BwdDkDvSm90TileConfig<kHeadDim, 2, true>;
   using DkDvSparseK = BwdDkDvSm90TileConfig<kHeadDim, 1>;
+  using DkDvSparseKFusedDq = BwdDkDvSm90TileConfig<kHeadDim, 2, true, true>;
 };
 
 }  // namespace sparsek

@@ -1,9 +1,16 @@
 // The backward's own workspace (AttentionBwdParams::workspace): per-row float32 sums that
-// one kernel produces and a later one reads, and the dq accumulator of the dense Hopper
-// backward. Offsets in bytes, each a multiple of 256.
-//   delta    [B, Hq, T]     Delta_i = <dO_i, o_i> - dlse_i          (bwd_preprocess.cu)
-//   mean     [B, Hq, T]     SparseK only: mean of g_il over F_i    (dq kernel -> dk/dv kernel)
-//   dq_accum                with_dq_accumulator only: float32 dq tiles (bwd_dq_accumulator.h)
+// one kernel produces and a later one reads, and the dq accumulator of the Hopper backward
+// that fuses dq into dk/dv. Offsets in bytes, each a multiple of 256.
+//   delta        [B, Hq, T]       Delta_i = <dO_i, o_i> - dlse_i        (bwd_preprocess.cu)
+//   mean         [B, Hq, T]       SparseK only: the mean of g_il over F_i (dq kernel ->
+//                                 dk/dv kernel); with the dq accumulator, the sum of g_il
+//                                 over F_i instead (dk/dv kernel -> bwd_sparsek_du.h)
+//   row_edges    [B, Hkv, T + 1]  SparseK with the accumulator: int32 ends of the keys'
+//                                 intervals of fractional rows (bwd_sparsek_du.h)
+//   mean_prefix  [B, Hkv, T + 1]  SparseK with the accumulator: float64 prefix sums of the
+//                                 group's row means (bwd_sparsek_du.h)
+//   dq_accum                      with_dq_accumulator only: float32 dq tiles
+//                                 (bwd_dq_accumulator.h)
 #pragma once
 
 #include <cstdint>
@@ -13,20 +20,37 @@
 
 namespace sparsek {
 
+// One call's buffers in the workspace (null where the call has none).
+struct BwdRowBuffers {
+  float* delta = nullptr;
+  float* mean = nullptr;          // SparseK: the means (dq kernel) or row sums (dq fused)
+  float* dq_accum = nullptr;      // the dk/dv kernel adds dq
+  int32_t* row_edges = nullptr;   // SparseK with dq_accum
+  double* mean_prefix = nullptr;  // SparseK with dq_accum
+};
+
 struct BwdWorkspaceLayout {
   int64_t delta_offset = 0;
-  int64_t mean_offset = 0;      // == dq_accum_offset when there is no mean buffer
-  int64_t dq_accum_offset = 0;  // == bytes when there is no accumulator
+  int64_t mean_offset = 0;         // == row_edges_offset when there is no mean buffer
+  int64_t row_edges_offset = 0;    // == mean_prefix_offset when there are none
+  int64_t mean_prefix_offset = 0;  // == dq_accum_offset when there is none
+  int64_t dq_accum_offset = 0;     // == bytes when there is no accumulator
   int64_t bytes = 0;
 
   // The accumulator's tiles are padded to 128 dims: its size does not depend on the head dim.
   static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t heads_q,
-                                 bool sparsek, bool with_dq_accumulator) {
+                                 int64_t heads_kv, bool sparsek, bool with_dq_accumulator) {
     BwdWorkspaceLayout l;
     const int64_t rows_bytes = align256(batch * heads_q * seqlen_q * int64_t{4});
+    const bool sparsek_du_pass = sparsek && with_dq_accumulator;
+    const int64_t kv_rows = batch * heads_kv * (seqlen_q + 1);
     l.delta_offset = 0;
     l.mean_offset = rows_bytes;
-    l.dq_accum_offset = rows_bytes * (sparsek ? 2 : 1);
+    l.row_edges_offset = l.mean_offset + (sparsek ? rows_bytes : 0);
+    l.mean_prefix_offset =
+        l.row_edges_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{4}) : 0);
+    l.dq_accum_offset =
+        l.mean_prefix_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{8}) : 0);
     l.bytes = l.dq_accum_offset +
               (with_dq_accumulator
                    ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)
@@ -40,6 +64,12 @@ struct BwdWorkspaceLayout {
   float* mean(void* workspace, bool sparsek) const {
     return sparsek ? reinterpret_cast<float*>(static_cast<char*>(workspace) + mean_offset)
                    : nullptr;
+  }
+  int32_t* row_edges(void* workspace) const {
+    return reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + row_edges_offset);
+  }
+  double* mean_prefix(void* workspace) const {
+    return reinterpret_cast<double*>(static_cast<char*>(workspace) + mean_prefix_offset);
   }
   float* dq_accum(void* workspace) const {
     return reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_offset);
