@@ -7,8 +7,8 @@ test_backward_gpu.py and test_gradients_gpu.py then exercise; the dk/dv kernel a
 dq (float32 atomics; in SparseK mode also the rows' sums of g that du needs), unless
 JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq kernel. JAX_SPARSEK_BACKWARD_KERNEL=mma_sync
 sends calls to the mma.sync kernels, which every other GPU runs. Both variables are read at
-every call, so one process can check every choice ("deterministic" below). Outputs are poisoned with NaN before every run
-(conftest.py).
+every call, so one process can check every choice ("deterministic" below). Outputs are
+poisoned with NaN before every run (conftest.py).
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def test_dq_choice(monkeypatch):
 
 
 # Several dq row tiles (128) and dk/dv key tiles (128; 64 for SparseK's deterministic kernel),
-# lengths that are multiples of no tile, T != S both ways, GQA 1/4/8, D = 96 (padded to 128) and 128, rows that
-# see no key (T > S causal), full, causal and windowed.
+# lengths that are multiples of no tile, T != S both ways, GQA 1/4/8, D = 96 (padded to 128)
+# and 128, rows that see no key (T > S causal), full, causal and windowed.
 CASES = {
     "T700_full_gqa4_d128_f16": (Case(1, 700, 700, 8, 2, d=128), jnp.float16),
     "T1000_causal_gqa8_d128_bf16": (Case(1, 1000, 1000, 8, 1, d=128, is_causal=True),
