@@ -102,8 +102,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   const int head_dim = static_cast<int>(p.head_dim);
   const int seqlen_q = static_cast<int>(p.seqlen_q);
   const int64_t batch_head = batch * p.heads_kv + kv_head;
-  // This warpgroup's 64 keys of K and V.
-  const int wg_rows = (warp / 4) * 64 * KVBlock::kRowPitch;
+  // This warpgroup's 64 keys of K and V. The warpgroup index is broadcast from lane 0 so that
+  // the compiler knows it uniform: the products' descriptors then stay in uniform registers
+  // instead of being moved there (R2UR) before every wgmma.
+  const int wg_rows = (sm90::uniform_warp_index() / 4) * 64 * KVBlock::kRowPitch;
   const Element* sK_rows = sK + wg_rows;
   const Element* sV_rows = sV + wg_rows;
 
@@ -122,15 +124,11 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           : 0;
   const int steps = group * row_tiles;
 
-  // The thread's keys: rows lane / 4 and lane / 4 + 8 of the warp's 16.
-  int key_pos[Cfg::kMTiles][2];
-  float key_u[Cfg::kMTiles][2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int i = warp * Cfg::kWarpRows + (lane >> 2) + 8 * h;
-    key_pos[0][h] = visit.key_position(i);
-    key_u[0][h] = visit.key_score(i);
-  }
+  // The thread's keys h = 0, 1: rows lane / 4 and lane / 4 + 8 of the warp's 16. Their
+  // positions and scores are asked of the visit where they are used (SparseK: its shared
+  // memory; dense: arithmetic) rather than held in registers across the loop, which the fused
+  // SparseK pass could not afford without spilling.
+  auto thread_key = [&](int h) { return warp * Cfg::kWarpRows + (lane >> 2) + 8 * h; };
 
   float acc_dk[Cfg::kMTiles][Cfg::kNTilesO][4];
   float acc_dv[Cfg::kMTiles][Cfg::kNTilesO][4];
@@ -143,18 +141,35 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
 
   const float scale_log2 = p.scale * kLog2e;
 
-  // Step `step` is query head kv_head * group + step / row_tiles, rows row_lo +
-  // (step % row_tiles) kBlockM and on.
-  auto step_head = [&](int step) { return kv_head * group + step / row_tiles; };
-  auto step_row0 = [&](int step) { return row_lo + (step % row_tiles) * Cfg::kBlockM; };
+  // Step `step` is query head kv_head * group + step % group, rows row_lo + (step / group)
+  // kBlockM and on: the query heads of a group innermost, so that CTAs that start at the same
+  // row (the slices of one sorted span in SparseK, neighbouring key tiles in the dense modes)
+  // stay on the same rows of the same heads and may share Q, dO and dq tiles in L2. Measured
+  // against heads outermost in one call (bench/NOTES.md, v2): within the noise for SparseK,
+  // 3-5% faster on the dense causal and GQA configs. The loops walk the steps with a cursor:
+  // a division a step cost the consumers ~50 instructions and a reciprocal's latency at the
+  // top of each.
+  struct StepRows {
+    int head;
+    int row0;
+  };
+  const StepRows first_step{kv_head * group, row_lo};
+  const int head_end = kv_head * group + group;
+  auto next_step = [&](StepRows at) {
+    if (++at.head == head_end) {
+      at.head = first_step.head;
+      at.row0 += Cfg::kBlockM;
+    }
+    return at;
+  };
   // Q and dO rows of the step into stage `stage`, and its rows' lse (log2), Delta, tau and
-  // mean (plain stores, visible after the next barrier). Rows past T: lse -inf (P = 0), tau
+  // mean (plain stores, visible after the next barrier). Rows past T: lse +inf (P = 0), tau
   // +inf (not in F).
   // kThreads threads copy, of which this is `thread` (all of them, or the producers).
-  auto load_step = [&](int step, int stage, auto threads, int thread) {
+  auto load_step = [&](StepRows at, int stage, auto threads, int thread) {
     constexpr int kThreads = decltype(threads)::value;
-    const int head = step_head(step);
-    const int row0 = step_row0(step);
+    const int head = at.head;
+    const int row0 = at.row0;
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride +
                        head * p.q_head_stride;
     const Element* d_out = static_cast<const Element*>(p.d_out) + batch * p.do_batch_stride +
@@ -179,14 +194,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     for (int i = thread; i < Cfg::kBlockM; i += kThreads) {
       const int row = row0 + i;
       const bool valid = row < seqlen_q;
-      if constexpr (QueryVisit::kSparseK) {
-        // SparseK weighs every pair by its gate: lse +inf (rows past T, or that see no key,
-        // all of whose gates are 0) makes P^T 0 without a test of its own.
-        const float lse = valid ? p.lse[rows_base + row] : -INFINITY;
-        s_rows[i] = lse > -INFINITY ? lse * kLog2e : INFINITY;
-      } else {
-        s_rows[i] = valid ? p.lse[rows_base + row] * kLog2e : -INFINITY;
-      }
+      // lse +inf (rows past T, or that see no key) makes P^T = exp2(s - lse) 0 without a
+      // test of its own.
+      const float lse = valid ? p.lse[rows_base + row] : -INFINITY;
+      s_rows[i] = lse > -INFINITY ? lse * kLog2e : INFINITY;
       s_rows[Cfg::kBlockM + i] = valid ? delta[rows_base + row] : 0.f;
       if constexpr (QueryVisit::kSparseK) {
         s_rows[2 * Cfg::kBlockM + i] = valid ? p.tau[batch_head * p.seqlen_q + row] : INFINITY;
@@ -219,6 +230,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
         sm90::mbarrier_arrive_on_copies(kv_full);
         sm90::mbarrier_arrive(kv_full);
       }
+      StepRows at = first_step;
 #pragma unroll 1
       for (int step = 0; step < steps; ++step) {
         const int stage = step % Cfg::kQStages;
@@ -226,9 +238,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           sm90::mbarrier_wait(q_empty + stage,
                               static_cast<uint32_t>(step / Cfg::kQStages - 1) & 1);
         }
-        load_step(step, stage, Producers{}, thread);
+        load_step(at, stage, Producers{}, thread);
         sm90::mbarrier_arrive_on_copies(q_full + stage);
         sm90::mbarrier_arrive(q_full + stage);
+        at = next_step(at);
       }
       sm90::cp_async_wait_all();
       return;
@@ -240,11 +253,13 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   } else if (steps > 0) {
     visit.load_keys(sK, k, p.k_row_stride, head_dim);
     visit.load_keys(sV, v, p.v_row_stride, head_dim);
-    load_step(0, 0, AllThreads{}, static_cast<int>(threadIdx.x));
+    load_step(first_step, 0, AllThreads{}, static_cast<int>(threadIdx.x));
   }
 
+  StepRows at = first_step;
   for (int step = 0; step < steps; ++step) {
-    const int row0 = step_row0(step);
+    const int row0 = at.row0;
+    const StepRows next = next_step(at);
     const int stage = step % Cfg::kQStages;
     if constexpr (kWs) {
       // Q(step), dO(step) and the rows' vectors have landed (the producers' cp.async and
@@ -280,7 +295,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     sm90::wgmma_commit();
     if constexpr (!kWs) {
       if (step + 1 < steps) {
-        load_step(step + 1, (step + 1) % Cfg::kQStages, AllThreads{},
+        load_step(next, (step + 1) % Cfg::kQStages, AllThreads{},
                   static_cast<int>(threadIdx.x));
       }
     }
@@ -335,39 +350,48 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       // Blocks whose keys are all in every row's sparse domain (most, far from the diagonal)
       // skip the positions.
       if (visit.block_in_sparse_domain(row0)) {
-        sparse_pass([&](int h, int, float tau) { return __saturatef(key_u[0][h] - tau); });
+        const float key_u[2] = {visit.key_score(thread_key(0)), visit.key_score(thread_key(1))};
+        sparse_pass([&](int h, int, float tau) { return __saturatef(key_u[h] - tau); });
       } else {
         sparse_pass([&](int h, int row, float tau) {
           bool fractional;
-          return visit.gate(key_pos[0][h], key_u[0][h], row, tau, fractional);
+          return visit.gate(visit.key_position(thread_key(h)), visit.key_score(thread_key(h)),
+                            row, tau, fractional);
         });
       }
     } else {
       // Dense modes: P^T while dP^T is still in the tensor cores. Blocks every row of which
-      // sees every key (most of them) skip the gates.
+      // sees every key (most of them) skip the gates: the pass is instantiated twice under
+      // one warp-uniform branch, since a test inside the unrolled loop compiled to a branch
+      // around every element's gate (a third of the step's samples in the profile, most of
+      // them waiting on instruction fetch after those branches).
       const bool masked = visit.template block_needs_mask<Cfg::kBlockM>(row0);
       sm90::wgmma_wait<1>();
       sm90::fence_registers(st[0]);
+      // visible_of(h, row): whether the thread's key h is in the row's keys.
+      auto exp_pass = [&](auto visible_of) {
 #pragma unroll
-      for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + (lane & 3) * 2 + c;
-          const float lse2 = s_lse2[col];
+          for (int c = 0; c < 2; ++c) {
+            const int col = nt * 8 + (lane & 3) * 2 + c;
+            const float lse2 = s_lse2[col];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = 2 * h + c;
-            bool visible = true;
-            if (masked) {
-              bool fractional;
-              visible = visit.gate(key_pos[0][h], 0.f, row0 + col, 0.f, fractional) > 0.f;
+            for (int h = 0; h < 2; ++h) {
+              const int r = 2 * h + c;
+              const float e = fast_exp2(st[0][nt][r] * scale_log2 - lse2);
+              st[0][nt][r] = visible_of(h, row0 + col) ? e : 0.f;
             }
-            // lse = -inf (rows past T, or that see no key): P = 0.
-            st[0][nt][r] = visible && lse2 > -INFINITY
-                               ? fast_exp2(st[0][nt][r] * scale_log2 - lse2)
-                               : 0.f;
           }
         }
+      };
+      if (masked) {
+        exp_pass([&](int h, int row) {
+          bool fractional;
+          return visit.gate(visit.key_position(thread_key(h)), 0.f, row, 0.f, fractional) > 0.f;
+        });
+      } else {
+        exp_pass([](int, int) { return true; });
       }
     }
     uint32_t pt[Cfg::kKStepsPV][4];
@@ -412,7 +436,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       // This step's tile half (row0 is a multiple of 64).
       float* dq_half =
           dq_accum +
-          ((batch * p.heads_q + step_head(step)) * DqAccumulatorTiles::row_blocks(p.seqlen_q) +
+          ((batch * p.heads_q + at.head) * DqAccumulatorTiles::row_blocks(p.seqlen_q) +
            row0 / DqAccumulatorTiles::kRows) *
               DqAccumulatorTiles::kTileFloats +
           wg * DqAccumulatorTiles::kHalfFloats;
@@ -452,7 +476,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           }
           const float total = (sum.x + sum.y) + (sum.z + sum.w);
           if (total != 0.f && row0 + r < seqlen_q) {
-            atomicAdd(row_stats + (batch * p.heads_q + step_head(step)) * p.seqlen_q + row0 + r,
+            atomicAdd(row_stats + (batch * p.heads_q + at.head) * p.seqlen_q + row0 + r,
                       total);
           }
         }
@@ -476,11 +500,15 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     }
     // The step's Q, dO and row vectors are no longer read: their stage goes back.
     if constexpr (kWs) sm90::release_to_producer(q_empty + stage, lane);
+    at = next;
   }
   sm90::fence_registers(acc_dv[0]);
   sm90::fence_registers(acc_dk[0]);
   sm80::cp_async_wait<0>();
 
+  int key_pos[Cfg::kMTiles][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) key_pos[0][h] = visit.key_position(thread_key(h));
   // dk, dv are contiguous [B, S, Hkv, D].
   const int64_t out_offset = (batch * p.seqlen_k * p.heads_kv + kv_head) * p.head_dim;
   const int64_t out_row_stride = p.heads_kv * p.head_dim;

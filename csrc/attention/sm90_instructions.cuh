@@ -77,6 +77,17 @@ __device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* smem, uint
   return desc;
 }
 
+// desc moved `bytes` (a multiple of 16) further along shared memory: only the start address
+// field (the low 14 bits, in 16-byte units) changes, and it cannot carry into the next field
+// because shared memory addresses stay below 2^18. A product's k steps take their descriptors
+// this way from one computed for its first step: one integer add a step instead of the
+// address arithmetic, masks and shifts of smem_descriptor_sw128 (which the profile of the
+// backward kernels showed costing ~13 instructions per wgmma, a fifth of a step's issue).
+__device__ __forceinline__ uint64_t advance_descriptor(uint64_t desc, uint32_t bytes) {
+  const uint32_t start = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | start;
+}
+
 // d (+)= A B for a 64 x 16 A and a 16 x kN B, both K-major in shared memory. accumulate = 0
 // overwrites d.
 template <typename Element, int kN>

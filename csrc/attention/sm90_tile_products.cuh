@@ -36,13 +36,15 @@ template <typename Element, int kN, int kKSteps, int kABlockElems, int kBBlockEl
           bool kOutputOnly = false>
 __device__ __forceinline__ void issue_kmajor_product(float (&d)[kN / 8][4], const Element* a,
                                                      const Element* b) {
+  const uint64_t desc_a0 = smem_descriptor_sw128(a, kUnusedLbo, kAtomBytes);
+  const uint64_t desc_b0 = smem_descriptor_sw128(b, kUnusedLbo, kAtomBytes);
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) {
     const int column = (ks & 3) * 16;
-    const uint64_t desc_a =
-        smem_descriptor_sw128(a + (ks >> 2) * kABlockElems + column, kUnusedLbo, kAtomBytes);
-    const uint64_t desc_b =
-        smem_descriptor_sw128(b + (ks >> 2) * kBBlockElems + column, kUnusedLbo, kAtomBytes);
+    const uint64_t desc_a = advance_descriptor(
+        desc_a0, ((ks >> 2) * kABlockElems + column) * static_cast<int>(sizeof(Element)));
+    const uint64_t desc_b = advance_descriptor(
+        desc_b0, ((ks >> 2) * kBBlockElems + column) * static_cast<int>(sizeof(Element)));
     if constexpr (kOutputOnly) {
       if (ks == 0) {
         wgmma_ss_overwrite<Element, kN>(d, desc_a, desc_b);
@@ -73,9 +75,11 @@ template <typename Element, int kN, int kKSteps, int kBBlockElems>
 __device__ __forceinline__ void issue_register_a_product(float (&d)[kN / 8][4],
                                                          const uint32_t (&a)[kKSteps][4],
                                                          const Element* b) {
+  const uint64_t desc_b0 = smem_descriptor_sw128(b, kBBlockElems * 2, kAtomBytes);
 #pragma unroll
   for (int kk = 0; kk < kKSteps; ++kk) {
-    const uint64_t desc_b = smem_descriptor_sw128(b + kk * 16 * 64, kBBlockElems * 2, kAtomBytes);
+    const uint64_t desc_b =
+        advance_descriptor(desc_b0, kk * 16 * 64 * static_cast<int>(sizeof(Element)));
     wgmma_rs_mn_major_b<Element, kN>(d, a[kk], desc_b, 1);
   }
 }
@@ -105,12 +109,15 @@ __device__ __forceinline__ void store_a_fragments_transposed(Element* tile,
 template <typename Element, int kN, int kKSteps, int kABlockElems, int kBBlockElems>
 __device__ __forceinline__ void issue_shared_a_product(float (&d)[kN / 8][4], const Element* a,
                                                        const Element* b) {
+  const uint64_t desc_a0 = smem_descriptor_sw128(a, kUnusedLbo, kAtomBytes);
+  const uint64_t desc_b0 = smem_descriptor_sw128(b, kBBlockElems * 2, kAtomBytes);
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks) {
-    const uint64_t desc_a = smem_descriptor_sw128(a + (ks >> 2) * kABlockElems + (ks & 3) * 16,
-                                                  kUnusedLbo, kAtomBytes);
+    const uint64_t desc_a = advance_descriptor(
+        desc_a0,
+        ((ks >> 2) * kABlockElems + (ks & 3) * 16) * static_cast<int>(sizeof(Element)));
     const uint64_t desc_b =
-        smem_descriptor_sw128(b + ks * 16 * 64, kBBlockElems * 2, kAtomBytes);
+        advance_descriptor(desc_b0, ks * 16 * 64 * static_cast<int>(sizeof(Element)));
     if (ks == 0) {
       wgmma_ss_mn_major_b_overwrite<Element, kN>(d, desc_a, desc_b);
     } else {
