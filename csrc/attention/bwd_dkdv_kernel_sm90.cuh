@@ -1,7 +1,7 @@
 // The backward's dk/dv kernel on Hopper tensor cores (wgmma): one CTA per (kBlockN keys, kv
-// head, batch), each warpgroup owning 64 of the keys. It loops over the query heads of the kv
-// group and, in each, over the query rows that can see the tile's keys (bwd_query_visit.cuh),
-// 64 rows a step, accumulating for the warpgroup's keys (sm90_tile_products.cuh):
+// head, batch), each warpgroup owning 64 of the keys. It loops over the query rows that can
+// see the tile's keys (bwd_query_visit.cuh), 64 rows a step, and at each over the query heads
+// of the kv group, accumulating for the warpgroup's keys (sm90_tile_products.cuh):
 //   S^T = K Q^T, dP^T = V dO^T      both operands from shared memory, issued together
 //   P^T = m exp(s - lse), dS^T = P^T (dP^T - Delta)
 //   dv += P^T dO, dk += dS^T Q      P^T and dS^T from registers
