@@ -1,0 +1,57 @@
+"""The benchmark directory's analysis tools that run without a GPU, on made-up inputs."""
+from __future__ import annotations
+
+import io
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import ncu_source_summary  # noqa: E402
+
+HEADER = ['"Address"', '"Source"', '"Warp Stall Sampling (All Samples)"',
+          '"Warp Stall Sampling (Not-issued Samples)"', '"Instructions Executed"',
+          '"stall_wait"', '"stall_long_sb"', '"stall_wait (Not Issued)"']
+ROWS = [  # source, samples, executed, wait, long_sb
+    ("IMAD R1, R2, R3, RZ", 10, 100, 10, 0),
+    ("HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ", 30, 100, 0, 30),
+    ("FADD R5, R6, R7", 20, 200, 5, 15),
+    ("EXIT", 40, 100, 40, 0),
+]
+
+
+def _page(tmp_path):
+    lines = ['"Kernel Name","void k()"', ",".join(HEADER)]
+    for i, (src, samples, executed, wait, long_sb) in enumerate(ROWS):
+        cells = [f"0x{16 * i:x}", f"      {src}", samples, samples, executed, wait, long_sb, 0]
+        lines.append(",".join(f'"{c}"' for c in cells))
+    path = tmp_path / "page.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_source_page_is_read(tmp_path):
+    instrs, reasons = ncu_source_summary.read_source_page(_page(tmp_path))
+    assert reasons == ["wait", "long_sb"]
+    assert [i["source"] for i in instrs] == [r[0] for r in ROWS]
+    assert [i["samples"] for i in instrs] == [10, 30, 20, 40]
+    assert instrs[2]["stalls"] == {"wait": 5, "long_sb": 15}
+
+
+def test_regions_sum_samples_and_stalls(tmp_path):
+    instrs, _ = ncu_source_summary.read_source_page(_page(tmp_path))
+    out = io.StringIO()
+    ncu_source_summary.regions(instrs, [(0, 2), (2, 4)], out)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("[0, 2)  40.0% of samples, 200 instructions executed; long_sb 75.0%")
+    assert second.startswith("[2, 4)  60.0% of samples, 300 instructions executed; wait 75.0%")
+
+
+def test_landmarks_accumulate_between_printed_lines(tmp_path):
+    instrs, _ = ncu_source_summary.read_source_page(_page(tmp_path))
+    out = io.StringIO()
+    ncu_source_summary.landmarks(instrs, min_share=0.5, out=out)
+    lines = out.getvalue().splitlines()
+    # The wgmma and the exit are landmarks; the IMAD's samples go with the wgmma's line, the
+    # FADD's with the exit's.
+    assert [line.split()[0] for line in lines] == ["1", "3"]
+    assert "40.00%" in lines[0] and "60.00%" in lines[1]
