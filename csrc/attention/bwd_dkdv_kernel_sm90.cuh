@@ -9,12 +9,12 @@
 // as the mma.sync kernel (bwd_dkdv_kernel.cuh), whose per-element code this is with one m16
 // tile a warp: each dk, dv and du element is written by exactly one CTA, without atomics.
 // With Cfg::kFuseDq the kernel also computes dq, and the dq kernel does not run: dS goes to
-// shared memory (stmatrix, transposed), and after a barrier each warpgroup
-// issues dq = dS K for half the head dim over the CTA's 128 keys and adds it into a float32
-// accumulator of 64-row tiles (bwd_dq_accumulator.h; its conversion scales it into dq) with
-// coalesced 16-byte atomics. Row steps start at multiples of 64 (one tile each). The order of
-// the additions varies from run to run: JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq
-// kernel instead. In SparseK mode no means exist yet: this kernel writes du's first term
+// shared memory (stmatrix, transposed), and during the next step (once both warpgroups' dS
+// of the step is in) each warpgroup issues dq = dS K for half the head dim over the CTA's 128
+// keys and adds it into a float32 accumulator of 64-row tiles (bwd_dq_accumulator.h; its
+// conversion scales it into dq) with coalesced 16-byte atomics. Row steps start at multiples
+// of 64 (one tile each). The order of the additions varies from run to run:
+// JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq kernel instead. In SparseK mode no means exist yet: this kernel writes du's first term
 //   du_j = sum_i [j in F_i] g_ij
 // and adds each row's sum of g over F_i (its share from the CTA's keys) into row_stats by
 // one atomic a row and step; bwd_sparsek_du.h then subtracts the means.
@@ -26,8 +26,10 @@
 // waits for both scores and computes each gate once. Without kFuseDq every thread copies and
 // one CTA barrier a step publishes the copies. With it the kernel is warp-specialized
 // (Cfg::kWarpSpecialized): a producer warpgroup makes the copies and hands each stage over
-// by mbarriers (full: landed; empty: every consumer warp is done with the step), and the
-// consumers meet only at a named barrier for dS, which is double-buffered.
+// by mbarriers (full: landed; empty: every consumer warp is done with the step). dS is
+// double-buffered under mbarriers of its own, and the two consumer warpgroups ping-pong
+// (Cfg::kPingPong): each issues its S^T and dP^T only when the other's are in, so that one's
+// gates and exponentials run while the other's products are in the tensor cores.
 //
 // Tile config: BwdDkDvSm90TileConfig (bwd_tile_config.h). Compiled into sm_90a code only.
 #pragma once
@@ -50,9 +52,9 @@
 
 namespace sparsek {
 
-// The named barrier of the warp-specialized kernel's consumers (0 is __syncthreads): every
-// warp's dS of the step is in shared memory.
-constexpr int kDsReadyBarrier = 1;
+// The named barriers of the warp-specialized kernel's consumers (0 is __syncthreads):
+// warpgroup w waits at kTurnBarrier0 + w for its turn to issue S^T and dP^T (Cfg::kPingPong).
+constexpr int kTurnBarrier0 = 1;
 
 // delta, row_stats: [B, Hq, T] of this launch's batches. row_stats (SparseK only): the dq
 // kernel's means of g over F_i, read; with Cfg::kFuseDq the rows' sums of g over F_i, zeroed
@@ -66,6 +68,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                                    float* __restrict__ dq_accum) {
   static_assert(!Cfg::kFuseDq || Cfg::kSparseK == QueryVisit::kSparseK,
                 "the fused kernel's shared memory is laid out for its mode");
+  static_assert(!Cfg::kFuseDq || Cfg::kWarpSpecialized,
+                "the fused kernel hands dS between its warpgroups by mbarriers");
   constexpr bool kSumRows = Cfg::kRowPartialsInSmem;  // SparseK with dq fused
 #ifdef SPARSEK_SM90_KERNEL_BODY
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -84,11 +88,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   float* s_row_partials = reinterpret_cast<float*>(sdS + Cfg::kSmemDsElems);
   float* s_rows0 = s_row_partials + Cfg::kSmemRowPartialsFloats;
   constexpr int kRowsStageFloats = Cfg::kRowVectors * Cfg::kBlockM;
-  // kWarpSpecialized: K/V full, then Q full and Q empty per stage (Q, dO and the row vectors).
+  // kWarpSpecialized: K/V full, then Q full and Q empty per stage (Q, dO and the row vectors),
+  // then dS full and dS empty per dS stage (dS and the row partials).
   uint64_t* barriers = reinterpret_cast<uint64_t*>(s_rows0 + Cfg::kQStages * kRowsStageFloats);
   uint64_t* kv_full = barriers;
   uint64_t* q_full = barriers + 1;
   uint64_t* q_empty = barriers + 1 + Cfg::kQStages;
+  uint64_t* ds_full = barriers + 1 + 2 * Cfg::kQStages;
+  uint64_t* ds_empty = ds_full + Cfg::kDsStages;
   constexpr bool kWs = Cfg::kWarpSpecialized;
 
   // Key tiles in order: under causal masking the first tiles see the most query rows.
@@ -105,7 +112,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   // This warpgroup's 64 keys of K and V. The warpgroup index is broadcast from lane 0 so that
   // the compiler knows it uniform: the products' descriptors then stay in uniform registers
   // instead of being moved there (R2UR) before every wgmma.
-  const int wg_rows = (sm90::uniform_warp_index() / 4) * 64 * KVBlock::kRowPitch;
+  const int wg = sm90::uniform_warp_index() / 4;
+  const int wg_rows = wg * 64 * KVBlock::kRowPitch;
   const Element* sK_rows = sK + wg_rows;
   const Element* sV_rows = sV + wg_rows;
 
@@ -216,6 +224,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
         sm90::mbarrier_init(q_full + s, Cfg::kNProducerThreads);
         sm90::mbarrier_init(q_empty + s, Cfg::kNConsumerThreads / 32);
       }
+      for (int s = 0; s < Cfg::kDsStages; ++s) {
+        sm90::mbarrier_init(ds_full + s, Cfg::kNConsumerThreads);
+        sm90::mbarrier_init(ds_empty + s, Cfg::kNConsumerThreads / 32);
+      }
     }
     __syncthreads();
     if (sm90::uniform_warp_index() >= Cfg::kNWarps) {
@@ -256,7 +268,94 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     load_step(first_step, 0, AllThreads{}, static_cast<int>(threadIdx.x));
   }
 
+  // kFuseDq: dq of step `step` (rows `rows`) during step + 1, once every consumer warp has
+  // stored its dS of the step (ds_full), so that neither warpgroup waits for the other's
+  // pass. issue_dq: dq = dS K for this warpgroup's half of the head dim over the CTA's keys.
+  auto issue_dq = [&](auto& acc_dq, int dq_step) {
+    const int ds_stage = dq_step % Cfg::kDsStages;
+    sm90::mbarrier_wait(ds_full + ds_stage,
+                        static_cast<uint32_t>(dq_step / Cfg::kDsStages) & 1);
+    sm90::wgmma_fence();
+    sm90::issue_shared_a_product<Element, Cfg::kDqDims, Cfg::kKStepsDq,
+                                 Cfg::DsLayout::kColumnBlockElems, KVBlock::kColumnBlockElems>(
+        acc_dq, sdS + ds_stage * Cfg::kSmemDsStageElems, sK + wg * KVBlock::kColumnBlockElems);
+    sm90::wgmma_commit();
+  };
+  // add_dq: the product (waited for) into the step's accumulator tile half (row0 is a
+  // multiple of 64): acc_dq[j] is float4 j * 128 + the warpgroup's thread
+  // (bwd_dq_accumulator.h), so a warp's accesses are 512 consecutive bytes. Rows past T and
+  // dims past the head dim add zeros to the padding.
+  auto add_dq = [&](const auto& acc_dq, StepRows rows) {
+    float* dq_half =
+        dq_accum +
+        ((batch * p.heads_q + rows.head) * DqAccumulatorTiles::row_blocks(p.seqlen_q) +
+         rows.row0 / DqAccumulatorTiles::kRows) *
+            DqAccumulatorTiles::kTileFloats +
+        wg * DqAccumulatorTiles::kHalfFloats;
+    const int wg_thread = threadIdx.x % 128;
+#pragma unroll
+    for (int j = 0; j < Cfg::kDqDims / 8; ++j) {
+      atomicAdd(reinterpret_cast<float4*>(dq_half) + j * 128 + wg_thread,
+                make_float4(acc_dq[j][0], acc_dq[j][1], acc_dq[j][2], acc_dq[j][3]));
+    }
+  };
+  // kSumRows, after issue_dq of the same step: the first warp of each warpgroup adds up the
+  // shares of its 32 rows while dq and dk are in the tensor cores: one atomic a row that some
+  // key of the CTA has in F_i.
+  auto sum_row_partials = [&](StepRows rows, int rows_step) {
+    if constexpr (kSumRows) {
+      if (warp % 4 == 0) {
+        const int r = wg * 32 + lane;
+        const float4* shares = reinterpret_cast<const float4*>(
+            s_row_partials +
+            ((rows_step % Cfg::kDsStages) * Cfg::kBlockM + r) * Cfg::kRowPartialsPitch);
+        float4 sum = shares[0];
+#pragma unroll
+        for (int j = 1; j < Cfg::kRowPartials / 4; ++j) {
+          const float4 x = shares[j];
+          sum.x += x.x;
+          sum.y += x.y;
+          sum.z += x.z;
+          sum.w += x.w;
+        }
+        const float total = (sum.x + sum.y) + (sum.z + sum.w);
+        if (total != 0.f && rows.row0 + r < seqlen_q) {
+          atomicAdd(row_stats + (batch * p.heads_q + rows.head) * p.seqlen_q + rows.row0 + r,
+                    total);
+        }
+      }
+    }
+  };
+  // kPingPong: the scores of step `step` are in: the other warpgroup's turn (its products
+  // queue behind this one's). Warpgroup 1's last turn is handed to nobody: warpgroup 0 waits
+  // `steps` times and was let go once before the loop.
+  auto hand_over_turn = [&](int step) {
+    if constexpr (Cfg::kPingPong) {
+      if (wg == 0 || step + 1 < steps) {
+        sm90::named_barrier_arrive<Cfg::kNConsumerThreads>(kTurnBarrier0 + (wg ^ 1));
+      }
+    }
+  };
+  // kFuseDq: before the first write of step `step` into its dS stage (dS, row partials):
+  // both warpgroups are done with the dq of the step that used it last.
+  auto wait_ds_stage_free = [&](int step) {
+    if constexpr (Cfg::kFuseDq) {
+      if (step >= Cfg::kDsStages) {
+        sm90::mbarrier_wait(ds_empty + step % Cfg::kDsStages,
+                            static_cast<uint32_t>(step / Cfg::kDsStages - 1) & 1);
+      }
+    }
+  };
+
+  if constexpr (Cfg::kPingPong) {
+    // Warpgroup 0 issues first: warpgroup 1 lets it go once before the loop.
+    if (wg == 1 && steps > 0) {
+      sm90::named_barrier_arrive<Cfg::kNConsumerThreads>(kTurnBarrier0);
+    }
+  }
+
   StepRows at = first_step;
+  StepRows prev = first_step;  // step - 1's rows (kFuseDq: its dq is added during step)
   for (int step = 0; step < steps; ++step) {
     const int row0 = at.row0;
     const StepRows next = next_step(at);
@@ -284,6 +383,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     // groups; the next step's Q and dO copies start behind them.
     float st[Cfg::kMTiles][Cfg::kNTilesS][4];
     float dpt[Cfg::kMTiles][Cfg::kNTilesS][4];
+    if constexpr (Cfg::kPingPong) {
+      sm90::named_barrier_sync<Cfg::kNConsumerThreads>(kTurnBarrier0 + wg);
+    }
     sm90::wgmma_fence();
     sm90::issue_kmajor_product<Element, Cfg::kBlockM, Cfg::kKStepsQK,
                                KVBlock::kColumnBlockElems, QBlock::kColumnBlockElems, true>(
@@ -313,17 +415,37 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       sm90::wgmma_wait<0>();
       sm90::fence_registers(st[0]);
       sm90::fence_registers(dpt[0]);
-      // gate_of(h, row, tau): m of the thread's key h and the row.
+      hand_over_turn(step);
+      wait_ds_stage_free(step);  // the pass writes the row partials (kSumRows)
+      // The rows' data of the thread's two columns of an n8 tile (adjacent floats: one 8-byte
+      // load each), read one tile ahead: the row partials' stores in the pass keep the
+      // compiler from moving a later shared-memory load above them (it cannot tell the
+      // buffers apart), so loads made where used paid their whole latency, column by column.
+      struct ColumnRows {
+        float2 lse2, delta, tau, mean;
+      };
+      auto read_columns = [&](int nt) {
+        const int col = nt * 8 + (lane & 3) * 2;
+        ColumnRows rows;
+        rows.lse2 = *reinterpret_cast<const float2*>(s_lse2 + col);
+        rows.delta = *reinterpret_cast<const float2*>(s_delta + col);
+        rows.tau = *reinterpret_cast<const float2*>(s_tau + col);
+        if constexpr (!kSumRows) rows.mean = *reinterpret_cast<const float2*>(s_mean + col);
+        return rows;
+      };
+      // gate_of(h, row, tau): m of the thread's key h and the row, from registers.
       auto sparse_pass = [&](auto gate_of) {
+        ColumnRows next = read_columns(0);
 #pragma unroll
         for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+          const ColumnRows rows = next;
+          if (nt + 1 < Cfg::kNTilesS) next = read_columns(nt + 1);
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int col = nt * 8 + (lane & 3) * 2 + c;
-            const float lse2 = s_lse2[col];
-            const float row_delta = s_delta[col];
-            const float tau = s_tau[col];
-            [[maybe_unused]] const float row_mean = kSumRows ? 0.f : s_mean[col];
+            const float lse2 = c == 0 ? rows.lse2.x : rows.lse2.y;
+            const float row_delta = c == 0 ? rows.delta.x : rows.delta.y;
+            const float tau = c == 0 ? rows.tau.x : rows.tau.y;
             [[maybe_unused]] float row_share = 0.f;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -338,7 +460,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                 du[0][h] += g;
                 row_share += g;
               } else if (sparsek_fractional(m)) {
-                du[0][h] += e * diff - row_mean;
+                du[0][h] += e * diff - (c == 0 ? rows.mean.x : rows.mean.y);
               }
             }
             if constexpr (kSumRows) {
@@ -347,16 +469,17 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
           }
         }
       };
-      // Blocks whose keys are all in every row's sparse domain (most, far from the diagonal)
-      // skip the positions.
+      // The thread's keys' scores (and positions) in registers for the pass. Blocks whose
+      // keys are all in every row's sparse domain (most, far from the diagonal) skip the
+      // positions.
+      const float key_u[2] = {visit.key_score(thread_key(0)), visit.key_score(thread_key(1))};
       if (visit.block_in_sparse_domain(row0)) {
-        const float key_u[2] = {visit.key_score(thread_key(0)), visit.key_score(thread_key(1))};
         sparse_pass([&](int h, int, float tau) { return __saturatef(key_u[h] - tau); });
       } else {
+        const int key_pos[2] = {visit.key_position(thread_key(0)),
+                                visit.key_position(thread_key(1))};
         sparse_pass([&](int h, int row, float tau) {
-          bool fractional;
-          return visit.gate(visit.key_position(thread_key(h)), visit.key_score(thread_key(h)),
-                            row, tau, fractional);
+          return visit.gate_of_held_key(key_pos[h], key_u[h], row, tau);
         });
       }
     } else {
@@ -368,6 +491,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       const bool masked = visit.template block_needs_mask<Cfg::kBlockM>(row0);
       sm90::wgmma_wait<1>();
       sm90::fence_registers(st[0]);
+      hand_over_turn(step);
       // visible_of(h, row): whether the thread's key h is in the row's keys.
       auto exp_pass = [&](auto visible_of) {
 #pragma unroll
@@ -426,70 +550,29 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       sm90::wgmma_commit();
     };
     if constexpr (Cfg::kFuseDq) {
-      // dS (query rows x the CTA's keys) for dq = dS K, into this step's buffer; the warp's
-      // keys are columns 16 warp.
-      Element* sdS_step = sdS + (step % Cfg::kDsStages) * Cfg::kSmemDsStageElems;
-      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(sdS_step, dst, warp * 16,
-                                                                 lane);
-      const int wg = warp / 4;
-      const int wg_thread = threadIdx.x % 128;
-      // This step's tile half (row0 is a multiple of 64).
-      float* dq_half =
-          dq_accum +
-          ((batch * p.heads_q + at.head) * DqAccumulatorTiles::row_blocks(p.seqlen_q) +
-           row0 / DqAccumulatorTiles::kRows) *
-              DqAccumulatorTiles::kTileFloats +
-          wg * DqAccumulatorTiles::kHalfFloats;
-      // Every warp's dS (and row partials) is in before either warpgroup reads it. The next
-      // write of this buffer comes after the next barrier of this kind (kDsStages = 2: two
-      // steps on; else the next step's CTA barrier), by which time every consumer has waited
-      // for its dq product (and summed its rows). dq is issued before dk, so that dk's
-      // product runs during the atomics.
+      // dS (query rows x the CTA's keys) for dq = dS K, into this step's stage; the warp's
+      // keys are columns 16 warp. Each thread publishes its share to the async proxy (wgmma)
+      // and arrives: the stage's full barrier completes with every consumer's dS and row
+      // partials of the step. Then step - 1's dq (both warpgroups' dS of that step are in,
+      // in all but the first steps of a ping-pong long since), issued before dk so that dk's
+      // product runs during its atomics.
+      const int ds_stage = step % Cfg::kDsStages;
+      if constexpr (!QueryVisit::kSparseK) wait_ds_stage_free(step);
+      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(
+          sdS + ds_stage * Cfg::kSmemDsStageElems, dst, warp * 16, lane);
       sm90::fence_async_shared();
-      if constexpr (kWs) {
-        sm90::named_barrier_sync<Cfg::kNConsumerThreads>(kDsReadyBarrier);
+      sm90::mbarrier_arrive(ds_full + ds_stage);
+      if (step > 0) {
+        float acc_dq[Cfg::kDqDims / 8][4];
+        issue_dq(acc_dq, step - 1);
+        issue_dk();
+        sum_row_partials(prev, step - 1);
+        sm90::wgmma_wait<1>();  // dv and dq; dk runs on during the atomics
+        sm90::fence_registers(acc_dq);
+        sm90::release_to_producer(ds_empty + (step - 1) % Cfg::kDsStages, lane);
+        add_dq(acc_dq, prev);
       } else {
-        __syncthreads();
-      }
-      float acc_dq[Cfg::kDqDims / 8][4];
-      sm90::issue_shared_a_product<Element, Cfg::kDqDims, Cfg::kKStepsDq,
-                                   Cfg::DsLayout::kColumnBlockElems,
-                                   KVBlock::kColumnBlockElems>(
-          acc_dq, sdS_step, sK + wg * KVBlock::kColumnBlockElems);
-      sm90::wgmma_commit();
-      issue_dk();
-      if constexpr (kSumRows) {
-        // The first warp of each warpgroup adds up the shares of its 32 rows while dq and dk
-        // are in the tensor cores: one atomic a row that some key of the CTA has in F_i.
-        if (warp % 4 == 0) {
-          const int r = wg * 32 + lane;
-          const float4* shares =
-              reinterpret_cast<const float4*>(s_partials + r * Cfg::kRowPartialsPitch);
-          float4 sum = shares[0];
-#pragma unroll
-          for (int j = 1; j < Cfg::kRowPartials / 4; ++j) {
-            const float4 x = shares[j];
-            sum.x += x.x;
-            sum.y += x.y;
-            sum.z += x.z;
-            sum.w += x.w;
-          }
-          const float total = (sum.x + sum.y) + (sum.z + sum.w);
-          if (total != 0.f && row0 + r < seqlen_q) {
-            atomicAdd(row_stats + (batch * p.heads_q + at.head) * p.seqlen_q + row0 + r,
-                      total);
-          }
-        }
-      }
-      sm90::wgmma_wait<1>();  // dv and dq; dk runs on during the atomics
-      sm90::fence_registers(acc_dq);
-      // acc_dq[j] is float4 j * 128 + wg_thread of the tile half (bwd_dq_accumulator.h):
-      // a warp's accesses are 512 consecutive bytes. Rows past T and dims past the head dim
-      // add zeros to the padding.
-#pragma unroll
-      for (int j = 0; j < Cfg::kDqDims / 8; ++j) {
-        atomicAdd(reinterpret_cast<float4*>(dq_half) + j * 128 + wg_thread,
-                  make_float4(acc_dq[j][0], acc_dq[j][1], acc_dq[j][2], acc_dq[j][3]));
+        issue_dk();
       }
       sm90::wgmma_wait<0>();
     } else {
@@ -500,7 +583,19 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     }
     // The step's Q, dO and row vectors are no longer read: their stage goes back.
     if constexpr (kWs) sm90::release_to_producer(q_empty + stage, lane);
+    prev = at;
     at = next;
+  }
+  if constexpr (Cfg::kFuseDq) {
+    // The last step's dq.
+    if (steps > 0) {
+      float acc_dq[Cfg::kDqDims / 8][4];
+      issue_dq(acc_dq, steps - 1);
+      sum_row_partials(prev, steps - 1);
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(acc_dq);
+      add_dq(acc_dq, prev);
+    }
   }
   sm90::fence_registers(acc_dv[0]);
   sm90::fence_registers(acc_dk[0]);

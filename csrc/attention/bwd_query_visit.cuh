@@ -188,6 +188,13 @@ struct SparseKQueryVisit {
     return m;
   }
 
+  // gate()'s m for a key whose position and score the caller holds in registers, with
+  // selects instead of branches (the Hopper kernel's pass: a branch a pair there kept the
+  // compiler from issuing the next pairs' work early).
+  __device__ __forceinline__ float gate_of_held_key(int key, float u, int row, float tau) const {
+    return sparsek_gate_of_score(key, row + row_offset, window, u, tau);
+  }
+
   // True when every key of the tile is in the sparse domain of every row from row0 on
   // (p(row0) - W at or past the largest key): gate() is then clip(u - tau, 0, 1), which
   // also gives the padding entries (u = -inf) their 0 (the Hopper kernel).

@@ -172,15 +172,21 @@ struct BwdDqSm90TileConfig {
 // mbarriers, so that the consumers (the key warpgroups) neither issue copies nor stop at a
 // CTA-wide barrier for them; it hands most of its registers to the consumers (40 + 2 x 232
 // <= 512 a scheduler lane; 232 leave the consumers without spills, 24 spilled the producers).
-// dS is then double-buffered: a warpgroup may write step + 1's while the other still reads
-// step's for its dq product.
+// dS is then double-buffered, each buffer with a full and an empty mbarrier: a warpgroup
+// computes step - 1's dq during step `step` (after its own dS of the step is stored), so the
+// two warpgroups never wait for each other within a step, and they ping-pong (kPingPong): a
+// named barrier hands the turn to issue S^T and dP^T from one to the other once its own are
+// in, so that one warpgroup's pass runs while the other's products are in the tensor cores.
+// (Before, both met at a named barrier for the step's dS and ran their passes at the same
+// time, with the tensor cores idle: bench/NOTES.md, "Where the fused dk/dv kernels wait".)
 // SparseK runs on the kFuseDq kernel too (kSparseK): without the dq kernel nothing computes
 // the rows' means of g over F_i before dk/dv, so the kernel adds each row's sum of g over
 // the CTA's keys into a float32 row vector (bwd_sparsek_du.h completes du from it). Each
 // consumer thread stores its two keys' share of a row (one float a column) into a
-// [kBlockM rows x kRowPartials] block, double-buffered like dS; after the dS barrier the
-// first warp of each warpgroup adds up 32 rows' kRowPartials shares (float4 loads; the
-// pitch of kRowPartials + 4 floats keeps both sides free of bank conflicts).
+// [kBlockM rows x kRowPartials] block, double-buffered like dS (and under its barriers); with
+// that step's dq the first warp of each warpgroup adds up 32 rows' kRowPartials shares
+// (float4 loads; the pitch of kRowPartials + 4 floats keeps both sides free of bank
+// conflicts).
 template <int kHeadDim_, int kWarpgroups_, bool kFuseDq_ = false, bool kSparseK_ = false>
 struct BwdDkDvSm90TileConfig {
   static constexpr int kHeadDim = kHeadDim_;
@@ -188,6 +194,7 @@ struct BwdDkDvSm90TileConfig {
   static constexpr bool kFuseDq = kFuseDq_;
   static constexpr bool kSparseK = kSparseK_;  // laid out for SparseK (row partials)
   static constexpr bool kWarpSpecialized = kFuseDq;
+  static constexpr bool kPingPong = kFuseDq;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
   static constexpr int kBlockM = 64;                // query rows per step
   static constexpr int kNWarps = 4 * kWarpgroups;   // the key (consumer) warps
@@ -227,8 +234,9 @@ struct BwdDkDvSm90TileConfig {
       kRowPartialsInSmem ? kDsStages * kBlockM * kRowPartialsPitch : 0;
   // Per query row and stage: lse (log2 domain), Delta, tau, mean of g over F_i.
   static constexpr int kRowVectors = 4;
-  // kWarpSpecialized: the mbarriers K/V full, and Q full and empty per stage.
-  static constexpr int kNumBarriers = kWarpSpecialized ? 1 + 2 * kQStages : 0;
+  // kWarpSpecialized: the mbarriers K/V full, Q full and empty per stage, dS full and empty
+  // per dS stage.
+  static constexpr int kNumBarriers = kWarpSpecialized ? 1 + 2 * kQStages + 2 * kDsStages : 0;
   static constexpr int kSmemAlign = 1024;
   // K, V, then Q and dO stages, then dS (kFuseDq), then the row partials (kFuseDq and
   // kSparseK), then the row vectors, then the mbarriers.

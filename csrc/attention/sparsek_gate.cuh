@@ -20,6 +20,13 @@ __device__ __forceinline__ float sparsek_gate(int key, int pos, int window, cons
   return __saturatef(*u - tau);
 }
 
+// sparsek_gate for a score held in a register, as selects (no branch): the same value.
+__device__ __forceinline__ float sparsek_gate_of_score(int key, int pos, int window, float u,
+                                                       float tau) {
+  const float in_domain = key > pos - window ? 1.f : __saturatef(u - tau);
+  return key < 0 || key > pos ? 0.f : in_domain;
+}
+
 // j in F_i (SPARSEK.md: the gates strictly inside (0, 1)), from m = sparsek_gate(...):
 // window keys weigh exactly 1 and keys outside the row's domain 0, while a sparse-domain key
 // weighs clip(u - tau, 0, 1), which lies in (0, 1) iff 0 < u - tau < 1 (tau = -inf, a row
