@@ -150,6 +150,27 @@ def test_sparsek_backward_bad_span_width(monkeypatch):
         jax.block_until_ready(grads)
 
 
+@pytest.mark.parametrize("ctas", ["2", "4", "8"])
+@pytest.mark.parametrize("name", ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"])
+def test_sparsek_backward_clusters(name, ctas, monkeypatch):
+    """The fused SparseK dk/dv grid launched in thread-block clusters of neighbouring span
+    slices (JAX_SPARSEK_BWD_CLUSTER, read at every call; D = 128 runs the fused kernel)."""
+    monkeypatch.setenv("JAX_SPARSEK_BWD_CLUSTER", ctas)
+    case = SPARSEK_CASES[name]
+    api, inputs = _api_grads(case, jnp.float16)
+    ref = reference_grads(case, *inputs)
+    _check(case, api, ref, jnp.float16, context=f"{name} cluster {ctas}")
+
+
+def test_sparsek_backward_bad_cluster(monkeypatch):
+    """A JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the launcher takes: an error
+    naming it."""
+    monkeypatch.setenv("JAX_SPARSEK_BWD_CLUSTER", "3")
+    with pytest.raises(Exception, match="JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8"):
+        grads, _ = _api_grads(SPARSEK_CASES["T1100_S2600_K96_W40_gqa8_d128"], jnp.float16)
+        jax.block_until_ready(grads)
+
+
 @pytest.mark.parametrize("name", ["T640_K100_W32_gqa8_d128", "T1100_S2600_K96_W40_gqa8_d128"])
 def test_backward_deterministic(name, monkeypatch):
     """With JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 two SparseK runs give bitwise-equal

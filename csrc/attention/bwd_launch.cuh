@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "attention/bwd_dkdv_kernel.cuh"
 #include "attention/bwd_dkdv_kernel_sm90.cuh"
@@ -22,6 +23,7 @@
 #include "attention/bwd_workspace.h"
 #include "attention/cta_order.h"
 #include "runtime/cuda_check.h"
+#include "runtime/debug_flags.h"
 #include "selection/sort_key_spans.h"
 
 namespace sparsek {
@@ -86,6 +88,35 @@ inline void launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int threads, size_t sm
   kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
 }
 
+// The fused SparseK dk/dv grid in thread-block clusters of `cluster` CTAs along its tiles:
+// neighbouring slices of one sorted key span (cluster divides the slices of a span), which
+// start at the same row and end near it. Launched together, they walk the same rows at the
+// same time, so that each step's Q and dO tiles and dq accumulator tile, which otherwise come
+// from DRAM for every CTA (bench/NOTES.md), can be shared in L2. The kernel does not use the
+// cluster otherwise. Measured at S = 32k (bench/NOTES.md, "Clusters of span slices"): pairs
+// 1-5% faster than single CTAs in four same-call comparisons, clusters of 4 slower at sigma 4.
+constexpr int kSparseKDkDvClusterCtas = 2;
+
+inline std::string launch_dkdv_in_clusters(DkDvSm90Kernel kernel, dim3 grid, int cluster,
+                                           int threads, size_t smem, cudaStream_t stream,
+                                           const AttentionBwdParams& p, const float* delta,
+                                           float* mean, float* dq_accum) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = 1;
+  attribute[0].val.clusterDim.y = static_cast<unsigned>(cluster);
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaLaunchKernelEx(&config, kernel, p, delta, mean, dq_accum));
+  return {};
+}
+
 // delta, mean: the workspace's [B, Hq, T] buffers (mean null unless SparseK; with dq_accum
 // the rows' sums of g over F_i, zeroed). dq_accum: the zeroed float32 accumulator
 // (bwd_dq_accumulator.h) when the dk/dv kernel computes dq (the dq kernel is then not
@@ -109,6 +140,18 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                 : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
   int sms = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
+  // SparseK with dq fused: the dk/dv grid in clusters (tile-major: tiles in gridDim.y).
+  int cluster = 1;
+  if constexpr (std::is_same_v<DkDvKernelT, DkDvSm90Kernel>) {
+    if (p.sparsek && dq_accum) {
+      const int requested = requested_bwd_cluster();
+      if (requested < 0) return "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8";
+      cluster = requested > 0 ? requested : kSparseKDkDvClusterCtas;
+      if ((p.key_span / DkDvCfg::kBlockN) % cluster != 0) {
+        return "the SparseK dk/dv cluster must divide a key span's slices";
+      }
+    }
+  }
   // gridDim.y and z are at most 65535: larger batches go in several launches.
   constexpr int64_t kMaxBatchPerLaunch = 65535;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
@@ -131,6 +174,17 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                                          ? CtaOrder::make_sparsek_key_grid(chunk, key_tiles)
                                          : CtaOrder::make(chunk, key_tiles, p.heads_kv, sms);
     chunk.tile_major_grid = dkdv_grid.tile_major;
+    if constexpr (std::is_same_v<DkDvKernelT, DkDvSm90Kernel>) {
+      if (cluster > 1) {
+        if (std::string error = launch_dkdv_in_clusters(
+                dkdv_kernel, dkdv_grid.dims, cluster, DkDvCfg::kNThreads, dkdv_smem, stream,
+                chunk, chunk_delta, chunk_mean, chunk_dq_accum);
+            !error.empty()) {
+          return error;
+        }
+        continue;
+      }
+    }
     launch_dkdv(dkdv_kernel, dkdv_grid.dims, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
                 chunk_delta, chunk_mean, chunk_dq_accum);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());

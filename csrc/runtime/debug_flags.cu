@@ -40,4 +40,13 @@ int requested_key_span() {
   return -1;
 }
 
+int requested_bwd_cluster() {
+  const char* value = std::getenv("JAX_SPARSEK_BWD_CLUSTER");
+  if (value == nullptr || value[0] == '\0') return 0;
+  for (const int ctas : {1, 2, 4, 8}) {
+    if (std::to_string(ctas) == value) return ctas;
+  }
+  return -1;
+}
+
 }  // namespace sparsek

@@ -26,4 +26,10 @@ bool deterministic_backward_requested();
 // anything else.
 int requested_key_span();
 
+// JAX_SPARSEK_BWD_CLUSTER=1|2|4|8: CTAs a thread-block cluster in the SparseK backward's fused
+// dk/dv grid (neighbouring slices of one sorted key span, started together) instead of the
+// launcher's default; read at every call (benchmarks compare sizes). 0 when unset, -1 when it
+// holds anything else.
+int requested_bwd_cluster();
+
 }  // namespace sparsek
