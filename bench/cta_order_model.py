@@ -60,7 +60,8 @@ def sparsek_dkdv_groups(seq, sigma, heads_kv=8, group=4, topk=2048, window=512, 
     for _ in range(heads_kv):
         u = (sigma * rng.standard_normal(seq)).astype(np.float32)
         tau, _ = visit_model.row_thresholds(u, topk, window, 256)
-        _, _, rows = visit_model.visited_pairs(u, tau, 1024, window, 64, 64, order="last-row")
+        _, _, rows, _ = visit_model.visited_pairs(u, tau, 1024, window, 64, 64,
+                                                  order="last-row")
         groups.append(list(np.ceil(rows / 64) * group + 1))
     return groups
 

@@ -19,6 +19,8 @@ every count is per (kv head, query head), so ratios hold for any B, Hq and Hkv.
 
     python bench/sparsek_bwd_visit_model.py                   # the issue's configs
     python bench/sparsek_bwd_visit_model.py --seq 32768 --sigma 1 --spans 128 1024
+    python bench/sparsek_bwd_visit_model.py --seq 32768 --spans 1024 --block-n 128 \
+        --block-m 64 --cluster 2 4 8     # the fused kernel; tiles that clusters would share
 """
 
 from __future__ import annotations
@@ -137,7 +139,32 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     hi = np.minimum(hi, seq - 1)
     num_rows = np.where(any_valid, np.maximum(0, hi - min_key + 1), 0)
     steps = -(-num_rows // block_m)
-    return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows
+    return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows, min_key
+
+
+def cluster_tile_reads(row_lo: np.ndarray, num_rows: np.ndarray, cluster: int, block_m: int):
+    """Row tiles the CTAs read (each tile once a step: its Q and dO, and its dq accumulator)
+    alone, and read by clusters of `cluster` neighbouring CTAs that walk their rows in step
+    and share every tile they have in common (each distinct tile of a cluster read once).
+
+    row_lo, num_rows: each CTA's first row and row count, in launch order (a cluster's CTAs
+    are consecutive; CTAs visiting no row read nothing). The fused kernel aligns a CTA's steps
+    to whole tiles, so its tiles run from row_lo // block_m to (row_lo + num_rows - 1) //
+    block_m. Returns (tiles read alone, tiles read by the clusters).
+    """
+    if row_lo.size % cluster:
+        raise ValueError("the CTA count must be a multiple of the cluster size")
+    has_rows = num_rows > 0
+    first = np.where(has_rows, row_lo // block_m, 0)
+    last = np.where(has_rows, (row_lo + num_rows - 1) // block_m, -1)
+    alone = int((last - first + 1).sum())
+    shared = 0
+    for group in range(0, row_lo.size, cluster):
+        tiles = set()
+        for a, b in zip(first[group:group + cluster], last[group:group + cluster]):
+            tiles.update(range(int(a), int(b) + 1))
+        shared += len(tiles)
+    return alone, shared
 
 
 def kernel_span_width(seq: int) -> int:
@@ -157,7 +184,11 @@ def main(argv=None):
                     help="rows per dk/dv step (kBlockM of BwdTileSizes<128>)")
     ap.add_argument("--row-step", type=int, default=0,
                     help="rows between exact tau solves (default: S / 1024)")
+    ap.add_argument("--cluster", type=int, nargs="*", default=[],
+                    help="also: the row tiles that clusters of this many neighbouring slices "
+                         "read if they walk in step, over lone CTAs' (the kernel's spans)")
     args = ap.parse_args(argv)
+    cluster_rows = []
 
     print(f"K={args.topk} W={args.window} kBlockN={args.block_n} kBlockM={args.block_m}; "
           "pairs per (kv head, query head); 'visited' counts whole kBlockM x kBlockN steps; "
@@ -174,19 +205,29 @@ def main(argv=None):
             for span in args.spans:
                 if span % args.block_n:
                     raise SystemExit(f"span {span} is not a multiple of kBlockN {args.block_n}")
-                visited, ctas, _ = visited_pairs(u, tau, span, args.window, args.block_n,
-                                                 args.block_m)
-                by_last, _, _ = visited_pairs(u, tau, span, args.window, args.block_n,
-                                              args.block_m, order="last-row")
+                visited, ctas, _, _ = visited_pairs(u, tau, span, args.window, args.block_n,
+                                                    args.block_m)
+                by_last, _, _, _ = visited_pairs(u, tau, span, args.window, args.block_n,
+                                                 args.block_m, order="last-row")
                 base = visited if base is None else base
                 print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | {span} | {ctas} | "
                       f"{visited / attended:.2f} | {visited / base:.2f} | "
                       f"{by_last / attended:.2f} |", flush=True)
             width = kernel_span_width(seq)
-            kernel, ctas, _ = visited_pairs(u, tau, width, args.window, args.block_n,
-                                            args.block_m, order="last-row")
+            kernel, ctas, num_rows, row_lo = visited_pairs(u, tau, width, args.window,
+                                                           args.block_n, args.block_m,
+                                                           order="last-row")
             print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | kernel: {width} | {ctas} | - "
                   f"| - | {kernel / attended:.2f} |", flush=True)
+            for cluster in args.cluster:
+                alone, shared = cluster_tile_reads(row_lo, num_rows, cluster, args.block_m)
+                cluster_rows.append(f"| {seq} | {sigma:g} | {cluster} | {shared / alone:.3f} |")
+    if cluster_rows:
+        print("\nClusters of neighbouring slices of the kernel's spans walking their rows in "
+              "step: row tiles read (Q, dO, dq accumulator) over those read by lone CTAs")
+        print("| S | sigma | cluster | tiles read / alone |")
+        print("| ---: | ---: | ---: | ---: |")
+        print("\n".join(cluster_rows))
 
 
 if __name__ == "__main__":

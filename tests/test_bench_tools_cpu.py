@@ -55,3 +55,22 @@ def test_landmarks_accumulate_between_printed_lines(tmp_path):
     # FADD's with the exit's.
     assert [line.split()[0] for line in lines] == ["1", "3"]
     assert "40.00%" in lines[0] and "60.00%" in lines[1]
+
+
+def test_cluster_tile_reads():
+    import numpy as np
+    import pytest
+    import sparsek_bwd_visit_model
+
+    # CTA tiles (64 rows): [0, 1], [0], [2], none.
+    row_lo = np.array([0, 0, 128, 64])
+    num_rows = np.array([128, 64, 64, 0])
+    reads = sparsek_bwd_visit_model.cluster_tile_reads
+    assert reads(row_lo, num_rows, 1, 64) == (4, 4)
+    assert reads(row_lo, num_rows, 2, 64) == (4, 3)
+    assert reads(row_lo, num_rows, 4, 64) == (4, 3)
+    # A CTA that starts inside a tile reads the whole tile (steps start at multiples of 64):
+    # rows 70-129 are tiles 1 and 2, rows 0-127 tiles 0 and 1.
+    assert reads(np.array([70, 0]), np.array([60, 128]), 2, 64) == (4, 3)
+    with pytest.raises(ValueError, match="multiple of the cluster size"):
+        reads(row_lo, num_rows, 3, 64)
