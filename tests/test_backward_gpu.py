@@ -122,16 +122,29 @@ def test_sparsek_backward_long_against_xla(dtype):
                        dtype)
 
 
-@pytest.mark.parametrize("width", ["2048", "4096"])
-@pytest.mark.parametrize("name", ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64"])
-def test_sparsek_backward_span_widths(name, width, monkeypatch):
-    """The wider sorted key spans that S > 48k takes (selection/sort_key_spans.h), forced at
-    small S through JAX_SPARSEK_KEY_SPAN (read at every call): one partial span, or two."""
-    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", width)
+# Settings read at every call, forced at small S: the wider sorted key spans that S > 48k
+# takes (selection/sort_key_spans.h; one partial span, or two), and the fused SparseK dk/dv
+# grid in thread-block clusters of neighbouring span slices (D = 128 runs the fused kernel).
+_SETTING_CASES = [
+    (variable, value, name)
+    for variable, values, names in [
+        ("JAX_SPARSEK_KEY_SPAN", ["2048", "4096"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64"]),
+        ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
+    ]
+    for value in values for name in names
+]
+
+
+@pytest.mark.parametrize("variable,value,name", _SETTING_CASES)
+def test_sparsek_backward_settings(variable, value, name, monkeypatch):
+    """Gradients against the float64 reference with a key span width or cluster size set."""
+    monkeypatch.setenv(variable, value)
     case = SPARSEK_CASES[name]
     api, inputs = _api_grads(case, jnp.float16)
     ref = reference_grads(case, *inputs)
-    _check(case, api, ref, jnp.float16, context=f"{name} span {width}")
+    _check(case, api, ref, jnp.float16, context=f"{name} {variable}={value}")
 
 
 def test_sparsek_backward_span_4096_long_against_xla(monkeypatch):
@@ -142,32 +155,18 @@ def test_sparsek_backward_span_4096_long_against_xla(monkeypatch):
                        jnp.bfloat16)
 
 
-def test_sparsek_backward_bad_span_width(monkeypatch):
-    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has: an error naming it."""
-    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", "3000")
-    with pytest.raises(Exception, match="JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096"):
-        grads, _ = _api_grads(SPARSEK_CASES["T300_K40_W16_gqa4_d128"], jnp.float16)
-        jax.block_until_ready(grads)
-
-
-@pytest.mark.parametrize("ctas", ["2", "4", "8"])
-@pytest.mark.parametrize("name", ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"])
-def test_sparsek_backward_clusters(name, ctas, monkeypatch):
-    """The fused SparseK dk/dv grid launched in thread-block clusters of neighbouring span
-    slices (JAX_SPARSEK_BWD_CLUSTER, read at every call; D = 128 runs the fused kernel)."""
-    monkeypatch.setenv("JAX_SPARSEK_BWD_CLUSTER", ctas)
-    case = SPARSEK_CASES[name]
-    api, inputs = _api_grads(case, jnp.float16)
-    ref = reference_grads(case, *inputs)
-    _check(case, api, ref, jnp.float16, context=f"{name} cluster {ctas}")
-
-
-def test_sparsek_backward_bad_cluster(monkeypatch):
-    """A JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the launcher takes: an error
-    naming it."""
-    monkeypatch.setenv("JAX_SPARSEK_BWD_CLUSTER", "3")
-    with pytest.raises(Exception, match="JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8"):
-        grads, _ = _api_grads(SPARSEK_CASES["T1100_S2600_K96_W40_gqa8_d128"], jnp.float16)
+@pytest.mark.parametrize("variable,value,message,name", [
+    ("JAX_SPARSEK_KEY_SPAN", "3000", "JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096",
+     "T300_K40_W16_gqa4_d128"),
+    ("JAX_SPARSEK_BWD_CLUSTER", "3", "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8",
+     "T1100_S2600_K96_W40_gqa8_d128"),
+])
+def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
+    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, or a JAX_SPARSEK_BWD_CLUSTER
+    that is not a cluster size the launcher takes: an error naming it."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(Exception, match=message):
+        grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)
         jax.block_until_ready(grads)
 
 

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <string>
-#include <type_traits>
 
 #include "attention/bwd_dkdv_kernel.cuh"
 #include "attention/bwd_dkdv_kernel_sm90.cuh"
@@ -77,30 +76,32 @@ std::string allow_smem(Kernel kernel, size_t smem_bytes) {
 using DkDvKernel = void (*)(AttentionBwdParams, const float*, const float*);
 using DkDvSm90Kernel = void (*)(AttentionBwdParams, const float*, float*, float*);
 
-inline void launch_dkdv(DkDvKernel kernel, dim3 grid, int threads, size_t smem,
-                        cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
-                        float* mean, float*) {
-  kernel<<<grid, threads, smem, stream>>>(p, delta, mean);
-}
-inline void launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int threads, size_t smem,
-                        cudaStream_t stream, const AttentionBwdParams& p, const float* delta,
-                        float* mean, float* dq_accum) {
-  kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
-}
-
-// The fused SparseK dk/dv grid in thread-block clusters of `cluster` CTAs along its tiles:
-// neighbouring slices of one sorted key span (cluster divides the slices of a span), which
-// start at the same row and end near it. Launched together, they walk the same rows at the
-// same time, so that each step's Q and dO tiles and dq accumulator tile, which otherwise come
-// from DRAM for every CTA (bench/NOTES.md), can be shared in L2. The kernel does not use the
-// cluster otherwise. Measured at S = 32k (bench/NOTES.md, "Clusters of span slices"): pairs
-// 1-5% faster than single CTAs in four same-call comparisons, clusters of 4 slower at sigma 4.
+// The fused SparseK dk/dv grid goes in thread-block clusters of `cluster` CTAs along its
+// tiles: neighbouring slices of one sorted key span (cluster divides the slices of a span),
+// which start at the same row and end near it. Launched together, they walk the same rows at
+// the same time, so that each step's Q and dO tiles and dq accumulator tile, which otherwise
+// come from DRAM for every CTA (bench/NOTES.md), can be shared in L2. The kernel does not use
+// the cluster otherwise. Measured at S = 32k (bench/NOTES.md, "Clusters of span slices"):
+// pairs 1-5% faster than single CTAs in four same-call comparisons, clusters of 4 slower at
+// sigma 4.
 constexpr int kSparseKDkDvClusterCtas = 2;
 
-inline std::string launch_dkdv_in_clusters(DkDvSm90Kernel kernel, dim3 grid, int cluster,
-                                           int threads, size_t smem, cudaStream_t stream,
-                                           const AttentionBwdParams& p, const float* delta,
-                                           float* mean, float* dq_accum) {
+// The mma.sync kernel never runs in clusters (cluster is 1 there).
+inline std::string launch_dkdv(DkDvKernel kernel, dim3 grid, int, int threads, size_t smem,
+                               cudaStream_t stream, const AttentionBwdParams& p,
+                               const float* delta, float* mean, float*) {
+  kernel<<<grid, threads, smem, stream>>>(p, delta, mean);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  return {};
+}
+inline std::string launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int cluster, int threads,
+                               size_t smem, cudaStream_t stream, const AttentionBwdParams& p,
+                               const float* delta, float* mean, float* dq_accum) {
+  if (cluster == 1) {
+    kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    return {};
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(static_cast<unsigned>(threads));
@@ -140,16 +141,15 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                 : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
   int sms = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
-  // SparseK with dq fused: the dk/dv grid in clusters (tile-major: tiles in gridDim.y).
+  // SparseK with dq fused (the Hopper kernel; only it takes dq_accum): the dk/dv grid in
+  // clusters (tile-major: tiles in gridDim.y).
   int cluster = 1;
-  if constexpr (std::is_same_v<DkDvKernelT, DkDvSm90Kernel>) {
-    if (p.sparsek && dq_accum) {
-      const int requested = requested_bwd_cluster();
-      if (requested < 0) return "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8";
-      cluster = requested > 0 ? requested : kSparseKDkDvClusterCtas;
-      if ((p.key_span / DkDvCfg::kBlockN) % cluster != 0) {
-        return "the SparseK dk/dv cluster must divide a key span's slices";
-      }
+  if (p.sparsek && dq_accum) {
+    const int requested = requested_bwd_cluster();
+    if (requested < 0) return "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8";
+    cluster = requested > 0 ? requested : kSparseKDkDvClusterCtas;
+    if ((p.key_span / DkDvCfg::kBlockN) % cluster != 0) {
+      return "the SparseK dk/dv cluster must divide a key span's slices";
     }
   }
   // gridDim.y and z are at most 65535: larger batches go in several launches.
@@ -174,20 +174,12 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
                                          ? CtaOrder::make_sparsek_key_grid(chunk, key_tiles)
                                          : CtaOrder::make(chunk, key_tiles, p.heads_kv, sms);
     chunk.tile_major_grid = dkdv_grid.tile_major;
-    if constexpr (std::is_same_v<DkDvKernelT, DkDvSm90Kernel>) {
-      if (cluster > 1) {
-        if (std::string error = launch_dkdv_in_clusters(
-                dkdv_kernel, dkdv_grid.dims, cluster, DkDvCfg::kNThreads, dkdv_smem, stream,
-                chunk, chunk_delta, chunk_mean, chunk_dq_accum);
-            !error.empty()) {
-          return error;
-        }
-        continue;
-      }
+    if (std::string error =
+            launch_dkdv(dkdv_kernel, dkdv_grid.dims, cluster, DkDvCfg::kNThreads, dkdv_smem,
+                        stream, chunk, chunk_delta, chunk_mean, chunk_dq_accum);
+        !error.empty()) {
+      return error;
     }
-    launch_dkdv(dkdv_kernel, dkdv_grid.dims, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
-                chunk_delta, chunk_mean, chunk_dq_accum);
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }
   return {};
 }

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 namespace sparsek {
@@ -31,22 +32,20 @@ bool deterministic_backward_requested() {
   return env_equals("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1");
 }
 
-int requested_key_span() {
-  const char* value = std::getenv("JAX_SPARSEK_KEY_SPAN");
+namespace {
+// The variable's value among `choices`: 0 when unset or empty, -1 when anything else.
+int env_choice(const char* name, std::initializer_list<int> choices) {
+  const char* value = std::getenv(name);
   if (value == nullptr || value[0] == '\0') return 0;
-  for (const int width : {1024, 2048, 4096}) {
-    if (std::to_string(width) == value) return width;
+  for (const int choice : choices) {
+    if (std::to_string(choice) == value) return choice;
   }
   return -1;
 }
+}  // namespace
 
-int requested_bwd_cluster() {
-  const char* value = std::getenv("JAX_SPARSEK_BWD_CLUSTER");
-  if (value == nullptr || value[0] == '\0') return 0;
-  for (const int ctas : {1, 2, 4, 8}) {
-    if (std::to_string(ctas) == value) return ctas;
-  }
-  return -1;
-}
+int requested_key_span() { return env_choice("JAX_SPARSEK_KEY_SPAN", {1024, 2048, 4096}); }
+
+int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
 }  // namespace sparsek
