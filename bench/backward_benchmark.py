@@ -11,7 +11,10 @@ Times (median over --reps, each a jitted program over distinct input sets):
     fwd+bwd    jax.grad of sum(o * w) in q, k, v (and the scores, SparseK)
     bwd        fwd+bwd - fwd
 for ours (sparsek_attention, implementation='cuda') and
-jax.nn.dot_product_attention(implementation='cudnn'). Backward TFLOP/s = 2.5 x the forward's
+jax.nn.dot_product_attention(implementation='cudnn'), their reps interleaved (ours, cuDNN,
+ours, ...): under load the H200 runs at its power cap and its clocks wander between 1.5 and
+2 GHz (nvidia-smi: SW power cap), so timings taken one after the other compare different
+clocks; interleaved, both see the same. Backward TFLOP/s = 2.5 x the forward's
 FLOPs (4 * B * Hq * D * attended pairs) over the backward time. Dense configs are those of
 bench/benchmark.py; SparseK: B=1, Hq=32, Hkv=8, D=128, K=2048, W=512, T = S, scores
 u ~ N(0, sigma^2) (--sigma, default 1), against cuDNN's dense causal backward (the pairs
@@ -36,6 +39,7 @@ import functools
 import json
 import os
 import sys
+import statistics
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -45,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import CONFIGS, kernel_env  # noqa: E402
-from sparsek_benchmark import attended_pairs, time_program  # noqa: E402
+from sparsek_benchmark import attended_pairs  # noqa: E402
 import sparsek_benchmark as skb  # noqa: E402
 
 import jax_sparsek  # noqa: E402
@@ -79,16 +83,6 @@ def warm_up(seconds=2.0):
         x = jax.block_until_ready(step(x))
 
 
-_CUDNN_TIMES = {}
-
-
-def cudnn_times(key, measure):
-    """cuDNN's (fwd, fwd+bwd, bwd) for a config, measured once for all --kernels rows."""
-    if key not in _CUDNN_TIMES:
-        _CUDNN_TIMES[key] = measure()
-    return _CUDNN_TIMES[key]
-
-
 def grad_program(attn, argnums):
     def loss(*args):
         *inputs, w = args
@@ -102,10 +96,33 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def time_fwd_bwd(attn, sets, argnums, iters, reps):
-    fwd = time_program(attn, [s[:-1] for s in sets], iters, reps)
-    both = time_program(grad_program(attn, argnums), sets, iters, reps)
-    return fwd, both, both - fwd
+def time_interleaved(cases, reps):
+    """Median seconds per call for each (fn, sets, iters): one jitted program each, run on
+    every set; the programs' reps interleaved, so that all see the same clocks."""
+    programs = [(jax.jit(lambda all_sets, fn=fn: [fn(*s) for s in all_sets]), sets, iters)
+                for fn, sets, iters in cases]
+    for program, sets, _ in programs:
+        jax.block_until_ready(program(sets))
+    times = [[] for _ in programs]
+    for _ in range(reps):
+        for (program, sets, iters), t in zip(programs, times):
+            start = time.perf_counter()
+            for _ in range(iters):
+                out = program(sets)
+            jax.block_until_ready(out)
+            t.append((time.perf_counter() - start) / (iters * len(sets)))
+    return [statistics.median(t) for t in times]
+
+
+def time_fwd_bwd(impls, reps):
+    """(fwd, fwd+bwd, bwd) seconds for each (attn, sets with w last, argnums, iters), all
+    reps interleaved."""
+    cases = []
+    for attn, sets, argnums, iters in impls:
+        cases.append((attn, [s[:-1] for s in sets], iters))
+        cases.append((grad_program(attn, argnums), sets, iters))
+    t = time_interleaved(cases, reps)
+    return [(t[i], t[i + 1], t[i + 1] - t[i]) for i in range(0, len(t), 2)]
 
 
 def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
@@ -125,14 +142,13 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
                               implementation="cudnn")
     with backward_kernel_env(kernel):
         g_ours = jax.block_until_ready(jax.jit(grad_program(ours, (0, 1, 2)))(*sets[0]))
-        t_ours = time_fwd_bwd(ours, sets, (0, 1, 2), iters, reps)
+        t_ours, t_cudnn = time_fwd_bwd(
+            [(ours, sets, (0, 1, 2), iters), (cudnn, sets, (0, 1, 2), iters)], reps)
     g_ref = jax.jit(grad_program(cudnn, (0, 1, 2)))(*sets[0])
     err = max(rel(a, b) for a, b in zip(g_ours, g_ref))
     ok = err <= TOLERANCE[jnp.dtype(dtype).name]
     pairs = cfg.T * (cfg.T + 1) // 2 if cfg.causal else cfg.T * cfg.S
     fwd_flops = 4 * cfg.B * cfg.Hq * cfg.D * pairs
-    t_cudnn = cudnn_times((name, dtype_key),
-                          lambda: time_fwd_bwd(cudnn, sets, (0, 1, 2), iters, reps))
     r = {"config": name, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
          "ours_fwd_s": t_ours[0],
          "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0], "cudnn_bwd_s": t_cudnn[2],
@@ -163,10 +179,10 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0):
     with backward_kernel_env(kernel):
         grads = jax.jit(grad_program(ours, (0, 1, 2, 3)))(*sets[0])
         finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
-        t_ours = time_fwd_bwd(ours, sets, (0, 1, 2, 3), iters, reps)
-    dense_sets = [s[:3] + s[4:] for s in sets]
-    t_cudnn = cudnn_times(("sparsek", seq, dtype_key), lambda: time_fwd_bwd(
-        cudnn, dense_sets, (0, 1, 2), max(1, iters // 2), reps))
+        dense_sets = [s[:3] + s[4:] for s in sets]
+        t_ours, t_cudnn = time_fwd_bwd(
+            [(ours, sets, (0, 1, 2, 3), iters),
+             (cudnn, dense_sets, (0, 1, 2), max(1, iters // 2))], reps)
     dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
     r = {"seq": seq, "sigma": sigma, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
          "topk": skb.TOPK, "window": skb.WINDOW,

@@ -74,3 +74,34 @@ def test_cluster_tile_reads():
     assert reads(np.array([70, 0]), np.array([60, 128]), 2, 64) == (4, 3)
     with pytest.raises(ValueError, match="multiple of the cluster size"):
         reads(row_lo, num_rows, 3, 64)
+
+
+def test_backward_benchmark_interleaves_reps():
+    """The compared programs' reps alternate (both see the same clocks), and bwd is fwd+bwd
+    minus fwd for each implementation."""
+    import jax
+    import jax.numpy as jnp
+    import backward_benchmark
+
+    calls = []
+
+    def tagged(tag):
+        def fn(x):
+            jax.debug.callback(lambda: calls.append(tag))
+            return x * 2.0
+        return fn
+
+    sets = [(jnp.ones(3),), (jnp.zeros(3),)]
+    medians = backward_benchmark.time_interleaved(
+        [(tagged("a"), sets, 2), (tagged("b"), sets, 1)], reps=3)
+    assert len(medians) == 2 and all(t > 0 for t in medians)
+    warm = ["a"] * 2 + ["b"] * 2  # each program once on both sets before the reps
+    rep = ["a"] * 4 + ["b"] * 2   # iters x sets calls, then the other program
+    assert calls == warm + rep * 3
+
+    def attn(x):
+        return x * 3.0
+
+    w_sets = [(jnp.ones(3), jnp.ones(3))]
+    (fwd, both, bwd), = backward_benchmark.time_fwd_bwd([(attn, w_sets, (0,), 1)], reps=2)
+    assert fwd > 0 and both > 0 and bwd == both - fwd
