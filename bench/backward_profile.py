@@ -1,7 +1,7 @@
 """One backward (jax.grad) call of ours, for Nsight Compute: the dq and dk/dv kernels' times.
 
     ncu --clock-control none -k regex:attention_bwd_d --launch-skip 2 --launch-count 2 \\
-        --metrics gpu__time_duration.sum python bench/backward_profile.py sparsek 32768
+        --metrics gpu__time_duration.sum python bench/backward_profile.py sparsek 32768 [sigma]
     JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 ncu ... python bench/backward_profile.py \\
         foundation_t8192_causal
 
@@ -30,11 +30,12 @@ def main(argv=None):
     name = argv[0] if argv else "foundation_t8192_causal"
     if name == "sparsek":
         seq = int(argv[1]) if len(argv) > 1 else 32768
-        q, k, v, u = skb.make_inputs(seq, jnp.float16, 1.0, 1)[0]
+        sigma = float(argv[2]) if len(argv) > 2 else 1.0
+        q, k, v, u = skb.make_inputs(seq, jnp.float16, sigma, 1)[0]
         attn = functools.partial(jax_sparsek.sparsek_attention, topk=skb.TOPK,
                                  window=skb.WINDOW, is_causal=True, implementation="cuda")
         args, argnums = (q, k, v, u), (0, 1, 2, 3)
-        shape = f"SparseK S={seq}"
+        shape = f"SparseK S={seq} sigma={sigma:g}"
     else:
         cfg = benchmark.CONFIGS[name]
         q, k, v = benchmark.make_inputs(cfg, jnp.float16, 1)[0]
