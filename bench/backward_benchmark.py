@@ -39,7 +39,6 @@ import functools
 import json
 import os
 import sys
-import statistics
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -49,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import CONFIGS, kernel_env  # noqa: E402
-from sparsek_benchmark import attended_pairs  # noqa: E402
+from sparsek_benchmark import attended_pairs, time_interleaved  # noqa: E402
 import sparsek_benchmark as skb  # noqa: E402
 
 import jax_sparsek  # noqa: E402
@@ -94,24 +93,6 @@ def rel(a, b):
     a = a.astype(jnp.float32)
     b = b.astype(jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
-def time_interleaved(cases, reps):
-    """Median seconds per call for each (fn, sets, iters): one jitted program each, run on
-    every set; the programs' reps interleaved, so that all see the same clocks."""
-    programs = [(jax.jit(lambda all_sets, fn=fn: [fn(*s) for s in all_sets]), sets, iters)
-                for fn, sets, iters in cases]
-    for program, sets, _ in programs:
-        jax.block_until_ready(program(sets))
-    times = [[] for _ in programs]
-    for _ in range(reps):
-        for (program, sets, iters), t in zip(programs, times):
-            start = time.perf_counter()
-            for _ in range(iters):
-                out = program(sets)
-            jax.block_until_ready(out)
-            t.append((time.perf_counter() - start) / (iters * len(sets)))
-    return [statistics.median(t) for t in times]
 
 
 def time_fwd_bwd(impls, reps):

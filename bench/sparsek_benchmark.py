@@ -10,7 +10,8 @@ random normal u ~ N(0, sigma^2) per key and kv head (--sigma, default both 1 and
 spread of the scores decides how many keys get a fractional gate (0 < m < 1), and so how
 many keys past K each row attends. Both are reported.
 
-Timed, each as one jitted program over distinct input sets, median over --reps:
+Timed, each as one jitted program over distinct input sets, median over --reps, the four
+programs' reps interleaved (time_interleaved):
     ours      sparsek_attention(q, k, v, scores, topk=K, window=W, implementation='cuda')
               (selection + attention, end to end)
     select    the selection stage alone (jax_sparsek._primitive.sparsek_select_cuda)
@@ -68,18 +69,24 @@ def make_inputs(seq, dtype, sigma, num_sets, seed=0):
     return sets
 
 
-def time_program(fn, sets, iters, reps):
-    """Median seconds per call of fn, run once on every input set inside one jit program."""
-    program = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
-    jax.block_until_ready(program(sets))
-    times = []
+def time_interleaved(cases, reps):
+    """Median seconds per call for each (fn, sets, iters): one jitted program each, run on
+    every set; the programs' reps interleaved (a rep of each in turn), so that all see the
+    same clocks: under load the H200 sits at its power cap and its SM clock wanders between
+    1.5 and 2 GHz, so a program timed right after another runs on a hotter, slower chip."""
+    programs = [(jax.jit(lambda all_sets, fn=fn: [fn(*s) for s in all_sets]), sets, iters)
+                for fn, sets, iters in cases]
+    for program, sets, _ in programs:
+        jax.block_until_ready(program(sets))
+    times = [[] for _ in programs]
     for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = program(sets)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / (iters * len(sets)))
-    return statistics.median(times)
+        for (program, sets, iters), t in zip(programs, times):
+            start = time.perf_counter()
+            for _ in range(iters):
+                out = program(sets)
+            jax.block_until_ready(out)
+            t.append((time.perf_counter() - start) / (iters * len(sets)))
+    return [statistics.median(t) for t in times]
 
 
 @functools.partial(jax.jit, static_argnames=("seq",))
@@ -134,7 +141,9 @@ def run(seq, dtype_key, sigmas, iters, reps):
                                implementation="cuda")
     select = functools.partial(sparsek_select_cuda, num_queries=seq, topk=TOPK, window=WINDOW)
     dense_pairs = B * HQ * seq * (seq + 1) // 2
-    baseline = None
+    cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                              implementation="cudnn")
+    dense = functools.partial(sparsek_attention, is_causal=True, implementation="cuda")
     for sigma in sigmas:
         sets = make_inputs(seq, dtype, sigma, num_sets)
         q, k, v, u = sets[0]
@@ -142,16 +151,12 @@ def run(seq, dtype_key, sigmas, iters, reps):
         err, ok = check_rows(q, k, v, u, out, dtype_name, seq)
         tau = jax.block_until_ready(jax.jit(select)(u))
         pairs = int(attended_pairs(u, tau, seq=seq)) * (HQ // HKV)
-        t_ours = time_program(sparse, sets, iters, reps)
-        t_select = time_program(lambda q_, k_, v_, u_: select(u_), sets, iters, reps)
-        if baseline is None:
-            dense_sets = [s[:3] for s in sets]
-            cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                                      implementation="cudnn")
-            dense = functools.partial(sparsek_attention, is_causal=True, implementation="cuda")
-            dense_iters = max(1, iters // 4)
-            baseline = {"cudnn_s": time_program(cudnn, dense_sets, dense_iters, reps),
-                        "dense_s": time_program(dense, dense_sets, dense_iters, reps)}
+        dense_sets = [s[:3] for s in sets]
+        dense_iters = max(1, iters // 4)
+        t_ours, t_select, cudnn_s, dense_s = time_interleaved(
+            [(sparse, sets, iters), (lambda q_, k_, v_, u_: select(u_), sets, iters),
+             (cudnn, dense_sets, dense_iters), (dense, dense_sets, dense_iters)], reps)
+        baseline = {"cudnn_s": cudnn_s, "dense_s": dense_s}
         flop_per_pair = 4 * D
         t_attn = t_ours - t_select
         r = {

@@ -82,6 +82,7 @@ def test_backward_benchmark_interleaves_reps():
     import jax
     import jax.numpy as jnp
     import backward_benchmark
+    import sparsek_benchmark
 
     calls = []
 
@@ -92,7 +93,7 @@ def test_backward_benchmark_interleaves_reps():
         return fn
 
     sets = [(jnp.ones(3),), (jnp.zeros(3),)]
-    medians = backward_benchmark.time_interleaved(
+    medians = sparsek_benchmark.time_interleaved(
         [(tagged("a"), sets, 2), (tagged("b"), sets, 1)], reps=3)
     assert len(medians) == 2 and all(t > 0 for t in medians)
     warm = ["a"] * 2 + ["b"] * 2  # each program once on both sets before the reps
