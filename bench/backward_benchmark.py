@@ -26,7 +26,7 @@ does).
 with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (dq in its own kernel), "mma_sync" sets
 JAX_SPARSEK_BACKWARD_KERNEL=mma_sync; the variables are read at every call (and the
 deterministic choice also when the program is traced, which happens inside its timing). Each
-gets its own rows, against the same cuDNN timing.
+gets its own rows, each timed against cuDNN again with the reps interleaved.
 
 Correctness: for the dense configs our gradients are compared with cuDNN's (relative error;
 over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).

@@ -32,11 +32,12 @@ __device__ __forceinline__ float2 to_float2<__nv_bfloat16>(uint32_t packed) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
 }
 
-// Lanes a row: the smallest power of two >= head_dim / 8 (head_dim <= 256: at most 32).
-inline int lanes_per_row(int64_t head_dim) {
-  int lanes = 1;
-  while (lanes * 8 < head_dim) lanes *= 2;
-  return lanes;
+// log2 of the lanes a row takes: the smallest power of two >= head_dim / 8 (head_dim <= 256:
+// at most 32 lanes).
+inline int row_lanes_log2_for(int64_t head_dim) {
+  int log2 = 0;
+  while ((int64_t{8} << log2) < head_dim) ++log2;
+  return log2;
 }
 
 template <typename Element>
@@ -94,10 +95,8 @@ template <typename Element>
 std::string launch(const AttentionBwdParams& p, float* delta, cudaStream_t stream) {
   const int64_t rows = p.batch * p.seqlen_q * p.heads_q;
   if (rows == 0) return {};
-  const int row_lanes = lanes_per_row(p.head_dim);
-  int row_lanes_log2 = 0;
-  while ((1 << row_lanes_log2) < row_lanes) ++row_lanes_log2;
-  const int64_t rows_per_block = kPreprocessThreads / row_lanes;
+  const int row_lanes_log2 = row_lanes_log2_for(p.head_dim);
+  const int64_t rows_per_block = kPreprocessThreads >> row_lanes_log2;
   const int64_t blocks =
       std::min<int64_t>((rows + rows_per_block - 1) / rows_per_block, int64_t{1} << 20);
   bwd_preprocess_kernel<Element><<<static_cast<unsigned>(blocks), kPreprocessThreads, 0,
