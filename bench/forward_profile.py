@@ -12,6 +12,10 @@ waits, per SASS line (the producer warpgroup's gather against the consumers' sof
         --set full --import-source yes -o fwd python bench/forward_profile.py sparsek:32768:4
     ncu -i fwd.ncu-rep --page source --csv --print-source sass > fwd_sass.csv
 
+`dense:S` profiles our dense causal forward on the same inputs, `cudnn:S` cuDNN's
+(jax.nn.dot_product_attention, implementation='cudnn'; its kernel is not named attention_fwd:
+list the call's kernels first, e.g. with --metrics gpu__time_duration.sum and no -k).
+
 The first call compiles and runs once (skipped by --launch-skip 1), the second is profiled.
 JAX_SPARSEK_FORWARD_KERNEL=mma_sync profiles the mma.sync kernel instead of the Hopper one.
 """
@@ -38,11 +42,26 @@ def sparsek_call(spec: str):
     return fn, args, f"S={seq} sigma={sigma} (B=1 Hq=32 Hkv=8 D=128 K=2048 W=512)"
 
 
+def dense_call(spec: str):
+    """Our dense causal forward (`dense:S`) or cuDNN's (`cudnn:S`) on issue 3's inputs."""
+    kind, seq = spec.split(":")
+    q, k, v, _ = sparsek_benchmark.make_inputs(int(seq), jax.numpy.float16, 1.0, 1)[0]
+    if kind == "cudnn":
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"))
+    else:
+        fn = jax.jit(lambda q, k, v: jax_sparsek.sparsek_attention(
+            q, k, v, is_causal=True, implementation="cuda"))
+    return fn, (q, k, v), f"{kind} causal S={seq} (B=1 Hq=32 Hkv=8 D=128)"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv else "gpt4"
     if name.startswith("sparsek:"):
         fn, args, shape = sparsek_call(name)
+    elif name.startswith(("dense:", "cudnn:")):
+        fn, args, shape = dense_call(name)
     else:
         cfg = benchmark.CONFIGS[name]
         args = benchmark.make_inputs(cfg, jax.numpy.float16, 1)[0]
