@@ -106,3 +106,15 @@ def test_backward_benchmark_interleaves_reps():
     w_sets = [(jnp.ones(3), jnp.ones(3))]
     (fwd, both, bwd), = backward_benchmark.time_fwd_bwd([(attn, w_sets, (0,), 1)], reps=2)
     assert fwd > 0 and both > 0 and bwd == both - fwd
+
+
+def test_forward_profile_dense_specs():
+    """`dense:S` and `cudnn:S` build issue 3's dense causal problem at S rows (ours and
+    cuDNN's call; neither is run here)."""
+    import forward_profile
+
+    for kind in ("dense", "cudnn"):
+        fn, (q, k, v), shape = forward_profile.dense_call(f"{kind}:256")
+        assert q.shape == (1, 256, 32, 128) and k.shape == v.shape == (1, 256, 8, 128)
+        assert str(q.dtype) == "float16" and shape.startswith(f"{kind} causal S=256")
+        assert callable(fn)
