@@ -46,12 +46,7 @@ def dense_call(spec: str):
     """Our dense causal forward (`dense:S`) or cuDNN's (`cudnn:S`) on issue 3's inputs."""
     kind, seq = spec.split(":")
     q, k, v, _ = sparsek_benchmark.make_inputs(int(seq), jax.numpy.float16, 1.0, 1)[0]
-    if kind == "cudnn":
-        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"))
-    else:
-        fn = jax.jit(lambda q, k, v: jax_sparsek.sparsek_attention(
-            q, k, v, is_causal=True, implementation="cuda"))
+    fn = jax.jit(sparsek_benchmark.DENSE_CAUSAL[kind])
     return fn, (q, k, v), f"{kind} causal S={seq} (B=1 Hq=32 Hkv=8 D=128)"
 
 

@@ -55,6 +55,13 @@ B, HQ, HKV, D, TOPK, WINDOW = 1, 32, 8, 128, 2048, 512
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2}
 DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
 SET_BYTES_LIMIT = 3 * 2**30
+# The dense causal peers at the same shape: cuDNN's, and our own dense kernel
+# (bench/forward_profile.py profiles them too).
+DENSE_CAUSAL = {
+    "cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                               implementation="cudnn"),
+    "dense": functools.partial(sparsek_attention, is_causal=True, implementation="cuda"),
+}
 
 
 def make_inputs(seq, dtype, sigma, num_sets, seed=0):
@@ -141,9 +148,7 @@ def run(seq, dtype_key, sigmas, iters, reps):
                                implementation="cuda")
     select = functools.partial(sparsek_select_cuda, num_queries=seq, topk=TOPK, window=WINDOW)
     dense_pairs = B * HQ * seq * (seq + 1) // 2
-    cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                              implementation="cudnn")
-    dense = functools.partial(sparsek_attention, is_causal=True, implementation="cuda")
+    cudnn, dense = DENSE_CAUSAL["cudnn"], DENSE_CAUSAL["dense"]
     for sigma in sigmas:
         sets = make_inputs(seq, dtype, sigma, num_sets)
         q, k, v, u = sets[0]
