@@ -67,6 +67,11 @@ ORACLE_CASES = [
     (1, 211, 211, 4, 2, 128, jnp.bfloat16, 40, 32, "padded_head"),
     (2, 173, 301, 8, 2, 32, jnp.float16, 17, 9, "slope"),
     (1, 129, 129, 2, 1, 128, jnp.float16, 1, 0, "sharp"),
+    # W = 0 and a last query tile of one row at position S - 1 = 255: its domain ends on a
+    # chunk boundary, so its contiguous range has no keys (the Hopper kernel's first tile is
+    # then a candidates' one, not the range's).
+    (1, 129, 256, 2, 1, 128, jnp.float16, 40, 0, "normal"),
+    (1, 1, 384, 4, 1, 128, jnp.bfloat16, 100, 0, "normal"),
 ]
 
 
@@ -112,6 +117,9 @@ XLA_CASES = [
     (1, 4500, 4500, 2, 2, 128, jnp.bfloat16, 1500, 0, "slope"),
     (1, 8192, 8192, 4, 1, 128, jnp.float16, 512, 128, "sharp"),
     (1, 3000, 6000, 4, 2, 64, jnp.float16, 700, 200, "tied"),
+    # 500k keys for 200 rows (chunked prefill): a plan row of 3907 chunks (31 KB of the
+    # Hopper kernel's shared memory) and anchors 16 query tiles apart that the rows never reach.
+    (1, 200, 500_000, 2, 1, 128, jnp.float16, 4000, 300, "normal"),
 ]
 
 

@@ -76,11 +76,13 @@ struct SparseKKeyVisitBwd : SparseKKeyVisit<Cfg> {
   };
 
   __device__ __forceinline__ bool is_candidate_tile(int it) const {
-    return it < this->sparse_tiles();
+    return !this->is_range_tile(it);
   }
   // A tile of full keys (the first full_tiles() candidate tiles): gate 1 for every row of the
   // plan tile, so no pair of it is fractional.
-  __device__ __forceinline__ bool is_full_tile(int it) const { return it < this->full_tiles(); }
+  __device__ __forceinline__ bool is_full_tile(int it) const {
+    return is_candidate_tile(it) && this->candidate_tile(it) < this->full_tiles();
+  }
 
   template <typename Params>
   __device__ __forceinline__ TileGate tile_gate(const Params& p, int it, int warp_row0,

@@ -2,11 +2,11 @@
 // three warpgroups per (128 query rows, query head, batch).
 //
 // - The producer warpgroup (warps 8-11, with few registers: it hands the rest to the
-//   consumers) copies K and V tiles into two stages with cp.async (in SparseK it also
-//   fetches each tile's key positions and scores into a slot of shared memory, then gathers
-//   the rows), and signals each stage's "full" mbarrier when its copies land. Consumers
-//   release a stage through its "empty" mbarrier (one arrival a warp) once their products
-//   have read it. No barrier stops the whole CTA inside the mainloop.
+//   consumers) copies K and V tiles into stages (two each: FwdSm90TileConfig) with cp.async
+//   (in SparseK it also fetches each tile's key positions and scores into a slot of shared
+//   memory, then gathers the rows; range tiles it copies whole), and signals each stage's
+//   "full" mbarrier when its copies land. Consumers release a stage through its "empty"
+//   mbarrier (one arrival a warp) once their products have read it. No barrier stops the whole CTA inside the mainloop.
 // - The consumer warpgroups (0 and 1, 64 query rows each; Q stays in shared memory) take
 //   turns issuing their tile products, ordered by two named barriers (FlashAttention-3's
 //   ping-pong): warpgroup 0 issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1), and once
@@ -70,61 +70,78 @@ struct Sm90TileProducts {
 };
 
 // The full and empty mbarriers of the K and V stages, in shared memory.
-template <int kStages>
+template <int kKStages, int kVStages>
 struct KVStageBarriers {
   uint64_t* base;
 
   __device__ __forceinline__ uint64_t* k_full(int stage) const { return base + stage; }
   __device__ __forceinline__ uint64_t* k_empty(int stage) const {
-    return base + kStages + stage;
+    return base + kKStages + stage;
   }
   __device__ __forceinline__ uint64_t* v_full(int stage) const {
-    return base + 2 * kStages + stage;
+    return base + 2 * kKStages + stage;
   }
   __device__ __forceinline__ uint64_t* v_empty(int stage) const {
-    return base + 3 * kStages + stage;
+    return base + 2 * kKStages + kVStages + stage;
   }
 
   // Full: one arrival per producer thread (each also arrives when its copies land). Empty:
   // one per consumer warp.
   __device__ __forceinline__ void init(int producer_threads, int consumer_warps) const {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < kKStages; ++s) {
       sm90::mbarrier_init(k_full(s), producer_threads);
-      sm90::mbarrier_init(v_full(s), producer_threads);
       sm90::mbarrier_init(k_empty(s), consumer_warps);
+    }
+    for (int s = 0; s < kVStages; ++s) {
+      sm90::mbarrier_init(v_full(s), producer_threads);
       sm90::mbarrier_init(v_empty(s), consumer_warps);
     }
   }
+};
+
+template <typename Cfg>
+using StageBarriers = KVStageBarriers<Cfg::kKStages, Cfg::kVStages>;
+
+// Stage and phase of tile it in a ring of kStages buffers: where it goes, the parity of its
+// full barrier's phase, and (it >= kStages) that of the empty barrier it waits on first.
+template <int kStages>
+struct StageOf {
+  int stage;
+  uint32_t full_parity;
+  uint32_t reuse_parity;
+  __device__ __forceinline__ explicit StageOf(int it)
+      : stage(it % kStages),
+        full_parity(static_cast<uint32_t>(it / kStages) & 1),
+        reuse_parity(static_cast<uint32_t>(it / kStages - 1) & 1) {}
 };
 
 // Named barrier of the producer warpgroup (the consumers' are below).
 constexpr int kProducerBarrier = 4;
 
 // The producer warpgroup of the dense modes (thread `thread` of kProducers): for key tile it,
-// into stage it % kStages, K(it), then V(it); each waits until the consumers have released
-// the stage's previous tile (K(it - 2)'s as soon as S(it - 2) is in).
+// K(it), then V(it), each into its ring's next stage once the consumers have released the
+// stage's previous tile (K(it - 2)'s as soon as S(it - 2) is in).
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, KeyVisit& visit,
-                                                  const KVStageBarriers<Cfg::kKVStages>& bars,
+                                                  const StageBarriers<Cfg>& bars,
                                                   Element* sK0, Element* sV0, const Element* k,
                                                   const Element* v, int head_dim,
                                                   int num_tiles, int thread) {
-  constexpr int kStages = Cfg::kKVStages;
   constexpr int kProducers = Cfg::kNProducerThreads;
 #pragma unroll 1
   for (int it = 0; it < num_tiles; ++it) {
-    const int stage = it % kStages;
-    const uint32_t reuse_parity = static_cast<uint32_t>(it / kStages - 1) & 1;
-    if (it >= kStages) sm90::mbarrier_wait(bars.k_empty(stage), reuse_parity);
-    visit.template load_keys_by<kProducers>(thread, sK0 + stage * Cfg::kSmemKVElems, k,
+    const StageOf<Cfg::kKStages> ks(it);
+    const StageOf<Cfg::kVStages> vs(it);
+    if (it >= Cfg::kKStages) sm90::mbarrier_wait(bars.k_empty(ks.stage), ks.reuse_parity);
+    visit.template load_keys_by<kProducers>(thread, sK0 + ks.stage * Cfg::kSmemKVElems, k,
                                             p.k_row_stride, it, head_dim);
-    sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
-    sm90::mbarrier_arrive(bars.k_full(stage));
-    if (it >= kStages) sm90::mbarrier_wait(bars.v_empty(stage), reuse_parity);
-    visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
+    sm90::mbarrier_arrive_on_copies(bars.k_full(ks.stage));
+    sm90::mbarrier_arrive(bars.k_full(ks.stage));
+    if (it >= Cfg::kVStages) sm90::mbarrier_wait(bars.v_empty(vs.stage), vs.reuse_parity);
+    visit.template load_keys_by<kProducers>(thread, sV0 + vs.stage * Cfg::kSmemKVElems, v,
                                             p.v_row_stride, it, head_dim);
-    sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
-    sm90::mbarrier_arrive(bars.v_full(stage));
+    sm90::mbarrier_arrive_on_copies(bars.v_full(vs.stage));
+    sm90::mbarrier_arrive(bars.v_full(vs.stage));
   }
   // The copies' arrivals are made on completion; let them land before the warps exit.
   sm90::cp_async_wait_all();
@@ -136,60 +153,111 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
 // behind V(it - 1), whose stage frees only when the consumers finish step it - 2, and the
 // consumers waited for K (5.5% of their time; 1-3% faster this way, bench/NOTES.md). In the
 // dense modes the same order measured 1-3% slower, so they keep theirs.
-// Key positions run two tiles ahead of V, in kStages + 2 slots: once V(it - 2) is released
-// the consumers' masks (which read a tile's slot before its P V product) are done with tiles
-// it - 1 and before, and tile it + 2's positions go into tile it - 2's slot; tile it + 3's
-// are fetched from global memory while V(it)'s copies are issued. At it = 0 and 1 no V has
-// been released and the consumers may not have reached tile 0's mask, so tiles 2 and 3 need
-// slots of their own: with three slots tile 3 overwrote tile 0's positions before its mask
-// read them (a T = 2500 GPU test caught it). A gather reads positions other warps stashed a
-// step earlier: the producers' named barrier before each K gather orders the two.
+// Key positions run two tiles ahead of V, in kVStages + 2 slots: once V(it - kVStages) is
+// released the consumers' masks (which read a tile's slot before its P V product) are done
+// with tiles it - kVStages + 1 and before, and tile it + 2's positions go into tile
+// it - kVStages's slot; tile it + 3's are fetched from global memory while V(it)'s copies are
+// issued. Before the first release (it < kVStages) the consumers may not have reached tile
+// 0's mask, so tiles 2 .. kVStages + 1 need slots of their own: with two V stages and three
+// slots tile 3 overwrote tile 0's positions before its mask read them (a T = 2500 GPU test
+// caught it). A gather reads positions other warps stashed a step earlier: the producers'
+// named barrier before each K gather orders the two.
+// first_k_started: K(0)'s copy and tile 0's stash were made before the CTA's first barrier
+// (start_first_range_tile below); the producer only arrives on K(0)'s stage.
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ void produce_gathered_key_tiles(
-    const AttentionFwdParams& p, KeyVisit& visit, const KVStageBarriers<Cfg::kKVStages>& bars,
+    const AttentionFwdParams& p, KeyVisit& visit, const StageBarriers<Cfg>& bars,
     Element* sK0, Element* sV0, const Element* k, const Element* v, int head_dim,
-    int num_tiles, int thread) {
-  constexpr int kStages = Cfg::kKVStages;
+    int num_tiles, int thread, bool first_k_started) {
   constexpr int kProducers = Cfg::kNProducerThreads;
   static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
-  static_assert(Cfg::kKeySlots == kStages + 2,
-                "tile it + 2 takes tile it - 2's slot, whose mask is done once V(it - 2) is "
-                "released (tiles 2 and 3 take fresh ones)");
+  static_assert(Cfg::kKeySlots == Cfg::kVStages + 2,
+                "tile it + 2 takes tile it - kVStages's slot, whose mask is done once "
+                "V(it - kVStages) is released (tiles 2 .. kVStages + 1 take fresh ones)");
   const int64_t key_base = KeyVisit::key_base(p);
-  // K(j) into stage j % kStages once K(j - 2) is released (after S(j - 2)).
+  // K(j) into its stage once K(j - kKStages) is released (after S(j - kKStages)).
   auto produce_k = [&](int j) {
-    const int stage = j % kStages;
-    if (j >= kStages) {
-      sm90::mbarrier_wait(bars.k_empty(stage), static_cast<uint32_t>(j / kStages - 1) & 1);
-    }
+    const StageOf<Cfg::kKStages> ks(j);
+    if (j >= Cfg::kKStages) sm90::mbarrier_wait(bars.k_empty(ks.stage), ks.reuse_parity);
     sm90::named_barrier_sync<kProducers>(kProducerBarrier);
-    visit.template load_keys_by<kProducers>(thread, sK0 + stage * Cfg::kSmemKVElems, k,
+    visit.template load_keys_by<kProducers>(thread, sK0 + ks.stage * Cfg::kSmemKVElems, k,
                                             p.k_row_stride, j, head_dim);
-    sm90::mbarrier_arrive_on_copies(bars.k_full(stage));
-    sm90::mbarrier_arrive(bars.k_full(stage));
+    sm90::mbarrier_arrive_on_copies(bars.k_full(ks.stage));
+    sm90::mbarrier_arrive(bars.k_full(ks.stage));
   };
-  visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
+  if (!first_k_started) visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
   if (num_tiles > 1) visit.stash_row(1, thread, visit.prefetch_row(p, 1, thread, key_base));
   typename KeyVisit::Prefetch next{};
   if (num_tiles > 2) next = visit.prefetch_row(p, 2, thread, key_base);
-  produce_k(0);
+  if (first_k_started) {
+    sm90::mbarrier_arrive_on_copies(bars.k_full(0));
+    sm90::mbarrier_arrive(bars.k_full(0));
+  } else {
+    produce_k(0);
+  }
 #pragma unroll 1
   for (int it = 0; it < num_tiles; ++it) {
     if (it + 1 < num_tiles) produce_k(it + 1);
-    const int stage = it % kStages;
-    if (it >= kStages) {
-      sm90::mbarrier_wait(bars.v_empty(stage), static_cast<uint32_t>(it / kStages - 1) & 1);
-    }
+    const StageOf<Cfg::kVStages> vs(it);
+    if (it >= Cfg::kVStages) sm90::mbarrier_wait(bars.v_empty(vs.stage), vs.reuse_parity);
     if (it + 2 < num_tiles) {
       visit.stash_row(it + 2, thread, next);
       if (it + 3 < num_tiles) next = visit.prefetch_row(p, it + 3, thread, key_base);
     }
-    visit.template load_keys_by<kProducers>(thread, sV0 + stage * Cfg::kSmemKVElems, v,
+    visit.template load_keys_by<kProducers>(thread, sV0 + vs.stage * Cfg::kSmemKVElems, v,
                                             p.v_row_stride, it, head_dim);
-    sm90::mbarrier_arrive_on_copies(bars.v_full(stage));
-    sm90::mbarrier_arrive(bars.v_full(stage));
+    sm90::mbarrier_arrive_on_copies(bars.v_full(vs.stage));
+    sm90::mbarrier_arrive(bars.v_full(vs.stage));
   }
   sm90::cp_async_wait_all();
+}
+
+// SparseK with the range's tiles first (SparseKKeyVisit::kRangeFirst): tile 0 is the range's
+// first, whose keys the CTA knows from its rows alone, so the producer starts K(0)'s copy and
+// fetches its scores before the CTA waits for the plan's copy into shared memory. Before,
+// the consumers' first product waited for three global round trips in a row (the plan, the
+// positions it lists, the gathered rows), a CTA only ~24 key tiles long at 32k. Returns
+// whether it started them (a range of no keys, as a one-row tile can have at W = 0, leaves
+// tile 0 to the candidates). The stash is made after the copies are issued, so that its load
+// overlaps them.
+template <typename Cfg, typename Element, typename KeyVisit>
+__device__ __forceinline__ bool start_first_range_tile(const AttentionFwdParams& p,
+                                                       KeyVisit& visit, Element* sK0,
+                                                       const Element* k, int head_dim,
+                                                       int thread) {
+  if (!KeyVisit::kRangeFirst || visit.range_tiles() == 0) return false;
+  const typename KeyVisit::Prefetch first =
+      visit.prefetch_row(p, 0, thread, KeyVisit::key_base(p));
+  visit.template load_range_tile_by<Cfg::kNProducerThreads>(thread, sK0, k, p.k_row_stride, 0,
+                                                             head_dim);
+  visit.stash_row(0, thread, first);
+  return true;
+}
+
+// The CTA's key visit, after the CTA's first barrier (which also publishes the stage
+// barriers' init): in SparseK the producers first start the range's first tile
+// (first_k_started), then every thread copies the plan.
+template <typename Cfg, typename KeyVisit, typename Element>
+__device__ __forceinline__ KeyVisit begin_key_visit(const AttentionFwdParams& p, int row0,
+                                                    int64_t batch_head, void* visit_smem,
+                                                    bool producer, Element* sK0,
+                                                    const Element* k, int head_dim,
+                                                    bool& first_k_started) {
+  if constexpr (KeyVisit::kStashesKeySlots) {
+    KeyVisit visit(p, row0, batch_head, visit_smem, DeferPlanCopy{});
+    if (producer) {
+      first_k_started = start_first_range_tile<Cfg>(
+          p, visit, sK0, k, head_dim, static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads);
+    }
+    visit.copy_plan(p, row0, batch_head);
+    __syncthreads();
+    visit.read_plan_counts(p);
+    return visit;
+  } else {
+    KeyVisit visit(p, row0, batch_head, visit_smem);
+    __syncthreads();
+    return visit;
+  }
 }
 
 // Named barriers of the consumers (0 is __syncthreads): Q has landed; warpgroup w's turn to
@@ -201,7 +269,6 @@ template <typename Cfg, typename Element, typename KeyVisit>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p) {
 #ifdef SPARSEK_SM90_KERNEL_BODY
-  constexpr int kStages = Cfg::kKVStages;
   constexpr int kConsumers = Cfg::kNConsumerThreads;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -210,26 +277,39 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   // Q, K stages, V stages, the stage barriers, then the key visit's own.
   Element* sQ = reinterpret_cast<Element*>(smem);
   Element* sK0 = sQ + Cfg::kSmemQElems;
-  Element* sV0 = sK0 + kStages * Cfg::kSmemKVElems;
-  const KVStageBarriers<kStages> bars{
-      reinterpret_cast<uint64_t*>(sV0 + kStages * Cfg::kSmemKVElems)};
+  Element* sV0 = sK0 + Cfg::kKStages * Cfg::kSmemKVElems;
+  const StageBarriers<Cfg> bars{
+      reinterpret_cast<uint64_t*>(sV0 + Cfg::kVStages * Cfg::kSmemKVElems)};
   using Products = Sm90TileProducts<Cfg, Element>;
 
   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
       query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
   if (threadIdx.x == 0) bars.init(Cfg::kNProducerThreads, kConsumers / 32);
-  KeyVisit visit(p, row0, batch * p.heads_kv + kv_head, bars.base + Cfg::kNumStageBarriers);
-  __syncthreads();
+  const int role_warp = sm90::uniform_warp_index();
+  const bool producer = role_warp >= kConsumers / 32;
+  const int64_t batch_head = batch * p.heads_kv + kv_head;
+  void* visit_smem = bars.base + Cfg::kNumStageBarriers;
+  // Copies that need neither the barriers' init nor the plan start before the CTA's first
+  // barrier: Q (the consumers, who wait for it before their first product) and, in SparseK
+  // with the range first, K(0) (start_first_range_tile). The plan's own loads come after
+  // them in each thread's program.
+  if (!producer) {
+    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kConsumers, typename Cfg::QLayout>(
+        sQ, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
+    sm80::cp_async_commit();
+  }
+  bool first_k_started = false;
+  KeyVisit visit = begin_key_visit<Cfg, KeyVisit>(p, row0, batch_head, visit_smem, producer,
+                                                  sK0, k, head_dim, first_k_started);
   const int num_tiles = visit.num_tiles();
 
-  const int role_warp = sm90::uniform_warp_index();
-  if (role_warp >= kConsumers / 32) {
+  if (producer) {
     sm90::release_registers<Cfg::kProducerRegisters>();
     if (num_tiles > 0) {
       const int thread = static_cast<int>(threadIdx.x) - kConsumers;
       if constexpr (KeyVisit::kStashesKeySlots) {
         produce_gathered_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles,
-                                        thread);
+                                        thread, first_k_started);
       } else {
         produce_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles, thread);
       }
@@ -260,10 +340,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   RawScoreSoftmax<1> raw_softmax{softmax, RawScores{scale_log2}};
 
   if (num_tiles > 0) {
-    // Q by the consumers themselves, while the producer starts on K(0).
-    load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kConsumers, typename Cfg::QLayout>(
-        sQ, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
-    sm80::cp_async_commit();
+    // Q, whose copy the consumers started before the first barrier.
     sm80::cp_async_wait<0>();
     sm90::fence_async_shared();
     sm90::named_barrier_sync<kConsumers>(kQReadyBarrier);
@@ -272,13 +349,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
 
     typename Products::PFragments p_prev;
     for (int it = 0; it < num_tiles; ++it) {
-      const int stage = it % kStages;
-      const int prev_stage = (it + kStages - 1) % kStages;
-      sm90::mbarrier_wait(bars.k_full(stage), static_cast<uint32_t>(it / kStages) & 1);
-      if (it > 0) {
-        sm90::mbarrier_wait(bars.v_full(prev_stage),
-                            static_cast<uint32_t>((it - 1) / kStages) & 1);
-      }
+      const StageOf<Cfg::kKStages> ks(it);
+      const StageOf<Cfg::kVStages> prev_vs(it - 1);  // (it > 0)
+      const int stage = ks.stage;
+      const int prev_stage = prev_vs.stage;
+      sm90::mbarrier_wait(bars.k_full(stage), ks.full_parity);
+      if (it > 0) sm90::mbarrier_wait(bars.v_full(prev_stage), prev_vs.full_parity);
       // The copies were made by another thread in the generic proxy; wgmma reads through the
       // async proxy.
       sm90::fence_async_shared();
@@ -315,14 +391,17 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     }
     // The last tile's P V.
     const int last = num_tiles - 1;
-    sm90::mbarrier_wait(bars.v_full(last % kStages), static_cast<uint32_t>(last / kStages) & 1);
+    const StageOf<Cfg::kVStages> last_vs(last);
+    sm90::mbarrier_wait(bars.v_full(last_vs.stage), last_vs.full_parity);
     sm90::fence_async_shared();
     sm90::fence_registers(acc_o[0]);
     sm90::wgmma_fence();
-    Products::issue_pv(acc_o[0], p_prev, sV0 + (last % kStages) * Cfg::kSmemKVElems);
+    Products::issue_pv(acc_o[0], p_prev, sV0 + last_vs.stage * Cfg::kSmemKVElems);
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_registers(acc_o[0]);
+  } else {
+    sm80::cp_async_wait<0>();  // Q's copy, unused: let it land before the warps exit
   }
 
   float inv_sum[1][2], lse[1][2];

@@ -2,7 +2,7 @@
 // stage planned for this query tile (selection/selection_params.h), gathered, and each
 // (row, key) weighed by its gate m_ij (SPARSEK.md, "Gates").
 //
-// A query tile visits, in this order,
+// A query tile visits two kinds of key tiles:
 //   1. the candidates of the whole chunks of its first row's sparse domain: for chunk c, the
 //      first full_c + sure_c + gated_c keys of the chunk sorted by score (the plan holds the
 //      prefix sums of the three). Every row of the tile has all those keys in its sparse
@@ -14,6 +14,9 @@
 //   2. the contiguous range from the end of those chunks to the last row's position: the
 //      rest of the domain, the keys later rows add to it, and the window band. Those keys
 //      get the full gate: 0 past p(i), 1 inside the window, else clip(u_j - tau_i, 0, 1).
+// By default in that order; where Cfg::kRangeTilesFirst (the Hopper forward) the range comes
+// first: its first tile's keys are positions the CTA knows from its row alone, so the copy of
+// K(0) can start before the plan has been read (fwd_kernel_sm90.cuh).
 // Key positions and scores of a later tile are fetched while tile it is computed, into a
 // slot of shared memory (kSlots below).
 //
@@ -58,12 +61,28 @@ struct GateAfterExp<Cfg, std::void_t<decltype(Cfg::kGateAfterExp)>> {
   static constexpr bool value = Cfg::kGateAfterExp;
 };
 
+// Whether the contiguous range's tiles come before the candidates' (Cfg::kRangeTilesFirst)
+// or after them (default).
+template <typename Cfg, typename = void>
+struct RangeTilesFirst {
+  static constexpr bool value = false;
+};
+template <typename Cfg>
+struct RangeTilesFirst<Cfg, std::void_t<decltype(Cfg::kRangeTilesFirst)>> {
+  static constexpr bool value = Cfg::kRangeTilesFirst;
+};
+
+// The constructor that leaves the plan in global memory (copy_plan, a barrier and
+// read_plan_counts follow it).
+struct DeferPlanCopy {};
+
 template <typename Cfg>
 struct SparseKKeyVisit {
   static constexpr int kBlockM = Cfg::kBlockM;
   static constexpr int kBlockN = Cfg::kBlockN;
   static constexpr int kChunk = SelectionTiles::kKeyChunk;
   static constexpr int kPlanTile = SelectionTiles::kQueryTile;
+  static constexpr bool kRangeFirst = RangeTilesFirst<Cfg>::value;
   static_assert(kPlanTile % kBlockM == 0, "the plan is made per kQueryTile rows");
 
   struct Prefetch {
@@ -108,9 +127,23 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ int sparse_tiles() const {
     return (candidates + kBlockN - 1) / kBlockN;
   }
-  // Tiles of full keys only: the first full_tiles() tiles.
+  __device__ __forceinline__ int range_tiles() const {
+    return (tail_len + kBlockN - 1) / kBlockN;
+  }
+  // Tile `it` of the visit: one of the range's (range_tile(it) of them) or a candidates' one
+  // (candidate_tile(it) of them), by the order (kRangeFirst).
+  __device__ __forceinline__ bool is_range_tile(int it) const {
+    return kRangeFirst ? it < range_tiles() : it >= sparse_tiles();
+  }
+  __device__ __forceinline__ int range_tile(int it) const {
+    return kRangeFirst ? it : it - sparse_tiles();
+  }
+  __device__ __forceinline__ int candidate_tile(int it) const {
+    return kRangeFirst ? it - range_tiles() : it;
+  }
+  // Candidate tiles of full keys only: the first full_tiles() of them.
   __device__ __forceinline__ int full_tiles() const { return full_keys / kBlockN; }
-  // Tiles of full and sure keys only (no padding): the first unmasked_tiles() tiles.
+  // Candidate tiles of full and sure keys only (no padding): the first unmasked_tiles().
   __device__ __forceinline__ int unmasked_tiles() const { return unmasked_keys / kBlockN; }
   template <typename Params>
   __device__ __forceinline__ static int64_t key_base(const Params& p) {
@@ -129,9 +162,23 @@ struct SparseKKeyVisit {
            (kSlots * kBlockN + kBlockM) * sizeof(float);
   }
 
+  // The visit of the query tile whose first row is row0: copies the plan row and the rows'
+  // thresholds into shared memory (every thread of the CTA takes part) and reads the plan's
+  // counts after a __syncthreads.
   template <typename Params>
   __device__ __forceinline__ SparseKKeyVisit(const Params& p, int row0, int64_t batch_head,
                                              void* smem_begin)
+      : SparseKKeyVisit(p, row0, batch_head, smem_begin, DeferPlanCopy{}) {
+    copy_plan(p, row0, batch_head);
+    __syncthreads();
+    read_plan_counts(p);
+  }
+
+  // Only the tile's geometry (chunks and the range): no memory is read, so a kernel can start
+  // copies that need no plan (the range's first tile, Q) before the plan's loads.
+  template <typename Params>
+  __device__ __forceinline__ SparseKKeyVisit(const Params& p, int row0, int64_t,
+                                             void* smem_begin, DeferPlanCopy)
       : smem(static_cast<float*>(smem_begin)) {
     const int seqlen_q = static_cast<int>(p.seqlen_q);
     const int seqlen_k = static_cast<int>(p.seqlen_k);
@@ -143,7 +190,13 @@ struct SparseKKeyVisit {
     chunks = domain / kChunk;
     tail_begin = chunks * kChunk;
     tail_len = max(0, row_hi + seqlen_k - seqlen_q - tail_begin + 1);
+  }
 
+  // The plan row's prefix sums and the rows' thresholds into shared memory, by every thread
+  // of the CTA; read_plan_counts after a barrier.
+  template <typename Params>
+  __device__ __forceinline__ void copy_plan(const Params& p, int row0, int64_t batch_head) {
+    const int tile = row0 / kPlanTile;
     const int32_t* plan =
         p.plan + (batch_head * ((p.seqlen_q + kPlanTile - 1) / kPlanTile) + tile) *
                      plan_row_entries(p.key_chunks);
@@ -155,12 +208,16 @@ struct SparseKKeyVisit {
       if (lists_sure) s_sure_plan()[i] = plan[2 * (p.key_chunks + 1) + i];
     }
     const float* tau = p.tau + batch_head * p.seqlen_q;
+    const int seqlen_q = static_cast<int>(p.seqlen_q);
     for (int i = threadIdx.x; i < kBlockM; i += Cfg::kNThreads) {
       s_tau()[i] = row0 + i < seqlen_q ? tau[row0 + i] : INFINITY;
     }
-    __syncthreads();
-    full_keys = lists_full ? s_full_plan()[chunks] : 0;
-    unmasked_keys = full_keys + (lists_sure ? s_sure_plan()[chunks] : 0);
+  }
+
+  template <typename Params>
+  __device__ __forceinline__ void read_plan_counts(const Params& p) {
+    full_keys = plan_lists_full_keys(p.key_chunks) ? s_full_plan()[chunks] : 0;
+    unmasked_keys = full_keys + (plan_lists_sure_keys(p.key_chunks) ? s_sure_plan()[chunks] : 0);
     candidates = unmasked_keys + s_gated_plan()[chunks];
   }
 
@@ -185,9 +242,8 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ Prefetch prefetch_row(const Params& p, int it, int t,
                                                    int64_t base) const {
     Prefetch f{-1, -INFINITY};
-    const int sparse = sparse_tiles();
-    if (it < sparse) {
-      const int r = it * kBlockN + t;
+    if (!is_range_tile(it)) {
+      const int r = candidate_tile(it) * kBlockN + t;
       if (r < candidates) {
         // Entry `rank` of the full keys, of the sure ones (which follow each chunk's full keys
         // in the sorted chunk) or of the gated ones (which follow both).
@@ -223,7 +279,7 @@ struct SparseKKeyVisit {
         f.u = p.sorted_u[entry];
       }
     } else {
-      const int q = (it - sparse) * kBlockN + t;
+      const int q = range_tile(it) * kBlockN + t;
       if (q < tail_len) {
         f.key = tail_begin + q;
         f.u = p.key_u[base + f.key];
@@ -265,10 +321,27 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
                                                int64_t row_stride, int it,
                                                int head_dim) const {
+    if (kRangeFirst && is_range_tile(it)) {
+      load_range_tile_by<kThreads>(thread, tile, gmem, row_stride, it, head_dim);
+      return;
+    }
     load_rows_gathered_async_by<kBlockN, Cfg::kHeadDim, kThreads,
                                 typename KVTileLayout<Cfg>::type>(thread, tile, gmem,
                                                                   row_stride, s_key(it),
                                                                   head_dim);
+  }
+
+  // A range tile's rows are consecutive positions: the producer copies them as a dense tile
+  // (no positions read from shared memory; rows past the range zero-filled, as the padding
+  // entries of its slot), which also lets the first tile's copy start before the plan is
+  // read (range_tiles() needs only the CTA's rows).
+  template <int kThreads, typename Element>
+  __device__ __forceinline__ void load_range_tile_by(int thread, Element* tile,
+                                                     const Element* gmem, int64_t row_stride,
+                                                     int it, int head_dim) const {
+    load_tile_async_by<kBlockN, Cfg::kHeadDim, kThreads, typename KVTileLayout<Cfg>::type>(
+        thread, tile, gmem, row_stride, range_tile_key0(it), int64_t{tail_begin} + tail_len,
+        head_dim);
   }
 
   // The scores of a thread's two adjacent columns of n8 tile nt of a key tile's u (shared
@@ -430,9 +503,9 @@ struct SparseKKeyVisit {
     return static_cast<int64_t>(key0) > int64_t{pos_last} - p.window;
   }
 
-  // The position of the first key of contiguous-range tile `it` (it >= sparse_tiles()).
+  // The position of the first key of contiguous-range tile `it` (is_range_tile(it)).
   __device__ __forceinline__ int range_tile_key0(int it) const {
-    return tail_begin + (it - sparse_tiles()) * kBlockN;
+    return tail_begin + range_tile(it) * kBlockN;
   }
 
   // A contiguous-range tile's keys are consecutive positions, so key - p(i) of a thread's
@@ -504,16 +577,19 @@ struct SparseKKeyVisit {
                                                   Acc& acc_o, Softmax& softmax, int it,
                                                   int warp_row0, int lane) const {
     const int local0 = warp_row0 % kBlockM;
-    if (GateAfterExp<Cfg>::value && it < full_tiles()) {
-      // Every key's gate is 1 for every row of the tile (and no key is padding).
-      softmax.update(s, acc_o, UnitGate{});
-    } else if (GateAfterExp<Cfg>::value && it < unmasked_tiles()) {
-      // Every key's gate is above 0 for every row (and no key is padding): weighed, not
-      // hidden.
-      softmax.update(s, acc_o, chunk_gate(it, local0, lane));
-    } else if (it < sparse_tiles()) {
-      gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(it, local0, lane), s, acc_o,
-                                                softmax);
+    const int candidate = candidate_tile(it);
+    if (!is_range_tile(it)) {
+      if (GateAfterExp<Cfg>::value && candidate < full_tiles()) {
+        // Every key's gate is 1 for every row of the tile (and no key is padding).
+        softmax.update(s, acc_o, UnitGate{});
+      } else if (GateAfterExp<Cfg>::value && candidate < unmasked_tiles()) {
+        // Every key's gate is above 0 for every row (and no key is padding): weighed, not
+        // hidden.
+        softmax.update(s, acc_o, chunk_gate(it, local0, lane));
+      } else {
+        gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(it, local0, lane), s, acc_o,
+                                                  softmax);
+      }
     } else if (const int key0 = range_tile_key0(it);
                GateAfterExp<Cfg>::value && range_tile_in_band(p, key0, warp_row0)) {
       // Only a tile reaching past the warp's first row's position needs the causal mask: at

@@ -85,23 +85,29 @@ struct FwdSm90TileConfig {
   // SparseK: the gate multiplies exp2(s - max) rather than adding log2(m) to s (one MUFU
   // operation a pair fewer; 16 rows a warp leave the registers to recompute it).
   static constexpr bool kGateAfterExp = true;
+  // SparseK: the contiguous range's tiles before the candidates', so that K(0) needs no plan
+  // (sparse_key_visit.cuh, fwd_kernel_sm90.cuh).
+  static constexpr bool kRangeTilesFirst = true;
 
   using QLayout = Sw128Layout<kBlockM, kHeadDim>;
   using KVLayout = Sw128Layout<kBlockN, kHeadDim>;
   static constexpr int kSmemQElems = kBlockM * kHeadDim;
   static constexpr int kSmemKVElems = kBlockN * kHeadDim;
-  static constexpr int kKVStages = 2;
+  // K's and V's stages. A third V stage for SparseK (the consumers wait for V(it - 1) at 32k,
+  // 3.5% of the warps' samples) measured no faster (bench/NOTES.md).
+  static constexpr int kKStages = 2;
+  static constexpr int kVStages = 2;
   // SparseK: key positions of tile it (being read by the consumers), it + 1 (gathered a tile
-  // ahead of V) and it + 2 (stashed early), and the slot of tile it - 1, which frees only
-  // once V(it - 2) is released: at the first two tiles nothing has been, so the producer
-  // stashes tiles 2 and 3 into fresh slots (fwd_kernel_sm90.cuh).
-  static constexpr int kKeySlots = kKVStages + 2;
+  // ahead of V) and it + 2 (stashed early), and the slots of the tiles before, which free
+  // only once V(it - kVStages) is released: before that nothing has been, so the producer
+  // stashes tiles 2 .. kVStages + 1 into fresh slots (fwd_kernel_sm90.cuh).
+  static constexpr int kKeySlots = kVStages + 2;
   // The full and empty mbarriers of each K and V stage.
-  static constexpr int kNumStageBarriers = 4 * kKVStages;
+  static constexpr int kNumStageBarriers = 2 * (kKStages + kVStages);
   // wgmma's swizzle atoms need 1024-byte alignment, which the kernel makes by rounding the
   // dynamic shared memory base up: up to 1 KB more.
   static constexpr int kSmemAlign = 1024;
-  static constexpr int kSmemBytes = (kSmemQElems + 2 * kKVStages * kSmemKVElems) * 2 +
+  static constexpr int kSmemBytes = (kSmemQElems + (kKStages + kVStages) * kSmemKVElems) * 2 +
                                     kNumStageBarriers * 8 + kSmemAlign;
 };
 
