@@ -321,7 +321,7 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
                                                int64_t row_stride, int it,
                                                int head_dim) const {
-    if (kRangeFirst && is_range_tile(it)) {
+    if (is_range_tile(it)) {
       load_range_tile_by<kThreads>(thread, tile, gmem, row_stride, it, head_dim);
       return;
     }
@@ -333,8 +333,8 @@ struct SparseKKeyVisit {
 
   // A range tile's rows are consecutive positions: the producer copies them as a dense tile
   // (no positions read from shared memory; rows past the range zero-filled, as the padding
-  // entries of its slot), which also lets the first tile's copy start before the plan is
-  // read (range_tiles() needs only the CTA's rows).
+  // entries of its slot). With the range first (kRangeFirst) this lets tile 0's copy start
+  // before the plan is read (range_tiles() needs only the CTA's rows).
   template <int kThreads, typename Element>
   __device__ __forceinline__ void load_range_tile_by(int thread, Element* tile,
                                                      const Element* gmem, int64_t row_stride,
