@@ -46,6 +46,9 @@ SPARSEK_CASES = {
                                   window=8),
     "T384_K16_W400_mha_d64": Case(1, 384, 384, 8, 8, d=64, is_causal=True, topk=16,
                                   window=400),
+    # A head dim below the Hopper kernels' 128: the gathers zero-fill the columns past it.
+    "T300_S500_K60_W20_gqa4_d96": Case(1, 300, 500, 8, 2, d=96, is_causal=True, topk=60,
+                                       window=20),
     "T640_K100_W32_gqa8_d128": Case(1, 640, 640, 8, 1, d=128, is_causal=True, topk=100,
                                     window=32),
     # Several of the dk/dv kernel's 1024-key sorted spans (selection/sort_key_spans.h), the

@@ -21,6 +21,32 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
                "l"(gmem_src), "r"(src_bytes));
 }
 
+// The same, zero-filling where `sign` < 0 (cp.async's ignore-src predicate, set by one
+// compare): a gather passes the row's position, negative for padding. Through src-size (above)
+// the compiler took the test through a shift, a select and a second test.
+__device__ __forceinline__ void cp_async_16_zero_if_negative(void* smem_dst,
+                                                             const void* gmem_src, int sign) {
+  asm volatile(
+      "{\n"
+      ".reg .pred z;\n"
+      "setp.lt.s32 z, %2, 0;\n"
+      "cp.async.cg.shared.global [%0], [%1], 16, z;\n"
+      "}\n" ::"r"(smem_address(smem_dst)),
+      "l"(gmem_src), "r"(sign));
+}
+
+// base + row * stride_bytes, as one IMAD.WIDE.U32 with base as its 64-bit addend. Written
+// plainly the compiler split base into a uniform pointer and the thread's offset and added them
+// in three instructions a row, or added a zero high word after the multiply-add; base and the
+// stride pass through opaque moves so that it sees one register pair and a 32-bit factor.
+__device__ __forceinline__ const void* row_address(const void* base, uint32_t row,
+                                                   uint32_t stride_bytes) {
+  uint64_t address = reinterpret_cast<uint64_t>(base);
+  asm volatile("mov.b64 %0, %0;" : "+l"(address));
+  asm volatile("mov.b32 %0, %0;" : "+r"(stride_bytes));
+  return reinterpret_cast<const void*>(address + static_cast<uint64_t>(row) * stride_bytes);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int kPendingGroups>

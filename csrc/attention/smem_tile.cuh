@@ -184,36 +184,80 @@ __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
   }
 }
 
-// The producer's gather (a thread's rows are kRowsPerPass apart): its destination moves by a
-// constant a pass where that is a whole number of swizzle periods, and a row's source address
-// is one 32 x 32 + 64-bit multiply-add in bytes (row_stride < 2^31 elements, checked at
-// launch: check_problem.h). Written out so, a pass is 10 SASS instructions instead of 25
-// (three of them the compiler's padding before each copy). All of a thread's positions are
-// read before its first copy is issued: the compiler does not move a shared-memory load past
-// a cp.async (which writes shared memory), so read between the copies, each position's load
-// latency stood alone in the producer's chain (ncu: the most stalled instructions of the
-// SparseK forward's producer were the uses of those loads).
+// Which 16-byte chunks of which rows `thread` of kThreads copies in a gather (Sw128Layout):
+// eight threads a row, thread q = thread % 8 taking chunk q of each of the row's kHeadDim / 64
+// column blocks (128 bytes each), of rows r, r + kRowsPerPass, ... A warp's copy then reads
+// four whole 128-byte lines of four rows (as the dense copy's two rows of 256 bytes), and a
+// thread's destinations are one register plus immediates: its rows keep their swizzle
+// (kRowsPerPass is a whole number of 8-row periods) and its column blocks lie a constant
+// apart.
+template <int kRows, int kHeadDim, int kThreads>
+struct GatherCopySlot {
+  static constexpr int kThreadsPerRow = 8;
+  static constexpr int kColumnBlocks = kHeadDim / 64;
+  static constexpr int kRowsPerPass = kThreads / kThreadsPerRow;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static_assert(kHeadDim % 64 == 0 && kThreads % kThreadsPerRow == 0 &&
+                    kRows % kRowsPerPass == 0,
+                "each pass copies whole rows of whole column blocks");
+  int r;
+  int q;
+  __device__ __forceinline__ explicit GatherCopySlot(int thread)
+      : r(thread / kThreadsPerRow), q(thread % kThreadsPerRow) {}
+  // Whether chunk q of column block cb lies inside head_dim.
+  __device__ __forceinline__ bool column_valid(int cb, int head_dim) const {
+    return (cb * 8 + q) * 8 < head_dim;
+  }
+};
+
+// The producer's gather: row r of the tile is row keys[r] of the slice (a negative entry is a
+// padding row, zero-filled), by kThreads threads of which this one is `thread`, with the
+// chunks of GatherCopySlot. A row's source is one 32 x 32 + 64-bit multiply-add in bytes
+// (row_stride < 2^31 elements, checked at launch: check_problem.h) and its kHeadDim / 64
+// copies take immediate offsets from it and from the destination. Before (16 threads a row,
+// one chunk a thread) every copy had a row of its own: ~6 SASS instructions a copy (the
+// position's test, select, multiply-add and 64-bit add) against ~3 now. All of a thread's
+// positions are read before its first copy is issued: the compiler does not move a
+// shared-memory load past a cp.async (which writes shared memory), so read between the
+// copies, each position's load latency stood alone in the producer's chain (ncu: the most
+// stalled instructions of the SparseK forward's producer were the uses of those loads).
 template <int kRows, int kHeadDim, int kThreads, typename Layout, typename Element>
 __device__ __forceinline__ void load_rows_gathered_async_by(int thread, Element* tile,
                                                             const Element* gmem,
                                                             int64_t row_stride,
                                                             const int* keys, int head_dim) {
-  using Slot = ChunkCopySlot<kRows, kHeadDim, kThreads>;
+  using Slot = GatherCopySlot<kRows, kHeadDim, kThreads>;
   static_assert(Slot::kRowsPerPass % Layout::kSwizzleRows == 0,
                 "a thread's rows keep their swizzle from pass to pass");
-  const Slot slot(thread, head_dim);
-  Element* dst = tile + Layout::offset(slot.r, slot.c);
-  const char* src = reinterpret_cast<const char*>(gmem + slot.c * 8);
+  const Slot slot(thread);
+  Element* dst = tile + Layout::offset(slot.r, slot.q);
+  const Element* src = gmem + slot.q * 8;
   const uint32_t stride_bytes = static_cast<uint32_t>(row_stride * sizeof(Element));
   int row_keys[Slot::kPasses];
 #pragma unroll
   for (int i = 0; i < Slot::kPasses; ++i) row_keys[i] = keys[slot.r + i * Slot::kRowsPerPass];
+  // Every column block inside head_dim (head_dim = kHeadDim): no per-block test. A padding
+  // row's source is row 0 (not read: the copy zero-fills).
+  auto copy_rows = [&](auto all_columns) {
 #pragma unroll
-  for (int i = 0; i < Slot::kPasses; ++i) {
-    const bool valid = slot.column_valid & (row_keys[i] >= 0);
-    const uint32_t key_row = valid ? static_cast<uint32_t>(row_keys[i]) : 0u;
-    sm80::cp_async_16(dst + i * Slot::kRowsPerPass * Layout::kRowPitch,
-                      src + static_cast<uint64_t>(key_row) * stride_bytes, valid);
+    for (int i = 0; i < Slot::kPasses; ++i) {
+      const char* row_src = static_cast<const char*>(
+          sm80::row_address(src, static_cast<uint32_t>(max(row_keys[i], 0)), stride_bytes));
+#pragma unroll
+      for (int cb = 0; cb < Slot::kColumnBlocks; ++cb) {
+        const int sign = decltype(all_columns)::value || slot.column_valid(cb, head_dim)
+                             ? row_keys[i]
+                             : -1;
+        sm80::cp_async_16_zero_if_negative(
+            dst + i * Slot::kRowsPerPass * Layout::kRowPitch + cb * Layout::kColumnBlockElems,
+            row_src + cb * 128, sign);
+      }
+    }
+  };
+  if (head_dim >= kHeadDim) {
+    copy_rows(std::true_type{});
+  } else {
+    copy_rows(std::false_type{});
   }
 }
 
