@@ -16,9 +16,9 @@
 // The tile products are wgmma.mma_async over a warpgroup's 64 x 128 tile: S reads both
 // operands from shared memory, P V takes P from registers and V from shared memory.
 //
-// The key visit policies (key_visit.cuh, sparse_key_visit.cuh), the online softmax and the
-// epilogue are the mma.sync kernel's: the wgmma accumulators have the register layout of a
-// warp's m16n8 tiles (kMTiles = 1).
+// The key visit policies (key_visit.cuh, sparse_key_visit.cuh) and the online softmax are
+// the mma.sync kernel's: the wgmma accumulators have the register layout of a warp's m16n8
+// tiles (kMTiles = 1). The epilogue stages O in the Q tile (epilogue_sm90.cuh).
 //
 // Tile config: FwdSm90TileConfig (tile_config.h). Compiled into sm_90a code only; on other
 // targets the kernel body is empty and the dispatcher never launches it (fwd_dispatch.cu).
@@ -26,7 +26,7 @@
 
 #include <cstdint>
 
-#include "attention/epilogue.cuh"
+#include "attention/epilogue_sm90.cuh"
 #include "attention/key_visit.cuh"
 #include "attention/online_softmax.cuh"
 #include "attention/params.h"
@@ -401,15 +401,19 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     sm90::wgmma_wait<0>();
     sm90::fence_registers(acc_o[0]);
   } else {
-    sm80::cp_async_wait<0>();  // Q's copy, unused: let it land before the warps exit
+    // Q's copy, unused: every consumer's lands before the epilogue stages O over it.
+    sm80::cp_async_wait<0>();
+    sm90::named_barrier_sync<kConsumers>(kQReadyBarrier);
   }
 
   float inv_sum[1][2], lse[1][2];
   softmax.finalize(inv_sum, lse);
   Element* o = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
   float* lse_row0 = p.lse + (batch * p.heads_q + head) * p.seqlen_q;
-  store_output<Cfg>(acc_o, inv_sum, lse, o, p.o_row_stride, lse_row0, warp_row0,
-                    static_cast<int>(p.seqlen_q), head_dim, lane);
+  // O is staged over this warp's own rows of Q, which no product reads any more.
+  store_output_staged<Cfg>(acc_o, inv_sum, lse, sQ, warp_row0 % Cfg::kBlockM, o,
+                           p.o_row_stride, lse_row0, warp_row0,
+                           static_cast<int>(p.seqlen_q), head_dim, lane);
 #endif
 }
 

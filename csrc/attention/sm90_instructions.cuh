@@ -170,6 +170,16 @@ template <typename Element, int kN>
 __device__ __forceinline__ void wgmma_ss_mn_major_b_overwrite(float (&d)[kN / 8][4],
                                                               uint64_t desc_a, uint64_t desc_b);
 
+// Stores four 8 x 8 b16 matrices: register i holds, in every lane, the two elements
+// (lane / 4, 2 (lane % 4) + {0, 1}) of matrix i (an mma.sync accumulator pair), and lane
+// 8 i + j gives the shared-memory address of row j of matrix i (16 bytes).
+__device__ __forceinline__ void stmatrix_x4(uint32_t address, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   address),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // Stores four 8 x 8 b16 matrices transposed: register i holds, in every lane, the two
 // elements (lane / 4, 2 (lane % 4) + {0, 1}) of matrix i (an mma.sync accumulator pair), and
 // lane 8 i + j gives the shared-memory address of row j of matrix i's transpose (16 bytes).

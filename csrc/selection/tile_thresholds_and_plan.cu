@@ -151,11 +151,15 @@ __global__ void __launch_bounds__(kTileThreads, 3)
       const int64_t quads = n0 / 4;
       const float4* u4 = reinterpret_cast<const float4*>(u);
       const float4 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-      float4 next = tid < quads ? u4[tid] : none;
-      for (int64_t q = tid; q - lane < quads; q += kTileThreads) {
-        const float v[4] = {next.x, next.y, next.z, next.w};
-        next = q + kTileThreads < quads ? u4[q + kTileThreads] : none;
-        classify_quad(v);
+      auto quad = [&](int64_t q) { return q < quads ? u4[q] : none; };
+      float4 next0 = quad(tid), next1 = quad(tid + kTileThreads);
+      for (int64_t q = tid; q - lane < quads; q += 2 * kTileThreads) {
+        const float v0[4] = {next0.x, next0.y, next0.z, next0.w};
+        const float v1[4] = {next1.x, next1.y, next1.z, next1.w};
+        next0 = quad(q + 2 * kTileThreads);
+        next1 = quad(q + 3 * kTileThreads);
+        classify_quad(v0);
+        classify_quad(v1);
       }
       if (warp == 0) {
         // The last n0 % 4 keys.
@@ -289,25 +293,41 @@ __global__ void __launch_bounds__(kTileThreads, 3)
     const int chunks = static_cast<int>(n0 / kChunk);
     int* s_full = s_chunk + chunks;  // fits: TilePlanSmem::bytes
     int* s_sure = s_full + (lists_full ? chunks : 0);
-    for (int c = warp; c < chunks; c += kWarps) {
-      const float4 v = reinterpret_cast<const float4*>(u + static_cast<int64_t>(c) * kChunk)[lane];
-      const int above =
-          (v.x > first_tau) + (v.y > first_tau) + (v.z > first_tau) + (v.w > first_tau);
-      const int sure = (v.x > last_tau) + (v.y > last_tau) + (v.z > last_tau) + (v.w > last_tau);
-      const int full = (v.x - last_tau >= 1.f) + (v.y - last_tau >= 1.f) +
-                       (v.z - last_tau >= 1.f) + (v.w - last_tau >= 1.f);
-      // One warp sum for the three counts (each at most kChunk < 2^10). full <= sure <= above:
-      // last_tau >= first_tau, and u - last_tau >= 1 implies u > last_tau.
-      static_assert(kChunk < (1 << 10), "ten bits a count");
-      const int packed = warp_sum(above + (lists_sure ? sure << 10 : 0) +
-                                  (lists_full ? full << 20 : 0));
-      if (lane == 0) {
-        const int n_above = packed & 0x3ff, n_sure = (packed >> 10) & 0x3ff;
-        const int n_full = packed >> 20;
-        const int listed_before_gated = lists_sure ? n_sure : n_full;
-        s_chunk[c] = n_above - listed_before_gated;
-        if (lists_full) s_full[c] = n_full;
-        if (lists_sure) s_sure[c] = n_sure - n_full;
+    // A warp a chunk (a float4 a lane), kPlanLoads chunks' loads in flight a warp: one at a
+    // time, each iteration waited for its load and then its warp sum.
+    constexpr int kPlanLoads = 4;
+    const float4* u_chunks = reinterpret_cast<const float4*>(u);
+    for (int c0 = warp; c0 < chunks; c0 += kPlanLoads * kWarps) {
+      float4 v[kPlanLoads];
+#pragma unroll
+      for (int e = 0; e < kPlanLoads; ++e) {
+        const int c = c0 + e * kWarps;
+        v[e] = c < chunks ? u_chunks[static_cast<int64_t>(c) * (kChunk / 4) + lane]
+                          : make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      }
+#pragma unroll
+      for (int e = 0; e < kPlanLoads; ++e) {
+        const int c = c0 + e * kWarps;
+        const float4 x = v[e];
+        const int above =
+            (x.x > first_tau) + (x.y > first_tau) + (x.z > first_tau) + (x.w > first_tau);
+        const int sure =
+            (x.x > last_tau) + (x.y > last_tau) + (x.z > last_tau) + (x.w > last_tau);
+        const int full = (x.x - last_tau >= 1.f) + (x.y - last_tau >= 1.f) +
+                         (x.z - last_tau >= 1.f) + (x.w - last_tau >= 1.f);
+        // One warp sum for the three counts (each at most kChunk < 2^10). full <= sure <=
+        // above: last_tau >= first_tau, and u - last_tau >= 1 implies u > last_tau.
+        static_assert(kChunk < (1 << 10), "ten bits a count");
+        const int packed = warp_sum(above + (lists_sure ? sure << 10 : 0) +
+                                    (lists_full ? full << 20 : 0));
+        if (lane == 0 && c < chunks) {
+          const int n_above = packed & 0x3ff, n_sure = (packed >> 10) & 0x3ff;
+          const int n_full = packed >> 20;
+          const int listed_before_gated = lists_sure ? n_sure : n_full;
+          s_chunk[c] = n_above - listed_before_gated;
+          if (lists_full) s_full[c] = n_full;
+          if (lists_sure) s_sure[c] = n_sure - n_full;
+        }
       }
     }
     __syncthreads();
