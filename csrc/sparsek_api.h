@@ -67,6 +67,14 @@ SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seql
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 
+// Whether attention_bwd with these parameters (workspace included) reads the selection's
+// plan and sorted chunks: where dq has a kernel of its own (backward_dq_name "dq_kernel", or
+// a workspace with no room for the accumulator). The dk/dv kernel that adds dq reads only tau,
+// the scores in key order and the span sort's buffers, so there sparsek_select can run with
+// thresholds_given (the forward's tau). Returns an error message where the device query fails.
+SPARSEK_API std::string attention_bwd_reads_plan(const AttentionBwdParams& params,
+                                                 bool& reads_plan);
+
 // Bytes of device workspace to give attention_bwd (AttentionBwdParams::workspace): with the
 // float32 dq accumulator where backward_dq_name says "dkdv_atomic".
 SPARSEK_API int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q,

@@ -1,9 +1,8 @@
 """Gradients of sparsek_attention: custom VJPs around the forward primitive.
 
 The backward is the sparsek_attention_bwd primitive (_backward_primitive.py): on CUDA the
-backward kernels, FlashAttention-2-style recomputation from the saved lse (SparseK: the
-selection runs again, deterministic, so it finds the forward's tau and plan); elsewhere the
-explicit formulas of _backward_reference.py.
+backward kernels, FlashAttention-2-style recomputation from the saved lse (SparseK: from the
+forward's tau too, saved with it); elsewhere the explicit formulas of _backward_reference.py.
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ def _dense_fwd(query, key, value, config):
 def _dense_bwd(config, residuals, cotangents):
     query, key, value, o, lse = residuals
     d_out, d_lse = cotangents
-    return tuple(attention_bwd(query, key, value, None, o, lse, d_out, d_lse, config))
+    return tuple(attention_bwd(query, key, value, None, None, o, lse, d_out, d_lse, config))
 
 
 dense_attention.defvjp(_dense_fwd, _dense_bwd)
@@ -44,14 +43,16 @@ def sparsek_attention_op(query, key, value, scores, config: AttentionConfig):
 
 
 def _sparsek_fwd(query, key, value, scores, config):
-    o, lse, _ = attention_fwd(query, key, value, scores, config)
-    return (o, lse), (query, key, value, scores, o, lse)
+    o, lse, tau = attention_fwd(query, key, value, scores, config)
+    # tau ([B, Hkv, T] float32) spares the backward the selection's threshold solves.
+    return (o, lse), (query, key, value, scores, tau, o, lse)
 
 
 def _sparsek_bwd(config, residuals, cotangents):
-    query, key, value, scores, o, lse = residuals
+    query, key, value, scores, tau, o, lse = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv, du = attention_bwd(query, key, value, scores, o, lse, d_out, d_lse, config)
+    dq, dk, dv, du = attention_bwd(query, key, value, scores, tau, o, lse, d_out, d_lse,
+                                   config)
     return dq, dk, dv, du.astype(scores.dtype)
 
 

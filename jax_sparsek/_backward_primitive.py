@@ -1,7 +1,9 @@
 """The sparsek_attention_bwd primitive: abstract evaluation, batching and lowering.
 
-Operands (q, k, v, o, lse, d_out, d_lse) in the dense modes and (q, k, v, scores, o, lse,
-d_out, d_lse) in the SparseK mode; results (dq, dk, dv) and, in the SparseK mode, du
+Operands (q, k, v, o, lse, d_out, d_lse) in the dense modes and (q, k, v, scores, tau, o,
+lse, d_out, d_lse) in the SparseK mode, tau being the forward's thresholds [B, Hkv, T]
+(float32; the CUDA kernels read them instead of solving them again, the reference solves
+its own in the scores' precision); results (dq, dk, dv) and, in the SparseK mode, du
 (float32, the gradient of the scores). Lowered on CUDA to the backward kernels' XLA FFI
 custom call, and everywhere else (or with implementation='xla') to the pure-JAX reference
 of _backward_reference.py, through the same sharding rule as the forward primitive
@@ -31,24 +33,25 @@ attention_bwd_shard_p = Primitive("sparsek_attention_bwd_shard")
 attention_bwd_shard_p.multiple_results = True
 
 
-def attention_bwd(query, key, value, scores, out, lse, d_out, d_lse, config: AttentionConfig):
+def attention_bwd(query, key, value, scores, tau, out, lse, d_out, d_lse,
+                  config: AttentionConfig):
     """Binds the primitive: dq, dk, dv in the input dtype, plus du [B, S, Hkv] (float32) in
-    the SparseK mode."""
-    operands = (query, key, value) + ((scores,) if config.sparsek else ()) + (
-        out, lse, d_out, d_lse.astype(jnp.float32))
+    the SparseK mode (scores and the forward's tau given; both None in the dense modes)."""
+    sparse = (scores, tau.astype(jnp.float32)) if config.sparsek else ()
+    operands = (query, key, value) + sparse + (out, lse, d_out, d_lse.astype(jnp.float32))
     return attention_bwd_p.bind(*operands, config=config)
 
 
 def _split(operands, config):
     if config.sparsek:
-        query, key, value, scores, out, lse, d_out, d_lse = operands
+        query, key, value, scores, tau, out, lse, d_out, d_lse = operands
     else:
-        (query, key, value, out, lse, d_out, d_lse), scores = operands, None
-    return query, key, value, scores, out, lse, d_out, d_lse
+        (query, key, value, out, lse, d_out, d_lse), scores, tau = operands, None, None
+    return query, key, value, scores, tau, out, lse, d_out, d_lse
 
 
 def _reference_impl(*operands, config: AttentionConfig):
-    query, key, value, scores, out, lse, d_out, d_lse = _split(operands, config)
+    query, key, value, scores, _, out, lse, d_out, d_lse = _split(operands, config)
     if not config.sparsek:
         gates = key_positions_visible(query.shape[1], key.shape[1], config.is_causal,
                                       config.window)
@@ -101,7 +104,7 @@ def _dense_cuda_impl(query, key, value, out, lse, d_out, d_lse, *, config: Atten
     return dq, dk, dv
 
 
-def _sparsek_cuda_impl(query, key, value, scores, out, lse, d_out, d_lse, *,
+def _sparsek_cuda_impl(query, key, value, scores, tau, out, lse, d_out, d_lse, *,
                        config: AttentionConfig):
     b, t, hq, d = query.shape
     s, hkv = key.shape[1], key.shape[2]
@@ -109,10 +112,12 @@ def _sparsek_cuda_impl(query, key, value, scores, out, lse, d_out, d_lse, *,
     def align256(n):
         return (n + 255) // 256 * 256
 
-    # The selection's buffers, the span sort's (the dk/dv kernel's key order), the backward's
-    # own, each at a 256-byte boundary (csrc/ffi/attention_bwd_ffi.cc).
+    # The selection's buffers, the span sort's (the dk/dv kernel's key order), a tau for the
+    # deterministic path's selection, the backward's own, each at a 256-byte boundary
+    # (csrc/ffi/attention_bwd_ffi.cc).
     size = (align256(ext.sparsek_workspace_bytes(b, t, s, hkv))
             + align256(ext.sparsek_key_span_workspace_bytes(b, s, hkv))
+            + align256(b * hkv * t * 4)
             + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True))
     call = jax.ffi.ffi_call(
         _extension.FFI_TARGET_SPARSEK_BWD,
@@ -120,12 +125,11 @@ def _sparsek_cuda_impl(query, key, value, scores, out, lse, d_out, d_lse, *,
          jax.ShapeDtypeStruct(key.shape, key.dtype),
          jax.ShapeDtypeStruct(value.shape, value.dtype),
          jax.ShapeDtypeStruct(scores.shape, jnp.float32),
-         jax.ShapeDtypeStruct((b, hkv, t), jnp.float32),
          _workspace(size)))
     # The selection reads float32 scores whatever their dtype (SPARSEK.md).
-    dq, dk, dv, du, _, _ = call(query, key, value, scores.astype(jnp.float32), out, lse, d_out,
-                                d_lse, scale=np.float32(config.scale),
-                                topk=np.int64(config.topk), window=np.int64(config.window))
+    dq, dk, dv, du, _ = call(query, key, value, scores.astype(jnp.float32), tau, out, lse,
+                             d_out, d_lse, scale=np.float32(config.scale),
+                             topk=np.int64(config.topk), window=np.int64(config.window))
     return dq, dk, dv, du
 
 
@@ -155,9 +159,10 @@ attention_bwd_p.def_impl(_eager_impl)
 attention_bwd_p.def_abstract_eval(_abstract_eval)
 batching.primitive_batchers[attention_bwd_p] = fold_into_batch(attention_bwd_p)
 _Q, _K, _R, _U = _sharding.QUERY, _sharding.KEY, _sharding.ROWS, _sharding.SCORES
+_T = _sharding.THRESHOLDS
 _sharding.register_lowering(
     attention_bwd_p, attention_bwd_shard_p,
-    {False: (_Q, _K, _K, _Q, _R, _Q, _R), True: (_Q, _K, _K, _U, _Q, _R, _Q, _R)},
+    {False: (_Q, _K, _K, _Q, _R, _Q, _R), True: (_Q, _K, _K, _U, _T, _Q, _R, _Q, _R)},
     {False: (_Q, _K, _K), True: (_Q, _K, _K, _U)})
 attention_bwd_shard_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(attention_bwd_shard_p, _default_lowering)

@@ -184,3 +184,36 @@ def test_backward_deterministic(name, monkeypatch):
     for name in first:
         assert np.array_equal(np.asarray(first[name].astype(jnp.float32)),
                               np.asarray(second[name].astype(jnp.float32))), name
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_sparsek_backward_reads_forward_tau(deterministic, monkeypatch):
+    """The backward primitive takes the forward's tau: the default kernels read it (a tau
+    shifted by 0.25 changes du and dq), the deterministic path solves its own again with the
+    plan its dq kernel walks (the shifted tau changes nothing); with the forward's own tau both
+    give the float64 reference's gradients (test_sparsek_backward_kernels)."""
+    from jax_sparsek._backward_primitive import attention_bwd
+    from jax_sparsek._primitive import attention_fwd
+    from jax_sparsek._validation import check_attention_args
+
+    if deterministic:
+        monkeypatch.setenv("JAX_SPARSEK_DETERMINISTIC_BACKWARD", "1")
+    case = SPARSEK_CASES["T640_K100_W32_gqa8_d128"]
+    q, k, v, u, w_out, w_lse = _inputs(case, jnp.float16)
+    config = check_attention_args(q, k, v, u, case.topk, case.window, True, None, "cuda")
+
+    @jax.jit
+    def grads(tau_shift):
+        o, lse, tau = attention_fwd(q, k, v, u, config)
+        return attention_bwd(q, k, v, u, tau + tau_shift, o, lse, w_out, w_lse, config)
+
+    exact = [np.asarray(g.astype(jnp.float32)) for g in grads(0.0)]
+    shifted = [np.asarray(g.astype(jnp.float32)) for g in grads(0.25)]
+    for name, e, s in zip("qkvu", exact, shifted):
+        assert not np.isnan(e).any() and not np.isnan(s).any(), f"NaN in d{name}"
+    changed = {name: not np.allclose(e, s, rtol=1e-2, atol=1e-3)
+               for name, e, s in zip("qkvu", exact, shifted)}
+    if deterministic:
+        assert not any(changed.values()), changed
+    else:
+        assert changed["u"] and changed["q"], changed

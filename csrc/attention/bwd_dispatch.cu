@@ -156,6 +156,37 @@ int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64
   return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, false).bytes;
 }
 
+namespace {
+
+// Whether this call's dk/dv kernel adds dq (atomic) and whether it runs on the Hopper kernels.
+// A workspace reserved while JAX_SPARSEK_DETERMINISTIC_BACKWARD was set has no room for the
+// accumulator: that call keeps the dq kernel.
+std::string call_adds_dq_atomically(const AttentionBwdParams& p, bool& hopper, bool& atomic) {
+  hopper = atomic = false;
+  if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
+    return error;
+  }
+  atomic = dq_in_dkdv_kernel(hopper) &&
+           p.workspace_bytes >= BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
+                                                         p.heads_kv, p.sparsek, true)
+                                    .bytes;
+  return {};
+}
+
+}  // namespace
+
+std::string attention_bwd_reads_plan(const AttentionBwdParams& p, bool& reads_plan) {
+  reads_plan = true;
+  ScopedDevice scoped_device;
+  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
+  bool hopper = false, atomic = false;
+  if (std::string error = call_adds_dq_atomically(p, hopper, atomic); !error.empty()) {
+    return error;
+  }
+  reads_plan = !atomic;
+  return {};
+}
+
 std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
   if (std::string error = check_params(p); !error.empty()) return error;
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "unsupported dtype";
@@ -165,17 +196,10 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
   if (poison_outputs_requested()) {
     if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
   }
-  bool hopper = false;
-  if (std::string error = hopper_kernels_run_backward(p.head_dim, hopper); !error.empty()) {
+  bool hopper = false, atomic = false;
+  if (std::string error = call_adds_dq_atomically(p, hopper, atomic); !error.empty()) {
     return error;
   }
-  // A workspace reserved while JAX_SPARSEK_DETERMINISTIC_BACKWARD was set has no room for the
-  // accumulator: that call keeps the dq kernel.
-  const bool atomic =
-      dq_in_dkdv_kernel(hopper) &&
-      p.workspace_bytes >= BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.heads_kv,
-                                                    p.sparsek, true)
-                               .bytes;
   const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
                                                              p.heads_kv, p.sparsek, atomic);
   BwdRowBuffers rows;

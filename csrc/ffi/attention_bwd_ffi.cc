@@ -100,17 +100,19 @@ ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
   return ffi::Error::Success();
 }
 
-// SparseK: the selection stage again (the same tau and plan the forward used: it is
-// deterministic), the span sort of the dk/dv kernel's key order, then the backward kernels.
-// The workspace result holds the selection's buffers, then the span sort's, then the
-// backward's own, each at a 256-byte boundary.
+// SparseK: the forward's tau, the selection's first step (the scores in key order and the
+// sorted chunks), the span sort of the dk/dv kernel's key order, then the backward kernels.
+// Where dq has a kernel of its own (the deterministic path), which walks the forward's plan,
+// the whole selection runs again (it is deterministic: the same tau and plan) into the
+// workspace's own tau. The workspace result holds the selection's buffers, then the span
+// sort's, then that tau, then the backward's own, each at a 256-byte boundary.
 ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                          ffi::AnyBuffer v, ffi::Buffer<ffi::F32> scores, ffi::AnyBuffer o,
+                          ffi::AnyBuffer v, ffi::Buffer<ffi::F32> scores,
+                          ffi::Buffer<ffi::F32> tau, ffi::AnyBuffer o,
                           ffi::Buffer<ffi::F32> lse, ffi::AnyBuffer d_out,
                           ffi::Buffer<ffi::F32> d_lse, ffi::Result<ffi::AnyBuffer> dq,
                           ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                           ffi::Result<ffi::Buffer<ffi::F32>> du,
-                          ffi::Result<ffi::Buffer<ffi::F32>> tau,
                           ffi::Result<ffi::AnyBuffer> workspace, float scale, int64_t topk,
                           int64_t window) {
   sparsek::AttentionBwdParams p;
@@ -126,12 +128,19 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: scores and du must be [B, S, Hkv]");
   }
+  const auto td = tau.dimensions();
+  if (td.size() != 3 || td[0] != p.batch || td[1] != p.heads_kv || td[2] != p.seqlen_q) {
+    return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: tau must be [B, Hkv, T]");
+  }
   const int64_t selection_bytes = sparsek::align256(
       sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
   const sparsek::KeySpanLayout span_layout =
       sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
   const int64_t span_bytes = span_layout.workspace_bytes;  // a multiple of 256
-  const int64_t needed = selection_bytes + span_bytes +
+  const int64_t tau_bytes =
+      sparsek::align256(p.batch * p.heads_kv * p.seqlen_q * static_cast<int64_t>(sizeof(float)));
+  const int64_t own_offset = selection_bytes + span_bytes + tau_bytes;
+  const int64_t needed = own_offset +
                          sparsek::attention_bwd_min_workspace_bytes(p.batch, p.seqlen_q,
                                                                     p.seqlen_k, p.heads_q,
                                                                     p.heads_kv, p.head_dim,
@@ -139,15 +148,30 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   if (std::string error = check_workspace(workspace, needed); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
   }
+  char* workspace_base = static_cast<char*>(workspace->untyped_data());
+  p.is_causal = true;
+  p.window = window;
+  p.sparsek = true;
+  p.workspace = workspace_base + own_offset;
+  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - own_offset;
+  bool reads_plan = true;
+  if (std::string error = sparsek::attention_bwd_reads_plan(p, reads_plan); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
+  }
+  float* selection_tau =
+      reinterpret_cast<float*>(workspace_base + selection_bytes + span_bytes);
+  // The rows' thresholds every kernel below reads: the forward's, or the selection's again.
+  const float* row_tau = reads_plan ? selection_tau : tau.typed_data();
   sparsek::SelectionLayout layout;
   void* selection_workspace = nullptr;
   if (std::string error = sparsek_ffi::run_selection(
           stream, device, workspace, scores.typed_data(), p.batch, p.seqlen_q, p.seqlen_k,
-          p.heads_kv, topk, window, tau->typed_data(), layout, selection_workspace);
+          p.heads_kv, topk, window, reads_plan ? selection_tau : nullptr, layout,
+          selection_workspace, /*thresholds_given=*/!reads_plan);
       !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: selection: " + error);
   }
-  char* span_workspace = static_cast<char*>(workspace->untyped_data()) + selection_bytes;
+  char* span_workspace = workspace_base + selection_bytes;
   sparsek::SortKeySpansParams spans;
   spans.key_u = sparsek::selection_buffers(layout, selection_workspace).key_u;
   spans.key_u_stride = layout.padded_keys();
@@ -159,7 +183,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       reinterpret_cast<int32_t*>(span_workspace + span_layout.span_sorted_key_offset);
   spans.span_last_row =
       reinterpret_cast<int32_t*>(span_workspace + span_layout.span_last_row_offset);
-  spans.tau = tau->typed_data();
+  spans.tau = row_tau;
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
   spans.device = device;
@@ -171,17 +195,13 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
   }
-  p.is_causal = true;
-  p.window = window;
-  sparsek_ffi::use_selection(p, tau->typed_data(), layout, selection_workspace);
+  sparsek_ffi::use_selection(p, row_tau, layout, selection_workspace);
   p.span_sorted_u = spans.span_sorted_u;
   p.span_sorted_key = spans.span_sorted_key;
   p.span_last_row = spans.span_last_row;
   p.key_span = spans.key_span;
   p.key_span_stride = span_layout.stride;
   p.du = du->typed_data();
-  p.workspace = span_workspace + span_bytes;
-  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - selection_bytes - span_bytes;
   if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
@@ -217,6 +237,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_sparsek_sparsek_bwd, SparseKBwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // k
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scores [B, S, Hkv]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // tau [B, Hkv, T] (forward's)
                                   .Arg<ffi::AnyBuffer>()  // o
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse [B, Hq, T]
                                   .Arg<ffi::AnyBuffer>()  // d_out
@@ -225,7 +246,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_sparsek_sparsek_bwd, SparseKBwdImpl,
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
                                   .Ret<ffi::Buffer<ffi::F32>>()  // du [B, S, Hkv]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // tau [B, Hkv, T]
                                   .Ret<ffi::AnyBuffer>()  // workspace (uint8)
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("topk")

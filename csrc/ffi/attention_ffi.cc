@@ -72,7 +72,8 @@ std::string sparsek_ffi::run_selection(void* stream, int32_t device,
                                        const float* scores, int64_t batch, int64_t seqlen_q,
                                        int64_t seqlen_k, int64_t heads_kv, int64_t topk,
                                        int64_t window, float* tau,
-                                       sparsek::SelectionLayout& layout, void*& workspace) {
+                                       sparsek::SelectionLayout& layout, void*& workspace,
+                                       bool thresholds_given) {
   sparsek::SparseKSelectParams s;
   s.scores = scores;
   s.scores_head_stride = 1;
@@ -86,6 +87,7 @@ std::string sparsek_ffi::run_selection(void* stream, int32_t device,
   s.window = window;
   s.tau = tau;
   s.device = device;
+  s.thresholds_given = thresholds_given;
   layout = sparsek::make_selection_layout(batch, seqlen_q, seqlen_k, heads_kv);
   if (static_cast<int64_t>(workspace_buffer->size_bytes()) < layout.workspace_bytes) {
     return "the workspace holds " + std::to_string(workspace_buffer->size_bytes()) + " bytes, " +

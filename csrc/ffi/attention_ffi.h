@@ -20,15 +20,18 @@ namespace sparsek_ffi {
 // [B, Hkv, T] and the workspace buffer (a result buffer of the custom call, at least
 // sparsek_workspace_bytes): XLA's FFI scratch allocator is not available to every XLA GPU
 // runtime configuration. Returns the layout and the workspace pointer for the attention.
+// thresholds_given: tau already holds the thresholds (SparseKSelectParams::thresholds_given);
+// only the scores' copy in key order and the sorted chunks are made, tau is not written.
 std::string run_selection(void* stream, int32_t device,
                           xla::ffi::Result<xla::ffi::AnyBuffer>& workspace_buffer,
                           const float* scores, int64_t batch, int64_t seqlen_q,
                           int64_t seqlen_k, int64_t heads_kv, int64_t topk, int64_t window,
-                          float* tau, sparsek::SelectionLayout& layout, void*& workspace);
+                          float* tau, sparsek::SelectionLayout& layout, void*& workspace,
+                          bool thresholds_given = false);
 
 // Points the SparseK fields of forward or backward parameters at the selection's results.
 template <typename Params>
-void use_selection(Params& p, float* tau, const sparsek::SelectionLayout& layout,
+void use_selection(Params& p, const float* tau, const sparsek::SelectionLayout& layout,
                    void* workspace) {
   const sparsek::SelectionBuffers w = sparsek::selection_buffers(layout, workspace);
   p.sparsek = true;

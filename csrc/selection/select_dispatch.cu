@@ -1,4 +1,5 @@
-// sparsek_select(): checks the parameters and launches the three selection kernels.
+// sparsek_select(): checks the parameters and launches the three selection kernels (only the
+// first where the thresholds are given).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,7 +18,8 @@ namespace sparsek {
 namespace {
 
 std::string check_select_params(const SparseKSelectParams& p) {
-  if (!p.scores || !p.tau || !p.workspace) return "a scores, tau or workspace pointer is null";
+  if (!p.scores || !p.workspace) return "a scores or workspace pointer is null";
+  if (!p.tau && !p.thresholds_given) return "the tau pointer is null";
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_kv <= 0) {
     return "batch, sequence lengths and heads_kv must be positive";
   }
@@ -73,8 +75,10 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
   const SelectionLayout l = make_selection_layout(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv);
   const SelectionBuffers w = selection_buffers(l, p.workspace);
   if (poison_outputs_requested()) {
-    SPARSEK_RETURN_IF_CUDA_ERROR(
-        cudaMemsetAsync(p.tau, 0xFF, l.batch_heads * p.seqlen_q * sizeof(float), stream));
+    if (!p.thresholds_given) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(
+          cudaMemsetAsync(p.tau, 0xFF, l.batch_heads * p.seqlen_q * sizeof(float), stream));
+    }
     SPARSEK_RETURN_IF_CUDA_ERROR(
         cudaMemsetAsync(p.workspace, 0xFF, l.workspace_bytes, stream));
   }
@@ -83,6 +87,7 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
   sort_key_chunks_kernel<<<dim3(static_cast<unsigned>(l.chunks), grid_y), kSortThreads, 0,
                            stream>>>(p, l, w);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  if (p.thresholds_given) return {};
 
   anchor_thresholds_kernel<<<dim3(static_cast<unsigned>(l.anchors), grid_y), kAnchorThreads,
                              0, stream>>>(p, l, w);

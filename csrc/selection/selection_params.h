@@ -95,6 +95,10 @@ struct SparseKSelectParams {
   float* tau = nullptr;     // [B, Hkv, T] result
   void* workspace = nullptr;  // make_selection_layout(...).workspace_bytes, 16-byte aligned
   int32_t device = -1;
+  // The thresholds are known already (the backward, given the forward's tau): only step 1
+  // runs (the scores in key order and the sorted chunks); tau (which may be null) and the
+  // plan are not written.
+  bool thresholds_given = false;
 };
 
 // Typed views of the workspace (what the kernels of both stages read and write).
