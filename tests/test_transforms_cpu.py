@@ -106,6 +106,33 @@ def test_jaxpr_binds_primitive():
     assert any("custom_vjp" in n for n in names), names
 
 
+def test_sparsek_grad_passes_forward_tau():
+    """The SparseK gradient program binds the forward primitive once and hands its tau (the
+    third result) to the backward primitive as its fifth operand: the CUDA backward reads the
+    forward's thresholds instead of solving them again (_autodiff.py)."""
+    q, k, v = make_qkv(1, 12, 12, 2, 1, 8, jnp.float16)
+    u = jnp.asarray(rng_for("grad-tau-scores").standard_normal((1, 12, 1)).astype(np.float32))
+    loss = lambda q, u: sparsek_attention(q, k, v, u, topk=3, window=2,  # noqa: E731
+                                          is_causal=True).astype(jnp.float32).sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, u).jaxpr
+
+    def equations(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+    eqns = list(equations(jaxpr))
+    fwd = [e for e in eqns if e.primitive.name == "sparsek_attention_fwd"]
+    bwd = [e for e in eqns if e.primitive.name == "sparsek_attention_bwd"]
+    assert len(fwd) == 1 and len(bwd) == 1, [e.primitive.name for e in eqns]
+    tau = fwd[0].outvars[2]
+    assert tau.aval.shape == (1, 1, 12), tau.aval
+    assert bwd[0].invars[4] is tau, (bwd[0].invars, fwd[0].outvars)
+
+
 # ------------------------------------------------------------------------------------------
 # vmap
 
