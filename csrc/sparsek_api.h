@@ -87,6 +87,22 @@ SPARSEK_API int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seq
                                                       int64_t heads_kv, int64_t head_dim,
                                                       bool sparsek);
 
+// The whole workspace of a SparseK backward call (selection, span sort, backward): the
+// selection's buffers (sparsek_workspace_bytes) at 0, the span sort's at span_offset, a tau
+// for a selection run again (where attention_bwd_reads_plan) at tau_offset, attention_bwd's
+// own at own_offset, each at a 256-byte boundary. bytes: with attention_bwd_workspace_bytes
+// (what to reserve); min_bytes: with attention_bwd_min_workspace_bytes (the least accepted).
+struct SparseKBwdWorkspaceLayout {
+  int64_t span_offset = 0;
+  int64_t tau_offset = 0;
+  int64_t own_offset = 0;
+  int64_t bytes = 0;
+  int64_t min_bytes = 0;
+};
+SPARSEK_API SparseKBwdWorkspaceLayout sparsek_bwd_workspace_layout(
+    int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q, int64_t heads_kv,
+    int64_t head_dim);
+
 // "sm_90" for the current device; throws std::runtime_error when there is no CUDA device.
 SPARSEK_API std::string current_device_arch();
 

@@ -109,16 +109,9 @@ def _sparsek_cuda_impl(query, key, value, scores, tau, out, lse, d_out, d_lse, *
     b, t, hq, d = query.shape
     s, hkv = key.shape[1], key.shape[2]
     ext = _extension.load_extension()
-    def align256(n):
-        return (n + 255) // 256 * 256
-
     # The selection's buffers, the span sort's (the dk/dv kernel's key order), a tau for the
-    # deterministic path's selection, the backward's own, each at a 256-byte boundary
-    # (csrc/ffi/attention_bwd_ffi.cc).
-    size = (align256(ext.sparsek_workspace_bytes(b, t, s, hkv))
-            + align256(ext.sparsek_key_span_workspace_bytes(b, s, hkv))
-            + align256(b * hkv * t * 4)
-            + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True))
+    # deterministic path's selection and the backward's own (sparsek_bwd_workspace_layout).
+    size = ext.sparsek_bwd_workspace_bytes(b, t, s, hq, hkv, d)
     call = jax.ffi.ffi_call(
         _extension.FFI_TARGET_SPARSEK_BWD,
         (jax.ShapeDtypeStruct(query.shape, query.dtype),

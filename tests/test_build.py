@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import pathlib
 
+import pytest
+
 import jax_sparsek
 from conftest import BUILD_INFO
 
@@ -52,3 +54,24 @@ def test_installed_package_is_the_one_tested():
             assert imported == installed.resolve(), (
                 f"tests import jax_sparsek from {imported}, not the installed {installed}")
         return
+
+
+def _align256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+@pytest.mark.skipif(not BUILD_INFO["extension_loaded"], reason="the library is not built here")
+@pytest.mark.parametrize("b,t,s,hq,hkv,d", [(1, 32768, 32768, 32, 8, 128),
+                                            (2, 1100, 2600, 8, 1, 128), (1, 1, 500, 8, 2, 64)])
+def test_sparsek_bwd_workspace_is_its_parts(b, t, s, hq, hkv, d):
+    """The SparseK backward's workspace (what the lowering reserves, in one library call):
+    the selection's, the span sort's and a tau's buffers, then the backward kernels' own, each
+    at a 256-byte boundary."""
+    from jax_sparsek import _extension
+
+    ext = _extension.load_extension()
+    parts = (_align256(ext.sparsek_workspace_bytes(b, t, s, hkv))
+             + ext.sparsek_key_span_workspace_bytes(b, s, hkv)
+             + _align256(b * hkv * t * 4)
+             + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True))
+    assert ext.sparsek_bwd_workspace_bytes(b, t, s, hq, hkv, d) == parts

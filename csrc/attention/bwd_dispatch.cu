@@ -18,6 +18,8 @@
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
+#include "runtime/workspace_align.h"
+#include "selection/sort_key_spans.h"
 #include "sparsek_api.h"
 
 namespace sparsek {
@@ -156,6 +158,21 @@ int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64
   return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, false).bytes;
 }
 
+SparseKBwdWorkspaceLayout sparsek_bwd_workspace_layout(int64_t batch, int64_t seqlen_q,
+                                                       int64_t seqlen_k, int64_t heads_q,
+                                                       int64_t heads_kv, int64_t head_dim) {
+  SparseKBwdWorkspaceLayout l;
+  l.span_offset = align256(sparsek_workspace_bytes(batch, seqlen_q, seqlen_k, heads_kv));
+  l.tau_offset =
+      l.span_offset + KeySpanLayout::make(batch * heads_kv, seqlen_k).workspace_bytes;
+  l.own_offset = l.tau_offset + align256(batch * heads_kv * seqlen_q * int64_t{4});
+  l.bytes = l.own_offset + attention_bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads_q,
+                                                         heads_kv, head_dim, true);
+  l.min_bytes = l.own_offset + attention_bwd_min_workspace_bytes(
+                                   batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, true);
+  return l;
+}
+
 namespace {
 
 // Whether this call's dk/dv kernel adds dq (atomic) and whether it runs on the Hopper kernels.
@@ -210,6 +227,8 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
     if (p.sparsek) {
       rows.row_edges = layout.row_edges(p.workspace);
       rows.mean_prefix = layout.mean_prefix(p.workspace);
+      rows.segment_mean_totals = layout.segment_mean_totals(p.workspace);
+      rows.segment_count_totals = layout.segment_count_totals(p.workspace);
     }
   }
   if (std::string error = launch_bwd_preprocess(p, rows.delta, stream); !error.empty()) {

@@ -250,8 +250,7 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
         !error.empty()) {
       return error;
     }
-    if (std::string error = sparsek_du_subtract_means(p, rows.mean, rows.row_edges,
-                                                      rows.mean_prefix, stream);
+    if (std::string error = sparsek_du_subtract_means(p, rows.mean, rows, stream);
         !error.empty()) {
       return error;
     }

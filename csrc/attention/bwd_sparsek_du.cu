@@ -75,44 +75,94 @@ __global__ void __launch_bounds__(kKeyThreads)
   });
 }
 
-// One block a (batch, kv head), kScanThreads rows a pass: |F_i| by an integer prefix of the
-// edges, the group's means sum_h row_sums[h, i] / |F_i|, and their float64 exclusive prefix
-// P[0, T] (P[0] = 0). Fixed order: the same result run to run for the same row_sums.
+// The segment scan (bwd_sparsek_du.h): CTA (segment, bh) takes rows [segment kScanThreads,
+// + kScanThreads) of the (batch, kv head) bh, one a thread; gridDim.y strides over bh.
+static_assert(kScanThreads == MeanPrefixSegments::kRows, "one row a thread of a segment");
+
+struct SegmentRows {
+  int64_t bh, segments, segment, row;
+  bool valid;
+};
+
+template <typename Visit>
+__device__ __forceinline__ void for_each_segment(const AttentionBwdParams& p, Visit&& visit) {
+  SegmentRows at;
+  at.segments = gridDim.x;  // MeanPrefixSegments::count(T)
+  at.segment = blockIdx.x;
+  at.row = at.segment * kScanThreads + threadIdx.x;
+  at.valid = at.row < p.seqlen_q;
+  for (at.bh = blockIdx.y; at.bh < p.batch * p.heads_kv; at.bh += gridDim.y) visit(at);
+}
+
+// The sum of totals[0, count) over the block, in a fixed order (thread t takes t, t +
+// kScanThreads, ...).
+template <typename T>
+__device__ __forceinline__ T sum_of_first(const T* totals, int64_t count, T* scratch) {
+  T x[1] = {0};
+  for (int64_t i = threadIdx.x; i < count; i += kScanThreads) x[0] += totals[i];
+  block_sum<kScanThreads>(x, scratch);
+  return x[0];
+}
+
+// Pass 1: each segment's sum of row edges.
 __global__ void __launch_bounds__(kScanThreads)
-    mean_prefix_kernel(const __grid_constant__ AttentionBwdParams p, const float* row_sums,
-                       const int32_t* row_edges, double* mean_prefix) {
+    segment_count_totals_kernel(const __grid_constant__ AttentionBwdParams p,
+                                const int32_t* row_edges, int32_t* count_totals) {
+  __shared__ int s_scratch[kScanThreads / 32];
+  for_each_segment(p, [&](const SegmentRows& at) {
+    int x[1] = {at.valid ? row_edges[at.bh * (p.seqlen_q + 1) + at.row] : 0};
+    block_sum<kScanThreads>(x, s_scratch);
+    if (threadIdx.x == 0) count_totals[at.bh * at.segments + at.segment] = x[0];
+  });
+}
+
+// Pass 2: each row's |F_i| (the edges of the segments before, and of its rows up to it) and
+// the group's mean sum_h row_sums[h, i] / |F_i|, written where its prefix goes; each
+// segment's sum of means.
+__global__ void __launch_bounds__(kScanThreads)
+    segment_means_kernel(const __grid_constant__ AttentionBwdParams p, const float* row_sums,
+                         const int32_t* row_edges, const int32_t* count_totals,
+                         double* mean_prefix, double* mean_totals) {
   __shared__ int s_counts[kScanThreads / 32];
   __shared__ double s_means[kScanThreads / 32];
-  const int64_t bh = blockIdx.x;
-  const int64_t batch = bh / p.heads_kv;
-  const int64_t kv_head = bh % p.heads_kv;
   const int64_t group = p.heads_q / p.heads_kv;
-  const int32_t* edges = row_edges + bh * (p.seqlen_q + 1);
-  double* prefix = mean_prefix + bh * (p.seqlen_q + 1);
-  const float* sums = row_sums + (batch * p.heads_q + kv_head * group) * p.seqlen_q;
-  int count_before = 0;
-  double mean_before = 0.0;
-  for (int64_t row0 = 0; row0 < p.seqlen_q; row0 += kScanThreads) {
-    const int64_t row = row0 + threadIdx.x;
-    const bool valid = row < p.seqlen_q;
-    const int edge = valid ? edges[row] : 0;
-    int count_total = 0;
+  for_each_segment(p, [&](const SegmentRows& at) {
+    const int count_before =
+        sum_of_first(count_totals + at.bh * at.segments, at.segment, s_counts);
+    const int edge = at.valid ? row_edges[at.bh * (p.seqlen_q + 1) + at.row] : 0;
+    int unused = 0;
     const int count =
-        count_before + block_exclusive_scan<kScanThreads>(edge, count_total, s_counts) + edge;
-    double mean = 0.0;
-    if (valid && count > 0) {
+        count_before + block_exclusive_scan<kScanThreads>(edge, unused, s_counts) + edge;
+    double mean[1] = {0.0};
+    if (at.valid && count > 0) {
+      const int64_t batch = at.bh / p.heads_kv;
+      const int64_t kv_head = at.bh % p.heads_kv;
+      const float* sums = row_sums + (batch * p.heads_q + kv_head * group) * p.seqlen_q;
       double group_sum = 0.0;
-      for (int64_t h = 0; h < group; ++h) group_sum += sums[h * p.seqlen_q + row];
-      mean = group_sum / count;
+      for (int64_t h = 0; h < group; ++h) group_sum += sums[h * p.seqlen_q + at.row];
+      mean[0] = group_sum / count;
     }
-    double mean_total = 0.0;
-    const double before =
-        mean_before + block_exclusive_scan<kScanThreads>(mean, mean_total, s_means);
-    if (valid) prefix[row] = before;
-    count_before += count_total;
-    mean_before += mean_total;
-  }
-  if (threadIdx.x == 0) prefix[p.seqlen_q] = mean_before;
+    if (at.valid) mean_prefix[at.bh * (p.seqlen_q + 1) + at.row] = mean[0];
+    block_sum<kScanThreads>(mean, s_means);
+    if (threadIdx.x == 0) mean_totals[at.bh * at.segments + at.segment] = mean[0];
+  });
+}
+
+// Pass 3: the exclusive prefix of the means in place, P[0] = 0; the last segment also writes
+// P[T], the sum of every row's mean.
+__global__ void __launch_bounds__(kScanThreads)
+    segment_prefix_kernel(const __grid_constant__ AttentionBwdParams p,
+                          const double* mean_totals, double* mean_prefix) {
+  __shared__ double s_means[kScanThreads / 32];
+  for_each_segment(p, [&](const SegmentRows& at) {
+    double* prefix = mean_prefix + at.bh * (p.seqlen_q + 1);
+    const double before = sum_of_first(mean_totals + at.bh * at.segments, at.segment, s_means);
+    const double mean = at.valid ? prefix[at.row] : 0.0;
+    double total = 0.0;
+    const double exclusive = before + block_exclusive_scan<kScanThreads>(mean, total, s_means);
+    if (at.valid) prefix[at.row] = exclusive;
+    if (at.segment + 1 == at.segments && threadIdx.x == 0) prefix[p.seqlen_q] = before + total;
+  });
 }
 
 __global__ void __launch_bounds__(kKeyThreads)
@@ -144,12 +194,22 @@ std::string sparsek_du_count_fractional_rows(const AttentionBwdParams& p, int32_
 }
 
 std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const float* row_sums,
-                                      const int32_t* row_edges, double* mean_prefix,
-                                      cudaStream_t stream) {
-  mean_prefix_kernel<<<static_cast<unsigned>(p.batch * p.heads_kv), kScanThreads, 0, stream>>>(
-      p, row_sums, row_edges, mean_prefix);
+                                      const BwdRowBuffers& rows, cudaStream_t stream) {
+  // (T = 0: no rows, no key has an interval, nothing to subtract.)
+  if (p.seqlen_q == 0) return {};
+  const dim3 segment_grid(static_cast<unsigned>(MeanPrefixSegments::count(p.seqlen_q)),
+                          static_cast<unsigned>(std::min(p.batch * p.heads_kv, kMaxGridY)));
+  segment_count_totals_kernel<<<segment_grid, kScanThreads, 0, stream>>>(
+      p, rows.row_edges, rows.segment_count_totals);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
-  subtract_means_kernel<<<key_grid(p), kKeyThreads, 0, stream>>>(p, mean_prefix);
+  segment_means_kernel<<<segment_grid, kScanThreads, 0, stream>>>(
+      p, row_sums, rows.row_edges, rows.segment_count_totals, rows.mean_prefix,
+      rows.segment_mean_totals);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  segment_prefix_kernel<<<segment_grid, kScanThreads, 0, stream>>>(
+      p, rows.segment_mean_totals, rows.mean_prefix);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  subtract_means_kernel<<<key_grid(p), kKeyThreads, 0, stream>>>(p, rows.mean_prefix);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return {};
 }

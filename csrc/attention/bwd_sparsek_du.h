@@ -13,7 +13,10 @@
 // (sparsek_gate.cuh), so the intervals hold exactly the pairs the dk/dv kernel counted. Then
 //   |F_i| = #{j : lo_j <= i < hi_j}    (a difference array, row_edges, and a prefix sum)
 //   sum_{i in [lo_j, hi_j)} sum_h mean_i = P[hi_j] - P[lo_j]
-// with P the float64 prefix of the group's row means (mean_prefix).
+// with P the float64 prefix of the group's row means (mean_prefix), scanned in segments of
+// MeanPrefixSegments::kRows rows a CTA: the segments' edge totals, then each segment's
+// counts and means (the edges before it from the totals), then each segment's prefix (the
+// means before it from their totals). Every sum is in a fixed order: the same du run to run.
 // Memory: O(B Hkv T); work O(B Hkv (S log T + T)).
 #pragma once
 
@@ -23,6 +26,7 @@
 #include <string>
 
 #include "attention/bwd_params.h"
+#include "attention/bwd_workspace.h"
 
 namespace sparsek {
 
@@ -31,10 +35,10 @@ namespace sparsek {
 std::string sparsek_du_count_fractional_rows(const AttentionBwdParams& p, int32_t* row_edges,
                                              cudaStream_t stream);
 
-// After the dk/dv kernel: mean_prefix [B, Hkv, T + 1] float64 from row_sums [B, Hq, T] and
-// row_edges, then du_j -= P[hi_j] - P[lo_j] for every key.
+// After the dk/dv kernel: rows.mean_prefix [B, Hkv, T + 1] float64 from row_sums [B, Hq, T]
+// and rows.row_edges (rows.segment_*_totals: the scan's scratch), then du_j -= P[hi_j] -
+// P[lo_j] for every key.
 std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const float* row_sums,
-                                      const int32_t* row_edges, double* mean_prefix,
-                                      cudaStream_t stream);
+                                      const BwdRowBuffers& rows, cudaStream_t stream);
 
 }  // namespace sparsek

@@ -9,6 +9,9 @@
 //                                 intervals of fractional rows (bwd_sparsek_du.h)
 //   mean_prefix  [B, Hkv, T + 1]  SparseK with the accumulator: float64 prefix sums of the
 //                                 group's row means (bwd_sparsek_du.h)
+//   segment_totals                SparseK with the accumulator: per (B, Hkv) and segment of
+//                                 MeanPrefixSegments::kRows rows, the float64 sum of its
+//                                 means, then the int32 sum of its row edges
 //   dq_accum                      with_dq_accumulator only: float32 dq tiles
 //                                 (bwd_dq_accumulator.h)
 #pragma once
@@ -27,13 +30,24 @@ struct BwdRowBuffers {
   float* dq_accum = nullptr;      // the dk/dv kernel adds dq
   int32_t* row_edges = nullptr;   // SparseK with dq_accum
   double* mean_prefix = nullptr;  // SparseK with dq_accum
+  double* segment_mean_totals = nullptr;    // SparseK with dq_accum
+  int32_t* segment_count_totals = nullptr;  // SparseK with dq_accum
+};
+
+// The rows of a (batch, kv head) are scanned in segments of kRows, one CTA each
+// (bwd_sparsek_du.cu), so that the scan uses the whole GPU instead of B x Hkv CTAs.
+struct MeanPrefixSegments {
+  static constexpr int kRows = 1024;
+  static int64_t count(int64_t seqlen_q) { return (seqlen_q + kRows - 1) / kRows; }
 };
 
 struct BwdWorkspaceLayout {
   int64_t delta_offset = 0;
   int64_t mean_offset = 0;         // == row_edges_offset when there is no mean buffer
   int64_t row_edges_offset = 0;    // == mean_prefix_offset when there are none
-  int64_t mean_prefix_offset = 0;  // == dq_accum_offset when there is none
+  int64_t mean_prefix_offset = 0;  // == segment_totals_offset when there is none
+  int64_t segment_totals_offset = 0;  // == dq_accum_offset when there are none
+  int64_t segment_counts_offset = 0;  // within the segment totals
   int64_t dq_accum_offset = 0;     // == bytes when there is no accumulator
   int64_t bytes = 0;
 
@@ -49,8 +63,14 @@ struct BwdWorkspaceLayout {
     l.row_edges_offset = l.mean_offset + (sparsek ? rows_bytes : 0);
     l.mean_prefix_offset =
         l.row_edges_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{4}) : 0);
-    l.dq_accum_offset =
+    l.segment_totals_offset =
         l.mean_prefix_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{8}) : 0);
+    const int64_t segments = batch * heads_kv * MeanPrefixSegments::count(seqlen_q);
+    l.segment_counts_offset = l.segment_totals_offset + align256(segments * int64_t{8});
+    l.dq_accum_offset =
+        l.segment_totals_offset +
+        (sparsek_du_pass ? align256(segments * int64_t{8}) + align256(segments * int64_t{4})
+                         : 0);
     l.bytes = l.dq_accum_offset +
               (with_dq_accumulator
                    ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)
@@ -70,6 +90,12 @@ struct BwdWorkspaceLayout {
   }
   double* mean_prefix(void* workspace) const {
     return reinterpret_cast<double*>(static_cast<char*>(workspace) + mean_prefix_offset);
+  }
+  double* segment_mean_totals(void* workspace) const {
+    return reinterpret_cast<double*>(static_cast<char*>(workspace) + segment_totals_offset);
+  }
+  int32_t* segment_count_totals(void* workspace) const {
+    return reinterpret_cast<int32_t*>(static_cast<char*>(workspace) + segment_counts_offset);
   }
   float* dq_accum(void* workspace) const {
     return reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_offset);

@@ -4,7 +4,6 @@
 #include <string>
 
 #include "ffi/attention_ffi.h"
-#include "runtime/workspace_align.h"
 #include "sparsek_api.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -132,34 +131,24 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   if (td.size() != 3 || td[0] != p.batch || td[1] != p.heads_kv || td[2] != p.seqlen_q) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: tau must be [B, Hkv, T]");
   }
-  const int64_t selection_bytes = sparsek::align256(
-      sparsek::sparsek_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv));
+  const sparsek::SparseKBwdWorkspaceLayout whole = sparsek::sparsek_bwd_workspace_layout(
+      p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim);
   const sparsek::KeySpanLayout span_layout =
       sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
-  const int64_t span_bytes = span_layout.workspace_bytes;  // a multiple of 256
-  const int64_t tau_bytes =
-      sparsek::align256(p.batch * p.heads_kv * p.seqlen_q * static_cast<int64_t>(sizeof(float)));
-  const int64_t own_offset = selection_bytes + span_bytes + tau_bytes;
-  const int64_t needed = own_offset +
-                         sparsek::attention_bwd_min_workspace_bytes(p.batch, p.seqlen_q,
-                                                                    p.seqlen_k, p.heads_q,
-                                                                    p.heads_kv, p.head_dim,
-                                                                    true);
-  if (std::string error = check_workspace(workspace, needed); !error.empty()) {
+  if (std::string error = check_workspace(workspace, whole.min_bytes); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
   }
   char* workspace_base = static_cast<char*>(workspace->untyped_data());
   p.is_causal = true;
   p.window = window;
   p.sparsek = true;
-  p.workspace = workspace_base + own_offset;
-  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - own_offset;
+  p.workspace = workspace_base + whole.own_offset;
+  p.workspace_bytes = static_cast<int64_t>(workspace->size_bytes()) - whole.own_offset;
   bool reads_plan = true;
   if (std::string error = sparsek::attention_bwd_reads_plan(p, reads_plan); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
-  float* selection_tau =
-      reinterpret_cast<float*>(workspace_base + selection_bytes + span_bytes);
+  float* selection_tau = reinterpret_cast<float*>(workspace_base + whole.tau_offset);
   // The rows' thresholds every kernel below reads: the forward's, or the selection's again.
   const float* row_tau = reads_plan ? selection_tau : tau.typed_data();
   sparsek::SelectionLayout layout;
@@ -171,7 +160,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: selection: " + error);
   }
-  char* span_workspace = workspace_base + selection_bytes;
+  char* span_workspace = workspace_base + whole.span_offset;
   sparsek::SortKeySpansParams spans;
   spans.key_u = sparsek::selection_buffers(layout, selection_workspace).key_u;
   spans.key_u_stride = layout.padded_keys();

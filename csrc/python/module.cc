@@ -84,6 +84,18 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("sparsek_workspace_bytes", &sparsek::sparsek_workspace_bytes, nb::arg("batch"),
         nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK selection stage needs");
+  m.def(
+      "sparsek_bwd_workspace_bytes",
+      [](int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q, int64_t heads_kv,
+         int64_t head_dim) {
+        return sparsek::sparsek_bwd_workspace_layout(batch, seqlen_q, seqlen_k, heads_q,
+                                                     heads_kv, head_dim)
+            .bytes;
+      },
+      nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_q"),
+      nb::arg("heads_kv"), nb::arg("head_dim"),
+      "Bytes of device workspace the SparseK backward call (selection, span sort, backward "
+      "kernels) needs");
   m.def("sparsek_key_span_workspace_bytes", &sparsek::sparsek_key_span_workspace_bytes,
         nb::arg("batch"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK backward's span sort needs");
