@@ -21,6 +21,8 @@ every count is per (kv head, query head), so ratios hold for any B, Hq and Hkv.
     python bench/sparsek_bwd_visit_model.py --seq 32768 --sigma 1 --spans 128 1024
     python bench/sparsek_bwd_visit_model.py --seq 32768 --spans 1024 --block-n 128 \
         --block-m 64 --cluster 2 4 8     # the fused kernel; tiles that clusters would share
+    python bench/sparsek_bwd_visit_model.py --seq 8192 32768 65536 131072 --spans 1024 \
+        --block-n 128 --block-m 64 --kd-spans 2048 4096 8192   # kd order (kd_order)
 """
 
 from __future__ import annotations
@@ -97,6 +99,33 @@ def add_score_args(ap: argparse.ArgumentParser):
     ap.add_argument("--seed", type=int, default=0)
 
 
+def kd_order(start: np.ndarray, end: np.ndarray, block_n: int) -> np.ndarray:
+    """The entries of one span in kd order: indices into start / end (the keys' first row,
+    their position, and last attending row), slices of block_n consecutive entries.
+
+    A node of n entries splits into its first floor(ceil(n / block_n) / 2) block_n entries and
+    the rest, by the coordinate of the larger extent (max - min; the start on a tie), in
+    ascending order, ties by start; nodes of at most block_n entries are the leaves, sorted by
+    last row descending, then start (the first entry of a slice holds its latest last row, as
+    the kernel's tile bound expects). A slice's keys then lie close in both where their rows
+    begin and where they end, where sorting a span by last row keeps only the ends close:
+    the slice's rows begin at the span's first keys.
+    """
+    def split(ix: np.ndarray) -> list[np.ndarray]:
+        if ix.size <= block_n:
+            return [ix[np.lexsort((start[ix], -end[ix]))]]
+        blocks = -(-ix.size // block_n)
+        left = (blocks // 2) * block_n
+        s, e = start[ix], end[ix]
+        key = s if s.max() - s.min() >= e.max() - e.min() else e
+        ordered = ix[np.lexsort((s, key))]
+        return split(ordered[:left]) + split(ordered[left:])
+
+    if start.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(split(np.arange(start.size)))
+
+
 def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_n: int,
                   block_m: int, order: str = "score"):
     """(key, row) pairs the dk/dv CTAs compute (whole kBlockM row steps), and the CTA count.
@@ -106,6 +135,7 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     order "last-row": sorted by the last row that attends the key (window band or tau < u),
     descending, ties by key position: what a slice's row range depends on (the kernel since
     b3).
+    order "kd": each span's keys in kd_order of (position, last row).
     """
     seq = u.size
     spans = -(-seq // span)
@@ -116,15 +146,21 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     # Last row with tau < u (tau non-decreasing); -inf scores are never selected.
     sparse_last = np.searchsorted(tau, u_pad, side="left") - 1
     sparse_last = np.where(np.isfinite(u_pad), sparse_last, -1)
+    last_row = np.maximum(sparse_last, pos + window - 1) if window > 0 else sparse_last
+    last_row = np.where(pos < seq, np.minimum(last_row, seq - 1), -1)
+    pos2 = pos.reshape(spans, span)
     if order == "score":
-        primary = -u_pad
+        perm = np.lexsort((pos2, -u_pad.reshape(spans, span)), axis=-1)  # ties by position
     elif order == "last-row":
-        last_row = np.maximum(sparse_last, pos + window - 1) if window > 0 else sparse_last
-        primary = -np.where(pos < seq, last_row, -1).astype(np.float64)
+        perm = np.lexsort((pos2, -last_row.reshape(spans, span)), axis=-1)
+    elif order == "kd":
+        perm = np.tile(np.arange(span), (spans, 1))
+        for sp in range(spans):
+            n = int(min(span, max(0, seq - sp * span)))  # the span's keys; padding after
+            perm[sp, :n] = kd_order(pos2[sp, :n], last_row.reshape(spans, span)[sp, :n],
+                                    block_n)
     else:
         raise ValueError(order)
-    pos2 = pos.reshape(spans, span)
-    perm = np.lexsort((pos2, primary.reshape(spans, span)), axis=-1)  # ties by position
     sk = np.take_along_axis(pos2, perm, axis=-1).reshape(-1, block_n)
     s_last = np.take_along_axis(sparse_last.reshape(spans, span), perm, axis=-1)
     s_last = s_last.reshape(-1, block_n)
@@ -184,6 +220,8 @@ def main(argv=None):
                     help="rows per dk/dv step (kBlockM of BwdTileSizes<128>)")
     ap.add_argument("--row-step", type=int, default=0,
                     help="rows between exact tau solves (default: S / 1024)")
+    ap.add_argument("--kd-spans", type=int, nargs="*", default=[4096, 8192],
+                    help="also: kd order (kd_order) within spans of these widths")
     ap.add_argument("--cluster", type=int, nargs="*", default=[],
                     help="also: the row tiles that clusters of this many neighbouring slices "
                          "read if they walk in step, over lone CTAs' (the kernel's spans)")
@@ -219,6 +257,11 @@ def main(argv=None):
                                                            order="last-row")
             print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | kernel: {width} | {ctas} | - "
                   f"| - | {kernel / attended:.2f} |", flush=True)
+            for span in args.kd_spans:
+                kd, ctas, _, _ = visited_pairs(u, tau, span, args.window, args.block_n,
+                                               args.block_m, order="kd")
+                print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | kd: {span} | {ctas} | - "
+                      f"| - | {kd / attended:.3f} |", flush=True)
             for cluster in args.cluster:
                 alone, shared = cluster_tile_reads(row_lo, num_rows, cluster, args.block_m)
                 cluster_rows.append(f"| {seq} | {sigma:g} | {cluster} | {shared / alone:.3f} |")

@@ -76,6 +76,39 @@ def test_cluster_tile_reads():
         reads(row_lo, num_rows, 3, 64)
 
 
+def test_kd_order():
+    """kd_order: the tree's split sizes and coordinates, the leaves' order, and fewer visited
+    pairs than the last-row order on the benchmark's scores."""
+    import numpy as np
+    import sparsek_bwd_visit_model as m
+
+    # Four keys, slices of 1: starts spread over 3, ends over 30: the root splits by end,
+    # ascending (keys 3, 1 | 2, 0), and each half by end again (extents 2 against 5 and 2
+    # against 10).
+    start = np.array([0, 1, 2, 3])
+    end = np.array([30, 5, 20, 0])
+    assert m.kd_order(start, end, 1).tolist() == [3, 1, 2, 0]
+    # Seven keys in slices of 2: ceil(7 / 2) = 4 slices split 2 + 2 (4 keys | 3), by start
+    # (extents 6 and 6: a tie takes the start), then 1 + 1 each; a leaf is sorted by end
+    # descending, then start.
+    start = np.arange(7)
+    end = np.array([6, 6, 3, 3, 9, 9, 9])
+    order = m.kd_order(start, end, 2)
+    assert sorted(order.tolist()) == list(range(7))
+    assert order.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    rng = np.random.default_rng(0)
+    start = np.arange(1000)
+    end = start + rng.integers(0, 5000, 1000)
+    order = m.kd_order(start, end, 128)
+    assert sorted(order.tolist()) == list(range(1000))
+    for leaf in np.split(order, range(128, 1000, 128)):
+        assert (np.diff(end[leaf]) <= 0).all()  # the first entry holds the latest end
+    u, tau, attended = m.model_scores(8192, 1.0, 256, 64, 0)
+    kd, *_ = m.visited_pairs(u, tau, 4096, 64, 128, 64, order="kd")
+    by_last, *_ = m.visited_pairs(u, tau, 1024, 64, 128, 64, order="last-row")
+    assert attended <= kd < by_last
+
+
 def test_backward_benchmark_interleaves_reps():
     """The compared programs' reps alternate (both see the same clocks), and bwd is fwd+bwd
     minus fwd for each implementation."""
