@@ -250,7 +250,7 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
         !error.empty()) {
       return error;
     }
-    if (std::string error = sparsek_du_subtract_means(p, rows.mean, rows, stream);
+    if (std::string error = sparsek_du_subtract_means(p, rows, stream);
         !error.empty()) {
       return error;
     }

@@ -193,17 +193,15 @@ std::string sparsek_du_count_fractional_rows(const AttentionBwdParams& p, int32_
   return {};
 }
 
-std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const float* row_sums,
-                                      const BwdRowBuffers& rows, cudaStream_t stream) {
-  // (T = 0: no rows, no key has an interval, nothing to subtract.)
-  if (p.seqlen_q == 0) return {};
+std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                                      cudaStream_t stream) {
   const dim3 segment_grid(static_cast<unsigned>(MeanPrefixSegments::count(p.seqlen_q)),
                           static_cast<unsigned>(std::min(p.batch * p.heads_kv, kMaxGridY)));
   segment_count_totals_kernel<<<segment_grid, kScanThreads, 0, stream>>>(
       p, rows.row_edges, rows.segment_count_totals);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   segment_means_kernel<<<segment_grid, kScanThreads, 0, stream>>>(
-      p, row_sums, rows.row_edges, rows.segment_count_totals, rows.mean_prefix,
+      p, rows.mean, rows.row_edges, rows.segment_count_totals, rows.mean_prefix,
       rows.segment_mean_totals);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   segment_prefix_kernel<<<segment_grid, kScanThreads, 0, stream>>>(

@@ -35,10 +35,10 @@ namespace sparsek {
 std::string sparsek_du_count_fractional_rows(const AttentionBwdParams& p, int32_t* row_edges,
                                              cudaStream_t stream);
 
-// After the dk/dv kernel: rows.mean_prefix [B, Hkv, T + 1] float64 from row_sums [B, Hq, T]
-// and rows.row_edges (rows.segment_*_totals: the scan's scratch), then du_j -= P[hi_j] -
-// P[lo_j] for every key.
-std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const float* row_sums,
-                                      const BwdRowBuffers& rows, cudaStream_t stream);
+// After the dk/dv kernel: rows.mean_prefix [B, Hkv, T + 1] float64 from the row sums the
+// dk/dv kernel added into rows.mean [B, Hq, T] and rows.row_edges (rows.segment_*_totals: the
+// scan's scratch), then du_j -= P[hi_j] - P[lo_j] for every key.
+std::string sparsek_du_subtract_means(const AttentionBwdParams& p, const BwdRowBuffers& rows,
+                                      cudaStream_t stream);
 
 }  // namespace sparsek

@@ -65,12 +65,10 @@ struct BwdWorkspaceLayout {
         l.row_edges_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{4}) : 0);
     l.segment_totals_offset =
         l.mean_prefix_offset + (sparsek_du_pass ? align256(kv_rows * int64_t{8}) : 0);
-    const int64_t segments = batch * heads_kv * MeanPrefixSegments::count(seqlen_q);
+    const int64_t segments =
+        sparsek_du_pass ? batch * heads_kv * MeanPrefixSegments::count(seqlen_q) : 0;
     l.segment_counts_offset = l.segment_totals_offset + align256(segments * int64_t{8});
-    l.dq_accum_offset =
-        l.segment_totals_offset +
-        (sparsek_du_pass ? align256(segments * int64_t{8}) + align256(segments * int64_t{4})
-                         : 0);
+    l.dq_accum_offset = l.segment_counts_offset + align256(segments * int64_t{4});
     l.bytes = l.dq_accum_offset +
               (with_dq_accumulator
                    ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)
