@@ -50,8 +50,13 @@ SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
 
+// The order of the backward's key spans: JAX_SPARSEK_KEY_ORDER where set (read at every
+// call; -1 if it is not "kd" or "last-row"), else kd (KeyOrder's value: 1 last-row, 2 kd).
+SPARSEK_API int sparsek_key_order();
+
 // The span width for S keys: JAX_SPARSEK_KEY_SPAN where set (read at every call; -1 if it
-// is not 1024, 2048 or 4096), else key_span_width(S) (selection/sort_key_spans.h).
+// is not 1024, 2048, 4096 or 8192), else key_span_width(S) in last-row order and
+// kd_key_span_width(S) in kd order (selection/sort_key_spans.h).
 SPARSEK_API int sparsek_key_span_width(int64_t seqlen_k);
 
 // Bytes of device workspace sparsek_sort_key_spans writes (KeySpanLayout, 256-byte aligned;

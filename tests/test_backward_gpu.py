@@ -125,14 +125,19 @@ def test_sparsek_backward_long_against_xla(dtype):
                        dtype)
 
 
-# Settings read at every call, forced at small S: the wider sorted key spans that S > 48k
-# takes (selection/sort_key_spans.h; one partial span, or two), and the fused SparseK dk/dv
-# grid in thread-block clusters of neighbouring span slices (D = 128 runs the fused kernel).
+# Settings read at every call, forced at small S: other widths of the sorted key spans than
+# the default order's 4096 (selection/sort_key_spans.h; 8192: one partial span), the
+# last-row order, and the fused SparseK dk/dv grid in thread-block clusters of neighbouring
+# span slices (D = 128 runs the fused kernel).
 _SETTING_CASES = [
     (variable, value, name)
     for variable, values, names in [
-        ("JAX_SPARSEK_KEY_SPAN", ["2048", "4096"],
+        ("JAX_SPARSEK_KEY_SPAN", ["1024", "2048", "8192"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64"]),
+        # The span sort's other order (kd is the default).
+        ("JAX_SPARSEK_KEY_ORDER", ["last-row"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64",
+          "T640_K100_W32_gqa8_d128"]),
         ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
     ]
@@ -150,23 +155,28 @@ def test_sparsek_backward_settings(variable, value, name, monkeypatch):
     _check(case, api, ref, jnp.float16, context=f"{name} {variable}={value}")
 
 
-def test_sparsek_backward_span_4096_long_against_xla(monkeypatch):
-    """Spans of 4096 keys over several spans (T = S = 9000: two whole, one partial): kernels
-    against the pure-JAX reference on the GPU."""
-    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", "4096")
+@pytest.mark.parametrize("order,span", [("kd", "4096"), ("kd", "8192"), ("last-row", "4096")])
+def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
+    """Several wide spans (T = S = 9000: 4096 keys two whole and one partial, 8192 one and
+    one), in either order: kernels against the pure-JAX reference on the GPU."""
+    monkeypatch.setenv("JAX_SPARSEK_KEY_ORDER", order)
+    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", span)
     _check_against_xla(Case(1, 9000, 9000, 8, 2, d=128, is_causal=True, topk=512, window=128),
                        jnp.bfloat16)
 
 
 @pytest.mark.parametrize("variable,value,message,name", [
-    ("JAX_SPARSEK_KEY_SPAN", "3000", "JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096",
+    ("JAX_SPARSEK_KEY_SPAN", "3000", "JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192",
+     "T300_K40_W16_gqa4_d128"),
+    ("JAX_SPARSEK_KEY_ORDER", "score", "JAX_SPARSEK_KEY_ORDER must be kd or last-row",
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_BWD_CLUSTER", "3", "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8",
      "T1100_S2600_K96_W40_gqa8_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
-    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, or a JAX_SPARSEK_BWD_CLUSTER
-    that is not a cluster size the launcher takes: an error naming it."""
+    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER that is
+    not an order it has, or a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the launcher
+    takes: an error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)

@@ -53,7 +53,7 @@ std::string check_params(const AttentionBwdParams& p) {
       return "SparseK mode needs the span sort's span_sorted_u, span_sorted_key and "
              "span_last_row (sparsek_sort_key_spans)";
     }
-    if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048 or 4096";
+    if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048, 4096 or 8192";
     if (p.key_span_stride != key_span_stride(p.seqlen_k)) {
       return "key_span_stride does not match seqlen_k";
     }

@@ -176,10 +176,16 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
   spans.device = device;
+  const int order = sparsek::sparsek_key_order();
+  if (order < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_ORDER must be kd or last-row");
+  }
+  spans.order = static_cast<sparsek::KeyOrder>(order);
   spans.key_span = sparsek::sparsek_key_span_width(p.seqlen_k);
   if (spans.key_span < 0) {
     return ffi::Error::InvalidArgument(
-        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_SPAN must be 1024, 2048 or 4096");
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192");
   }
   if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);

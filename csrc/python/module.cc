@@ -61,6 +61,42 @@ void attention_fwd_pointers(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, 
   if (!error.empty()) throw std::runtime_error("jax_sparsek attention_fwd: " + error);
 }
 
+// The backward's span sort on raw device pointers (selection/sort_key_spans.h), for tests of
+// its order against bench/sparsek_bwd_visit_model.py: key_u [batch_heads, seqlen_k], tau
+// [batch_heads, seqlen_q], the results [batch_heads, key_span_stride(seqlen_k)].
+void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
+                             uintptr_t sorted_key, uintptr_t last_row, int64_t batch_heads,
+                             int64_t seqlen_q, int64_t seqlen_k, int64_t window,
+                             int32_t key_span, const std::string& order, int32_t device,
+                             uintptr_t stream) {
+  sparsek::SortKeySpansParams p;
+  p.key_u = reinterpret_cast<const float*>(key_u);
+  p.key_u_stride = seqlen_k;
+  p.batch_heads = batch_heads;
+  p.seqlen_k = seqlen_k;
+  p.tau = reinterpret_cast<const float*>(tau);
+  p.seqlen_q = seqlen_q;
+  p.window = window;
+  p.key_span = key_span;
+  if (order == "kd") {
+    p.order = sparsek::KeyOrder::kKd;
+  } else if (order == "last-row") {
+    p.order = sparsek::KeyOrder::kLastRow;
+  } else {
+    throw std::invalid_argument("order must be 'kd' or 'last-row', got '" + order + "'");
+  }
+  p.span_sorted_u = reinterpret_cast<float*>(sorted_u);
+  p.span_sorted_key = reinterpret_cast<int32_t*>(sorted_key);
+  p.span_last_row = reinterpret_cast<int32_t*>(last_row);
+  p.device = device;
+  std::string error;
+  {
+    nb::gil_scoped_release release;
+    error = sparsek::sparsek_sort_key_spans(p, reinterpret_cast<void*>(stream));
+  }
+  if (!error.empty()) throw std::runtime_error("jax_sparsek sort_key_spans: " + error);
+}
+
 }  // namespace
 
 NB_MODULE(_jax_sparsek_ext, m) {
@@ -99,6 +135,15 @@ NB_MODULE(_jax_sparsek_ext, m) {
   m.def("sparsek_key_span_workspace_bytes", &sparsek::sparsek_key_span_workspace_bytes,
         nb::arg("batch"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK backward's span sort needs");
+  m.def("key_span_stride", &sparsek::key_span_stride, nb::arg("seqlen_k"),
+        "Row stride, in entries, of the span sort's results for S keys");
+  m.def("sort_key_spans_pointers", &sort_key_spans_pointers, nb::arg("key_u"), nb::arg("tau"),
+        nb::arg("sorted_u"), nb::arg("sorted_key"), nb::arg("last_row"),
+        nb::arg("batch_heads"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("window"),
+        nb::arg("key_span"), nb::arg("order"), nb::arg("device"), nb::arg("stream"),
+        "The SparseK backward's span sort on raw device pointers (float32 key_u [BH, S] and "
+        "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(S)]); raises "
+        "RuntimeError with the failed check or CUDA call");
   m.def("sparsek_select_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },
         "XLA FFI handler of the SparseK selection stage alone (tau from scores)");

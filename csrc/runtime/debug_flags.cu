@@ -44,7 +44,17 @@ int env_choice(const char* name, std::initializer_list<int> choices) {
 }
 }  // namespace
 
-int requested_key_span() { return env_choice("JAX_SPARSEK_KEY_SPAN", {1024, 2048, 4096}); }
+int requested_key_span() {
+  return env_choice("JAX_SPARSEK_KEY_SPAN", {1024, 2048, 4096, 8192});
+}
+
+int requested_key_order() {
+  const char* value = std::getenv("JAX_SPARSEK_KEY_ORDER");
+  if (value == nullptr || value[0] == '\0') return 0;
+  if (std::strcmp(value, "last-row") == 0) return 1;
+  if (std::strcmp(value, "kd") == 0) return 2;
+  return -1;
+}
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 

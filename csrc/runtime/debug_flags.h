@@ -20,11 +20,16 @@ bool mma_sync_backward_requested();
 // at every call; the workspace that jit reserves follows the value at trace time.
 bool deterministic_backward_requested();
 
-// JAX_SPARSEK_KEY_SPAN=1024|2048|4096: the width of the SparseK backward's sorted key spans
+// JAX_SPARSEK_KEY_SPAN=1024|2048|4096|8192: the width of the SparseK backward's sorted key spans
 // (selection/sort_key_spans.h) instead of key_span_width(S); read at every call (tests run
 // the wider spans at small S; benchmarks compare widths). 0 when unset, -1 when it holds
 // anything else.
 int requested_key_span();
+
+// JAX_SPARSEK_KEY_ORDER=kd|last-row: the order of the SparseK backward's key spans
+// (selection/sort_key_spans.h); read at every call (benchmarks compare both). 0 when unset,
+// KeyOrder's value (1 last-row, 2 kd) when set to one, -1 when it holds anything else.
+int requested_key_order();
 
 // JAX_SPARSEK_BWD_CLUSTER=1|2|4|8: CTAs a thread-block cluster in the SparseK backward's fused
 // dk/dv grid (neighbouring slices of one sorted key span, started together) instead of the

@@ -1,10 +1,11 @@
 // The backward's span sort (sort_key_spans.h): one block per span of key positions and
-// (batch, kv head), a bitonic network in shared memory. The order is total (last row
-// descending, then position ascending), so the result is unique whatever the network does
-// with ties: deterministic across runs and devices.
+// (batch, kv head), bitonic networks in shared memory. Every order is total (last row
+// descending, then position ascending; the kd order's keys end in the position), so the
+// result is unique whatever a network does with ties: deterministic across runs and devices.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -33,30 +34,41 @@ __device__ __forceinline__ bool comes_before(const SpanEntry& a, const SpanEntry
   return a.pos < b.pos;
 }
 
-// The last row that attends key `key` scored u (sort_key_spans.h); -1 if none. Rows and keys
-// are below 2^30 (check_params).
-__device__ __forceinline__ int last_attending_row(const SortKeySpansParams& p,
-                                                  const float* tau, int key, float u) {
+// The last rows that attend keys key[e] scored u[e] (sort_key_spans.h); -1 where none. kCount
+// binary searches in lockstep, so that their loads are in flight together: the search's
+// length depends only on T (a lower bound over a halving range), and a thread's searches
+// would otherwise wait out ~15 dependent L2 loads one after the other. Rows and keys are below
+// 2^30 (check_params).
+template <int kCount>
+__device__ __forceinline__ void last_attending_rows(const SortKeySpansParams& p,
+                                                    const float* tau, const int (&key)[kCount],
+                                                    const float (&u)[kCount],
+                                                    int (&last)[kCount]) {
   const int rows = static_cast<int>(p.seqlen_q);
-  // Last row i with tau_i < u (-1: none): tau never decreases, and -inf < any finite u.
-  int lo = -1, hi = rows;  // tau[lo] < u <= tau[hi]
-  if (u > -INFINITY) {
-    while (hi - lo > 1) {
-      const int mid = lo + (hi - lo) / 2;
-      if (tau[mid] < u) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
+  // base[e]: the first row of the range that holds the count of rows with tau_i < u[e] (tau
+  // never decreases, and -inf < any finite u; u = -inf counts no row).
+  int base[kCount];
+#pragma unroll
+  for (int e = 0; e < kCount; ++e) base[e] = 0;
+  for (int n = rows; n > 1; n -= n / 2) {
+    const int half = n / 2;
+#pragma unroll
+    for (int e = 0; e < kCount; ++e) {
+      base[e] = tau[base[e] + half] < u[e] ? base[e] + half : base[e];
     }
   }
-  // The window band: rows with key <= p(i) < key + W, p(i) = i + S - T (W < 2^31 rows past
-  // the key make no difference past the last row).
-  if (p.window > 0) {
-    const int64_t window_last = int64_t{key} + p.window - 1 - (p.seqlen_k - p.seqlen_q);
-    lo = static_cast<int>(max(int64_t{lo}, min(window_last, int64_t{rows - 1})));
+#pragma unroll
+  for (int e = 0; e < kCount; ++e) {
+    int lo = base[e] + (tau[base[e]] < u[e] ? 1 : 0) - 1;  // the last row with tau_i < u
+    // The window band: rows with key <= p(i) < key + W, p(i) = i + S - T (W < 2^31 rows past
+    // the key make no difference past the last row).
+    if (p.window > 0) {
+      const int64_t window_last =
+          int64_t{key[e]} + p.window - 1 - (p.seqlen_k - p.seqlen_q);
+      lo = static_cast<int>(max(int64_t{lo}, min(window_last, int64_t{rows - 1})));
+    }
+    last[e] = lo;
   }
-  return lo;
 }
 
 // One block per span of kSpan key positions and (batch, kv head): kSpan / kSortThreads
@@ -69,7 +81,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   constexpr int kPerThread = kSpan / kThreads;
   static_assert(kSpan % kThreads == 0, "whole entries a thread");
   static_assert((kSpan & (kSpan - 1)) == 0, "a bitonic network sorts a power of two");
-  __shared__ SpanEntry s_entry[kSpan];
+  extern __shared__ SpanEntry s_entry[];  // [kSpan]
   const int t = threadIdx.x;
   const int64_t span_begin = static_cast<int64_t>(blockIdx.x) * kSpan;
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
@@ -81,8 +93,10 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       SpanEntry entry{-2, -INFINITY, i};
       if (pos < p.seqlen_k) {
         entry.u = p.key_u[bh * p.key_u_stride + pos];
-        entry.last_row =
-            last_attending_row(p, p.tau + bh * p.seqlen_q, static_cast<int>(pos), entry.u);
+        int last[1];
+        last_attending_rows<1>(p, p.tau + bh * p.seqlen_q, {static_cast<int>(pos)}, {entry.u},
+                               last);
+        entry.last_row = last[0];
       }
       s_entry[i] = entry;
     }
@@ -118,6 +132,214 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   }
 }
 
+// kd order (sort_key_spans.h; bench/sparsek_bwd_visit_model.py's kd_order is the
+// specification). The tree over a span's n keys: a node of `size` entries that is not a leaf
+// (more than kKdLeaf) splits into its first floor(ceil(size / kKdLeaf) / 2) kKdLeaf entries
+// and the rest, so every leaf but the last is a whole slice and the last one ends at n. The
+// node holding index i at `depth`, numbered in left-to-right order; leaf: whether it has at
+// most kKdLeaf entries (a leaf stays one at every later depth, as node 2 x).
+__device__ __forceinline__ int kd_node(int i, int depth, int n, bool& leaf) {
+  constexpr int kLeaf = KeySpans::kKdLeaf;
+  int begin = 0, size = n, node = 0;
+  for (int d = 0; d < depth; ++d) {
+    node *= 2;
+    if (size <= kLeaf) continue;
+    const int left = ((size + kLeaf - 1) / kLeaf / 2) * kLeaf;
+    if (i < begin + left) {
+      size = left;
+    } else {
+      node += 1;
+      begin += left;
+      size -= left;
+    }
+  }
+  leaf = size <= kLeaf;
+  return node;
+}
+
+// An entry's sort key at one depth: node (7 bits; padding past S gets the last), then the
+// value (31 bits: the coordinate + 1, or for leaves 2^30 - 1 - (last row + 1), last row
+// descending), then the span position (13 bits: ties by position, and the entry itself).
+struct KdSortKey {
+  static constexpr int kPosBits = 13;
+  static constexpr int kValueBits = 31;
+  static constexpr uint64_t kPosMask = (uint64_t{1} << kPosBits) - 1;
+  static constexpr uint64_t kPaddingNode = 127;
+  static constexpr uint32_t kLeafValueMax = (uint32_t{1} << 30) - 1;
+
+  static __device__ __forceinline__ uint64_t make(uint64_t node, uint32_t value, int pos) {
+    return (node << (kPosBits + kValueBits)) | (uint64_t{value} << kPosBits) |
+           static_cast<uint64_t>(pos);
+  }
+  static __device__ __forceinline__ int pos(uint64_t key) {
+    return static_cast<int>(key & kPosMask);
+  }
+};
+
+// Sorts every run of `run` entries of v[0, kSpan) ascending (run a power of two, at most
+// kSpan), by kThreads threads; starts and ends with a barrier. The passes below `run` are a
+// bitonic network's (runs of `size` alternate direction); the last merge takes every run
+// ascending.
+template <int kSpan, int kThreads>
+__device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t* v, int run) {
+  for (int size = 2; size <= run; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      __syncthreads();
+#pragma unroll
+      for (int q = threadIdx.x; q < kSpan / 2; q += kThreads) {
+        const int i = 2 * (q & ~(stride - 1)) + (q & (stride - 1));
+        const int partner = i + stride;
+        const bool ascending = size == run || (i & size) == 0;
+        const uint64_t a = v[i], b = v[partner];
+        if (ascending == (b < a)) {
+          v[i] = b;
+          v[partner] = a;
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
+
+// One block per span of kSpan key positions and (batch, kv head): at each depth of the tree
+// the splitting nodes' extents (shared-memory atomics), then one sort of the span by (node,
+// coordinate of the node's larger extent, position); at the last depth every node is a leaf
+// and the sort is by (leaf, last row descending, position). Shared memory: the sort keys
+// [kSpan] and each position's last row [kSpan] (96 KB at 8192).
+template <int kSpan>
+__global__ void __launch_bounds__(KeySpans::kSortThreads)
+    sort_key_spans_kd_kernel(SortKeySpansParams p, int64_t span_stride) {
+  constexpr int kThreads = KeySpans::kSortThreads;
+  constexpr int kPerThread = kSpan / kThreads;
+  constexpr int kNodes = kSpan / KeySpans::kKdLeaf;
+  constexpr int kDepth = log2_of(kNodes);
+  static_assert(kSpan % kThreads == 0, "whole entries a thread");
+  static_assert((kSpan & (kSpan - 1)) == 0, "a bitonic network sorts a power of two");
+  static_assert(kSpan <= (1 << KdSortKey::kPosBits) && kNodes < KdSortKey::kPaddingNode,
+                "the sort key's fields hold a span's positions and nodes");
+  extern __shared__ uint64_t s_key[];                     // [kSpan]
+  int* s_last = reinterpret_cast<int*>(s_key + kSpan);  // [kSpan], by position
+  __shared__ int s_lo[2][kNodes], s_hi[2][kNodes];       // extents: position, last row
+  const int t = threadIdx.x;
+  const int64_t span_begin = static_cast<int64_t>(blockIdx.x) * kSpan;
+  const int n = static_cast<int>(min(int64_t{kSpan}, p.seqlen_k - span_begin));
+  for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
+    __syncthreads();  // the previous (batch, head) is done with the buffers
+    int key[kPerThread], last[kPerThread];
+    float u[kPerThread];
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int i = t + e * kThreads;
+      key[e] = static_cast<int>(span_begin) + min(i, n - 1);
+      u[e] = i < n ? p.key_u[bh * p.key_u_stride + key[e]] : -INFINITY;
+    }
+    last_attending_rows<kPerThread>(p, p.tau + bh * p.seqlen_q, key, u, last);
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int i = t + e * kThreads;
+      s_last[i] = i < n ? last[e] : -1;
+      s_key[i] = static_cast<uint64_t>(i);  // position order before the first sort
+    }
+    for (int depth = 0; depth <= kDepth; ++depth) {
+      if (depth < kDepth) {
+        __syncthreads();
+        if (t < kNodes) {
+          s_lo[0][t] = s_lo[1][t] = INT_MAX;
+          s_hi[0][t] = s_hi[1][t] = INT_MIN;
+        }
+        __syncthreads();
+        // Node boundaries fall on multiples of kKdLeaf, so a warp's 32 consecutive entries
+        // lie in one node: the warp reduces them first and one lane adds them in (every
+        // lane's atomics on the same four words would serialize).
+#pragma unroll
+        for (int e = 0; e < kPerThread; ++e) {
+          const int i = t + e * kThreads;
+          bool leaf = true;
+          const int node = i < n ? kd_node(i, depth, n, leaf) : 0;
+          const bool counts = i < n && !leaf;
+          const int pos = KdSortKey::pos(s_key[i]);
+          const int row = s_last[pos];
+          constexpr unsigned kWarp = 0xffffffffu;
+          const int pos_lo = __reduce_min_sync(kWarp, counts ? pos : INT_MAX);
+          const int pos_hi = __reduce_max_sync(kWarp, counts ? pos : INT_MIN);
+          const int row_lo = __reduce_min_sync(kWarp, counts ? row : INT_MAX);
+          const int row_hi = __reduce_max_sync(kWarp, counts ? row : INT_MIN);
+          if (t % 32 == 0 && pos_lo != INT_MAX) {
+            atomicMin(&s_lo[0][node], pos_lo);
+            atomicMax(&s_hi[0][node], pos_hi);
+            atomicMin(&s_lo[1][node], row_lo);
+            atomicMax(&s_hi[1][node], row_hi);
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int e = 0; e < kPerThread; ++e) {
+        const int i = t + e * kThreads;
+        const int pos = KdSortKey::pos(s_key[i]);
+        uint64_t key;
+        if (i >= n) {
+          key = KdSortKey::make(KdSortKey::kPaddingNode, 0, pos);
+        } else {
+          bool leaf = true;
+          const int node = kd_node(i, depth, n, leaf);
+          const uint32_t last = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
+          uint32_t value;
+          if (leaf) {
+            value = KdSortKey::kLeafValueMax - last;
+          } else {
+            const bool by_position =
+                s_hi[0][node] - s_lo[0][node] >= s_hi[1][node] - s_lo[1][node];
+            value = by_position ? static_cast<uint32_t>(pos) : last;
+          }
+          key = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
+        }
+        s_key[i] = key;  // each thread reads and writes its own entries only
+      }
+      // The entries of a node at this depth lie in its index range (the keys lead with the
+      // node, numbered left to right), which the previous depth's sort made contiguous. In a
+      // whole span every node is an aligned run of kSpan >> depth entries, and only the runs
+      // are sorted (308 bitonic passes at 4096 instead of 468); a ragged last span sorts
+      // the whole span at every depth.
+      bitonic_sort_runs_ascending<kSpan, kThreads>(s_key, n == kSpan ? kSpan >> depth : kSpan);
+    }
+#pragma unroll
+    for (int e = 0; e < kPerThread; ++e) {
+      const int i = t + e * kThreads;
+      const int pos = KdSortKey::pos(s_key[i]);
+      const int64_t out = bh * span_stride + span_begin + i;
+      const bool valid = pos < n;
+      p.span_sorted_u[out] = valid ? p.key_u[bh * p.key_u_stride + span_begin + pos] : -INFINITY;
+      p.span_sorted_key[out] = valid ? static_cast<int32_t>(span_begin + pos) : -1;
+      p.span_last_row[out] = valid ? s_last[pos] : -1;
+    }
+  }
+}
+
+// Launches kernel<kSpan> with `smem` bytes of dynamic shared memory (over 48 KB: opted in).
+template <typename Kernel>
+std::string launch_span_sort(Kernel kernel, size_t smem, dim3 grid, const SortKeySpansParams& p,
+                             int64_t stride, cudaStream_t stream) {
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, KeySpans::kSortThreads, smem, stream>>>(p, stride);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  return {};
+}
+
+template <int kSpan>
+std::string launch_span_sort_of_width(const SortKeySpansParams& p, dim3 grid, int64_t stride,
+                                      cudaStream_t stream) {
+  if (p.order == KeyOrder::kKd) {
+    return launch_span_sort(sort_key_spans_kd_kernel<kSpan>,
+                            kSpan * (sizeof(uint64_t) + sizeof(int)), grid, p, stride, stream);
+  }
+  return launch_span_sort(sort_key_spans_kernel<kSpan>, kSpan * sizeof(SpanEntry), grid, p,
+                          stride, stream);
+}
+
 std::string check_params(const SortKeySpansParams& p) {
   if (!p.key_u || !p.tau || !p.span_sorted_u || !p.span_sorted_key || !p.span_last_row) {
     return "a key_u, tau, span_sorted_u, span_sorted_key or span_last_row pointer is null";
@@ -126,7 +348,10 @@ std::string check_params(const SortKeySpansParams& p) {
     return "batch_heads, seqlen_q and seqlen_k must be positive";
   }
   if (p.window < 0) return "window must be >= 0";
-  if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048 or 4096";
+  if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048, 4096 or 8192";
+  if (p.order != KeyOrder::kKd && p.order != KeyOrder::kLastRow) {
+    return "order must be KeyOrder::kKd or KeyOrder::kLastRow";
+  }
   if (p.key_u_stride < p.seqlen_k) return "key_u_stride must be at least seqlen_k";
   if (p.seqlen_k > (int64_t{1} << 30) || p.seqlen_q > (int64_t{1} << 30)) {
     return "seqlen_q and seqlen_k must be below 2^30";
@@ -136,9 +361,17 @@ std::string check_params(const SortKeySpansParams& p) {
 
 }  // namespace
 
+int sparsek_key_order() {
+  const int requested = requested_key_order();
+  return requested != 0 ? requested : static_cast<int>(KeyOrder::kKd);
+}
+
 int sparsek_key_span_width(int64_t seqlen_k) {
   const int requested = requested_key_span();
-  return requested != 0 ? requested : key_span_width(seqlen_k);
+  if (requested != 0) return requested;
+  return sparsek_key_order() == static_cast<int>(KeyOrder::kLastRow)
+             ? key_span_width(seqlen_k)
+             : kd_key_span_width(seqlen_k);
 }
 
 int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_k, int64_t heads_kv) {
@@ -161,17 +394,14 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
                   static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)));
   switch (p.key_span) {
     case 1024:
-      sort_key_spans_kernel<1024><<<grid, KeySpans::kSortThreads, 0, stream>>>(p, stride);
-      break;
+      return launch_span_sort_of_width<1024>(p, grid, stride, stream);
     case 2048:
-      sort_key_spans_kernel<2048><<<grid, KeySpans::kSortThreads, 0, stream>>>(p, stride);
-      break;
+      return launch_span_sort_of_width<2048>(p, grid, stride, stream);
+    case 4096:
+      return launch_span_sort_of_width<4096>(p, grid, stride, stream);
     default:
-      sort_key_spans_kernel<4096><<<grid, KeySpans::kSortThreads, 0, stream>>>(p, stride);
-      break;
+      return launch_span_sort_of_width<8192>(p, grid, stride, stream);
   }
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
-  return {};
 }
 
 }  // namespace sparsek

@@ -1,6 +1,7 @@
 // A backward-only ordering of the keys: within spans of key_span_width(S) key positions, the
-// keys sorted by the last row that attends them (descending; then by position), with each
-// entry's score, position and last row.
+// keys in kd order (KeyOrder::kKd, the default) or sorted by the last row that attends them
+// (KeyOrder::kLastRow: descending, then by position), with each entry's score, position and
+// last row.
 //
 // A key's last row is the later of the last row whose window band holds it (p(i) < j + W)
 // and the last row whose tau lies below its score (tau never decreases down the rows): no
@@ -20,6 +21,16 @@
 // 64k). key_span_width takes 1024 keys up to 48k, 2048 up to 96k, 4096 past that. The
 // forward keeps the selection's chunks and plan (selection_params.h).
 //
+// kd order: sorting a span by last row keeps a slice's ends close but spreads its starts over
+// the span. The kd order splits the span recursively into halves of whole slices
+// (kKdLeaf entries), each node by the coordinate (position, or last row) of the larger extent,
+// ascending; the leaves (the slices) are sorted by last row, descending, so that a slice's
+// first entry still holds its latest last row. A slice's keys then lie close in both.
+// bench/sparsek_bwd_visit_model.py (kd_order, the specification; kBlockN = 128, kBlockM = 64):
+// 1.237 / 1.334x the attended pairs at 32k sigma 1 / 4 with 4096-key spans (last-row order
+// at 1024: 1.37 / 1.41), 1.254 / 1.404x at 128k with 8192 (last-row at 4096: 1.35 / 1.50).
+// kd_key_span_width takes 4096 keys up to 48k, 8192 past that.
+//
 // Layout: [batch_heads, key_span_stride(S)] with key_span_stride(S) = S rounded up to the
 // widest span, whatever the width (so that the workspace does not depend on it); the first
 // key_span_count(S, width) * width entries of a row are used, and those past S hold
@@ -34,17 +45,23 @@ namespace sparsek {
 
 struct KeySpans {
   static constexpr int kMinKeySpan = 1024;  // key positions per sorted span: 1024, 2048, 4096
-  static constexpr int kMaxKeySpan = 4096;
+  static constexpr int kMaxKeySpan = 8192;
+  static constexpr int kKdLeaf = 128;  // the fused dk/dv kernel's slice (kBlockN)
   static constexpr int kSortThreads = 1024;  // a bitonic network, kSpan / 1024 entries a thread
 };
 
-// The span width for S keys (sort_key_spans.h: about S / 32, within 1024..4096).
+enum class KeyOrder { kLastRow = 1, kKd = 2 };
+
+// The span width for S keys in last-row order (about S / 32, within 1024..4096).
 inline int key_span_width(int64_t seqlen_k) {
   return seqlen_k <= 49152 ? 1024 : (seqlen_k <= 98304 ? 2048 : 4096);
 }
 
+// The span width for S keys in kd order.
+inline int kd_key_span_width(int64_t seqlen_k) { return seqlen_k <= 49152 ? 4096 : 8192; }
+
 inline bool valid_key_span_width(int64_t width) {
-  return width == 1024 || width == 2048 || width == 4096;
+  return width == 1024 || width == 2048 || width == 4096 || width == 8192;
 }
 
 inline int64_t key_span_count(int64_t seqlen_k, int64_t width) {
@@ -69,6 +86,7 @@ struct SortKeySpansParams {
   int64_t seqlen_q = 0;
   int64_t window = 0;  // W >= 0
   int32_t key_span = 0;  // the span width (valid_key_span_width; key_span_width by default)
+  KeyOrder order = KeyOrder::kKd;
   // Results, [batch_heads, key_span_stride(seqlen_k)] each.
   float* span_sorted_u = nullptr;
   int32_t* span_sorted_key = nullptr;

@@ -1,0 +1,108 @@
+"""The SparseK backward's span sort (csrc/selection/sort_key_spans.cu) on a GPU, against the
+visit model's orders (bench/sparsek_bwd_visit_model.py: kd_order, and last row descending),
+entry for entry. The gradients do not depend on the order (test_backward_gpu.py covers
+them under both), so this is where a sort that loses the kd order, or a slice whose first
+entry does not hold its latest last row, fails. Skipped without a CUDA GPU visible to torch
+and the compiled kernels.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from blackwell_sparsek import _C  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import sparsek_bwd_visit_model as model  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _C.is_available()),
+    reason=("needs a CUDA GPU visible to torch and the compiled kernels "
+            f"(cuda={torch.cuda.is_available()}, library error: {_C.load_error()})"))
+
+SLICE = 128  # the fused dk/dv kernel's slice (KeySpans::kKdLeaf)
+
+
+def last_rows(u, tau, window, seqlen_k):
+    """The last row that attends each key (tau_i < u, or the window band), -1 if none:
+    written here from sort_key_spans.h's definition, not taken from the model."""
+    rows = tau.size
+    last = np.searchsorted(tau, u, side="left") - 1  # tau never decreases
+    last[np.isneginf(u)] = -1
+    if window > 0:
+        band = np.arange(u.size) + window - 1 - (seqlen_k - rows)
+        last = np.maximum(last, np.minimum(band, rows - 1))
+    return last
+
+
+def run_sort(u, tau, window, span, order):
+    ext = _C.extension()
+    bh, seqlen_k = u.shape
+    stride = ext.key_span_stride(seqlen_k)
+    key_u = torch.from_numpy(u).cuda()
+    tau_d = torch.from_numpy(tau).cuda()
+    # Poisoned: every entry the sort owns must be written.
+    sorted_u = torch.full((bh, stride), float("nan"), device="cuda")
+    sorted_key = torch.full((bh, stride), -7, dtype=torch.int32, device="cuda")
+    last_row = torch.full((bh, stride), -7, dtype=torch.int32, device="cuda")
+    ext.sort_key_spans_pointers(
+        key_u.data_ptr(), tau_d.data_ptr(), sorted_u.data_ptr(), sorted_key.data_ptr(),
+        last_row.data_ptr(), bh, tau.shape[1], seqlen_k, window, span, order,
+        torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    return sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy()
+
+
+# (S, T, window, span): whole spans; a ragged last span (every node sorted over the whole
+# span); T < S; the window band; 8192-key spans with a ragged one.
+CASES = [
+    (8192, 8192, 0, 4096),
+    (9000, 9000, 0, 4096),
+    (6144, 5000, 0, 2048),
+    (8192, 8192, 512, 4096),
+    (12288, 12288, 64, 8192),
+    (3000, 3000, 0, 1024),
+]
+
+
+@pytest.mark.parametrize("order", ["kd", "last-row"])
+@pytest.mark.parametrize("seqlen_k,seqlen_q,window,span", CASES)
+def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
+    rng = np.random.default_rng(seqlen_k + seqlen_q + window + span)
+    bh = 2
+    u = rng.standard_normal((bh, seqlen_k)).astype(np.float32)
+    u[rng.random((bh, seqlen_k)) < 0.1] = -np.inf  # scores never selected
+    # Thresholds rising through the scores' range: keys end at rows all over [-1, T).
+    tau = np.sort(rng.uniform(-2.5, 3.0, (bh, seqlen_q)).astype(np.float32), axis=1)
+    got_u, got_key, got_last = run_sort(u, tau, window, span, order)
+    for b in range(bh):
+        last = last_rows(u[b], tau[b], window, seqlen_k)
+        for begin in range(0, seqlen_k, span):
+            n = min(span, seqlen_k - begin)
+            pos = np.arange(n)
+            end = last[begin:begin + n]
+            if order == "kd":
+                expected = model.kd_order(pos, end, SLICE)
+            else:
+                expected = np.lexsort((pos, -end))
+            where = f"batch head {b}, span at {begin}"
+            np.testing.assert_array_equal(got_key[b, begin:begin + n], begin + expected,
+                                          err_msg=where)
+            np.testing.assert_array_equal(got_last[b, begin:begin + n], end[expected],
+                                          err_msg=where)
+            np.testing.assert_array_equal(got_u[b, begin:begin + n], u[b, begin + expected],
+                                          err_msg=where)
+            # Padding past S: no key, no row, never selected.
+            pad = slice(begin + n, begin + span)
+            assert (got_key[b, pad] == -1).all() and (got_last[b, pad] == -1).all(), where
+            assert np.isneginf(got_u[b, pad]).all(), where
+            if order == "kd":
+                # The dk/dv kernel bounds a slice's rows by its first entry's last row.
+                for s in range(begin, begin + n, SLICE):
+                    slice_last = got_last[b, s:min(s + SLICE, begin + n)]
+                    assert slice_last[0] == slice_last.max(), where
