@@ -176,29 +176,65 @@ struct KdSortKey {
   }
 };
 
-// Sorts every run of `run` entries of v[0, kSpan) ascending (run a power of two, at most
-// kSpan), by kThreads threads; starts and ends with a barrier. The passes below `run` are a
-// bitonic network's (runs of `size` alternate direction); the last merge takes every run
-// ascending.
-template <int kSpan, int kThreads>
-__device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t* v, int run) {
+// Sorts every run of `run` entries of a span of kThreads x kPer entries ascending (run a power
+// of two, at most the span), the entries in registers: thread t holds entries kPer t + j in
+// v[j]. The passes below `run` are a bitonic network's (runs of `size` alternate direction);
+// the last merge takes every run ascending. A pass exchanges entry i with i ^ stride: within
+// the thread for strides below kPer, between the lanes of a warp (shuffles) below 32 kPer,
+// and through `exchange` (kThreads x kPer entries of shared memory, a barrier on either side)
+// above: 15 of the 78 passes of a whole 4096-entry sort, where every pass of a sort in shared
+// memory cost a barrier of the 1024 threads and a round trip (bench/NOTES.md).
+template <int kPer, int kThreads>
+__device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
+                                                            uint64_t* exchange, int run) {
+  const int t = threadIdx.x;
+  // Entry i keeps the smaller of the pair where it is the lower one of an ascending run or
+  // the upper one of a descending run.
+  auto keeps_min = [&](int i, int size, int stride) {
+    const bool ascending = size == run || (i & size) == 0;
+    return ((i & stride) == 0) == ascending;
+  };
   for (int size = 2; size <= run; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      __syncthreads();
+      if (stride >= 32 * kPer) {
+        __syncthreads();  // every thread is done reading the previous pass's exchange
 #pragma unroll
-      for (int q = threadIdx.x; q < kSpan / 2; q += kThreads) {
-        const int i = 2 * (q & ~(stride - 1)) + (q & (stride - 1));
-        const int partner = i + stride;
-        const bool ascending = size == run || (i & size) == 0;
-        const uint64_t a = v[i], b = v[partner];
-        if (ascending == (b < a)) {
-          v[i] = b;
-          v[partner] = a;
+        for (int j = 0; j < kPer; ++j) exchange[kPer * t + j] = v[j];
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int i = kPer * t + j;
+          const uint64_t other = exchange[i ^ stride];
+          v[j] = keeps_min(i, size, stride) ? min(v[j], other) : max(v[j], other);
+        }
+      } else if (stride >= kPer) {
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          const int i = kPer * t + j;
+          const uint64_t other = __shfl_xor_sync(0xffffffffu, v[j], stride / kPer);
+          v[j] = keeps_min(i, size, stride) ? min(v[j], other) : max(v[j], other);
+        }
+      } else {
+        // Within the thread: the stride as a constant, so that v stays in registers.
+#pragma unroll
+        for (int local = kPer / 2; local > 0; local /= 2) {
+          if (stride != local) continue;
+#pragma unroll
+          for (int j = 0; j < kPer; ++j) {
+            if ((j & local) == 0) {
+              const int i = kPer * t + j;
+              const uint64_t a = v[j], b = v[j + local];
+              const bool ascending = size == run || (i & size) == 0;
+              if (ascending == (b < a)) {
+                v[j] = b;
+                v[j + local] = a;
+              }
+            }
+          }
         }
       }
     }
   }
-  __syncthreads();
 }
 
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
@@ -206,110 +242,115 @@ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 // One block per span of kSpan key positions and (batch, kv head): at each depth of the tree
 // the splitting nodes' extents (shared-memory atomics), then one sort of the span by (node,
 // coordinate of the node's larger extent, position); at the last depth every node is a leaf
-// and the sort is by (leaf, last row descending, position). Shared memory: the sort keys
-// [kSpan] and each position's last row [kSpan] (96 KB at 8192).
+// and the sort is by (leaf, last row descending, position). The entries stay in registers,
+// kPer consecutive ones a thread. Shared memory: each position's last row [kSpan] and the
+// sort's exchange [kSpan] (96 KB at 8192).
 template <int kSpan>
 __global__ void __launch_bounds__(KeySpans::kSortThreads)
     sort_key_spans_kd_kernel(SortKeySpansParams p, int64_t span_stride) {
   constexpr int kThreads = KeySpans::kSortThreads;
-  constexpr int kPerThread = kSpan / kThreads;
+  constexpr int kPer = kSpan / kThreads;
   constexpr int kNodes = kSpan / KeySpans::kKdLeaf;
   constexpr int kDepth = log2_of(kNodes);
-  static_assert(kSpan % kThreads == 0, "whole entries a thread");
+  // Lanes whose entries lie in one kKdLeaf-aligned block, and so in one node.
+  constexpr int kGroupLanes = KeySpans::kKdLeaf / kPer < 32 ? KeySpans::kKdLeaf / kPer : 32;
+  static_assert(kSpan % kThreads == 0 && KeySpans::kKdLeaf % kPer == 0,
+                "whole entries a thread, inside one kKdLeaf block");
   static_assert((kSpan & (kSpan - 1)) == 0, "a bitonic network sorts a power of two");
   static_assert(kSpan <= (1 << KdSortKey::kPosBits) && kNodes < KdSortKey::kPaddingNode,
                 "the sort key's fields hold a span's positions and nodes");
-  extern __shared__ uint64_t s_key[];                     // [kSpan]
-  int* s_last = reinterpret_cast<int*>(s_key + kSpan);  // [kSpan], by position
-  __shared__ int s_lo[2][kNodes], s_hi[2][kNodes];       // extents: position, last row
+  extern __shared__ uint64_t s_exchange[];                     // [kSpan]
+  int* s_last = reinterpret_cast<int*>(s_exchange + kSpan);  // [kSpan], by position
+  __shared__ int s_lo[2][kNodes], s_hi[2][kNodes];            // extents: position, last row
   const int t = threadIdx.x;
+  const int lane = t % 32;
+  const int first = kPer * t;  // the thread's first entry
   const int64_t span_begin = static_cast<int64_t>(blockIdx.x) * kSpan;
   const int n = static_cast<int>(min(int64_t{kSpan}, p.seqlen_k - span_begin));
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
     __syncthreads();  // the previous (batch, head) is done with the buffers
-    int key[kPerThread], last[kPerThread];
-    float u[kPerThread];
+    int key[kPer], last[kPer];
+    float u[kPer];
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) {
-      const int i = t + e * kThreads;
-      key[e] = static_cast<int>(span_begin) + min(i, n - 1);
-      u[e] = i < n ? p.key_u[bh * p.key_u_stride + key[e]] : -INFINITY;
+    for (int j = 0; j < kPer; ++j) {
+      const int i = first + j;
+      key[j] = static_cast<int>(span_begin) + min(i, n - 1);
+      u[j] = i < n ? p.key_u[bh * p.key_u_stride + key[j]] : -INFINITY;
     }
-    last_attending_rows<kPerThread>(p, p.tau + bh * p.seqlen_q, key, u, last);
+    last_attending_rows<kPer>(p, p.tau + bh * p.seqlen_q, key, u, last);
+    uint64_t v[kPer];  // entry first + j's sort key; its position in the low bits
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) {
-      const int i = t + e * kThreads;
-      s_last[i] = i < n ? last[e] : -1;
-      s_key[i] = static_cast<uint64_t>(i);  // position order before the first sort
+    for (int j = 0; j < kPer; ++j) {
+      s_last[first + j] = first + j < n ? last[j] : -1;
+      v[j] = static_cast<uint64_t>(first + j);  // position order before the first sort
     }
     for (int depth = 0; depth <= kDepth; ++depth) {
+      __syncthreads();  // s_last written; the previous depth's extents read
+      // The thread's entries lie in one node (its bounds fall on multiples of kKdLeaf).
+      bool leaf = true;
+      const int node = first < n ? kd_node(first, depth, n, leaf) : 0;
       if (depth < kDepth) {
-        __syncthreads();
         if (t < kNodes) {
           s_lo[0][t] = s_lo[1][t] = INT_MAX;
           s_hi[0][t] = s_hi[1][t] = INT_MIN;
         }
         __syncthreads();
-        // Node boundaries fall on multiples of kKdLeaf, so a warp's 32 consecutive entries
-        // lie in one node: the warp reduces them first and one lane adds them in (every
-        // lane's atomics on the same four words would serialize).
+        // The thread's, then its lane group's extents, added in by one lane (every entry's
+        // atomics on the same four words would serialize).
+        int ext[4] = {INT_MAX, INT_MIN, INT_MAX, INT_MIN};  // position lo, hi; row lo, hi
 #pragma unroll
-        for (int e = 0; e < kPerThread; ++e) {
-          const int i = t + e * kThreads;
-          bool leaf = true;
-          const int node = i < n ? kd_node(i, depth, n, leaf) : 0;
-          const bool counts = i < n && !leaf;
-          const int pos = KdSortKey::pos(s_key[i]);
-          const int row = s_last[pos];
-          constexpr unsigned kWarp = 0xffffffffu;
-          const int pos_lo = __reduce_min_sync(kWarp, counts ? pos : INT_MAX);
-          const int pos_hi = __reduce_max_sync(kWarp, counts ? pos : INT_MIN);
-          const int row_lo = __reduce_min_sync(kWarp, counts ? row : INT_MAX);
-          const int row_hi = __reduce_max_sync(kWarp, counts ? row : INT_MIN);
-          if (t % 32 == 0 && pos_lo != INT_MAX) {
-            atomicMin(&s_lo[0][node], pos_lo);
-            atomicMax(&s_hi[0][node], pos_hi);
-            atomicMin(&s_lo[1][node], row_lo);
-            atomicMax(&s_hi[1][node], row_hi);
+        for (int j = 0; j < kPer; ++j) {
+          if (first + j < n && !leaf) {
+            const int pos = KdSortKey::pos(v[j]);
+            const int row = s_last[pos];
+            ext[0] = min(ext[0], pos);
+            ext[1] = max(ext[1], pos);
+            ext[2] = min(ext[2], row);
+            ext[3] = max(ext[3], row);
           }
+        }
+#pragma unroll
+        for (int offset = kGroupLanes / 2; offset > 0; offset /= 2) {
+          ext[0] = min(ext[0], __shfl_xor_sync(0xffffffffu, ext[0], offset));
+          ext[1] = max(ext[1], __shfl_xor_sync(0xffffffffu, ext[1], offset));
+          ext[2] = min(ext[2], __shfl_xor_sync(0xffffffffu, ext[2], offset));
+          ext[3] = max(ext[3], __shfl_xor_sync(0xffffffffu, ext[3], offset));
+        }
+        if (lane % kGroupLanes == 0 && ext[0] != INT_MAX) {
+          atomicMin(&s_lo[0][node], ext[0]);
+          atomicMax(&s_hi[0][node], ext[1]);
+          atomicMin(&s_lo[1][node], ext[2]);
+          atomicMax(&s_hi[1][node], ext[3]);
         }
         __syncthreads();
       }
+      const bool by_position =
+          depth < kDepth && !leaf &&
+          s_hi[0][node] - s_lo[0][node] >= s_hi[1][node] - s_lo[1][node];
 #pragma unroll
-      for (int e = 0; e < kPerThread; ++e) {
-        const int i = t + e * kThreads;
-        const int pos = KdSortKey::pos(s_key[i]);
-        uint64_t key;
-        if (i >= n) {
-          key = KdSortKey::make(KdSortKey::kPaddingNode, 0, pos);
+      for (int j = 0; j < kPer; ++j) {
+        const int pos = KdSortKey::pos(v[j]);
+        if (first + j >= n) {
+          v[j] = KdSortKey::make(KdSortKey::kPaddingNode, 0, pos);
         } else {
-          bool leaf = true;
-          const int node = kd_node(i, depth, n, leaf);
-          const uint32_t last = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
-          uint32_t value;
-          if (leaf) {
-            value = KdSortKey::kLeafValueMax - last;
-          } else {
-            const bool by_position =
-                s_hi[0][node] - s_lo[0][node] >= s_hi[1][node] - s_lo[1][node];
-            value = by_position ? static_cast<uint32_t>(pos) : last;
-          }
-          key = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
+          const uint32_t row = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
+          const uint32_t value =
+              leaf ? KdSortKey::kLeafValueMax - row : (by_position ? static_cast<uint32_t>(pos) : row);
+          v[j] = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
         }
-        s_key[i] = key;  // each thread reads and writes its own entries only
       }
       // The entries of a node at this depth lie in its index range (the keys lead with the
       // node, numbered left to right), which the previous depth's sort made contiguous. In a
       // whole span every node is an aligned run of kSpan >> depth entries, and only the runs
       // are sorted (308 bitonic passes at 4096 instead of 468); a ragged last span sorts
       // the whole span at every depth.
-      bitonic_sort_runs_ascending<kSpan, kThreads>(s_key, n == kSpan ? kSpan >> depth : kSpan);
+      bitonic_sort_runs_ascending<kPer, kThreads>(v, s_exchange,
+                                                  n == kSpan ? kSpan >> depth : kSpan);
     }
 #pragma unroll
-    for (int e = 0; e < kPerThread; ++e) {
-      const int i = t + e * kThreads;
-      const int pos = KdSortKey::pos(s_key[i]);
-      const int64_t out = bh * span_stride + span_begin + i;
+    for (int j = 0; j < kPer; ++j) {
+      const int pos = KdSortKey::pos(v[j]);
+      const int64_t out = bh * span_stride + span_begin + first + j;
       const bool valid = pos < n;
       p.span_sorted_u[out] = valid ? p.key_u[bh * p.key_u_stride + span_begin + pos] : -INFINITY;
       p.span_sorted_key[out] = valid ? static_cast<int32_t>(span_begin + pos) : -1;
