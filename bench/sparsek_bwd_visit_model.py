@@ -99,7 +99,8 @@ def add_score_args(ap: argparse.ArgumentParser):
     ap.add_argument("--seed", type=int, default=0)
 
 
-def kd_order(start: np.ndarray, end: np.ndarray, block_n: int) -> np.ndarray:
+def kd_order(start: np.ndarray, end: np.ndarray, block_n: int,
+             pairs_by_end: bool = False) -> np.ndarray:
     """The entries of one span in kd order: indices into start / end (the keys' first row,
     their position, and last attending row), slices of block_n consecutive entries.
 
@@ -110,6 +111,10 @@ def kd_order(start: np.ndarray, end: np.ndarray, block_n: int) -> np.ndarray:
     the kernel's tile bound expects). A slice's keys then lie close in both where their rows
     begin and where they end, where sorting a span by last row keeps only the ends close:
     the slice's rows begin at the span's first keys.
+
+    pairs_by_end: nodes of at most 2 block_n entries (a cluster pair's two slices, in a whole
+    span) split by last row whatever the extents, so that both slices start on the same rows
+    and walk them in step (sparsek_bwd_l2_model.py).
     """
     def split(ix: np.ndarray) -> list[np.ndarray]:
         if ix.size <= block_n:
@@ -117,7 +122,10 @@ def kd_order(start: np.ndarray, end: np.ndarray, block_n: int) -> np.ndarray:
         blocks = -(-ix.size // block_n)
         left = (blocks // 2) * block_n
         s, e = start[ix], end[ix]
-        key = s if s.max() - s.min() >= e.max() - e.min() else e
+        if pairs_by_end and ix.size <= 2 * block_n:
+            key = e
+        else:
+            key = s if s.max() - s.min() >= e.max() - e.min() else e
         ordered = ix[np.lexsort((s, key))]
         return split(ordered[:left]) + split(ordered[left:])
 
@@ -135,7 +143,8 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     order "last-row": sorted by the last row that attends the key (window band or tau < u),
     descending, ties by key position: what a slice's row range depends on (the kernel since
     b3).
-    order "kd": each span's keys in kd_order of (position, last row).
+    order "kd": each span's keys in kd_order of (position, last row); "kd-pairs": the same
+    with pairs_by_end.
     """
     seq = u.size
     spans = -(-seq // span)
@@ -153,12 +162,12 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
         perm = np.lexsort((pos2, -u_pad.reshape(spans, span)), axis=-1)  # ties by position
     elif order == "last-row":
         perm = np.lexsort((pos2, -last_row.reshape(spans, span)), axis=-1)
-    elif order == "kd":
+    elif order in ("kd", "kd-pairs"):
         perm = np.tile(np.arange(span), (spans, 1))
         for sp in range(spans):
             n = int(min(span, max(0, seq - sp * span)))  # the span's keys; padding after
             perm[sp, :n] = kd_order(pos2[sp, :n], last_row.reshape(spans, span)[sp, :n],
-                                    block_n)
+                                    block_n, pairs_by_end=order == "kd-pairs")
     else:
         raise ValueError(order)
     sk = np.take_along_axis(pos2, perm, axis=-1).reshape(-1, block_n)

@@ -109,6 +109,45 @@ def test_kd_order():
     assert attended <= kd < by_last
 
 
+def test_kd_order_pairs_by_end():
+    """kd_order's pairs_by_end: a node of two slices splits by last row even where the
+    positions spread more, so that both slices start on the same rows."""
+    import numpy as np
+    import sparsek_bwd_visit_model as m
+
+    # Four keys, slices of 1 (a node of 2 entries is a pair): positions spread over 30, ends
+    # over 3. By extents the pairs split by position; with pairs_by_end by end, ascending.
+    start = np.array([0, 10, 20, 30])
+    end = np.array([3, 1, 2, 0])
+    assert m.kd_order(start, end, 2).tolist() == [0, 1, 2, 3]
+    assert m.kd_order(start, end, 1).tolist() == [0, 1, 2, 3]
+    assert m.kd_order(start, end, 1, pairs_by_end=True).tolist() == [1, 0, 3, 2]
+
+
+def test_l2_model():
+    """sparsek_bwd_l2_model: slice orders, and the simulation's steps, misses and makespan on
+    hand-checked grids."""
+    import numpy as np
+    import sparsek_bwd_l2_model as l2
+
+    first = np.array([3, 0, 0, 2])
+    last = np.array([4, 5, 1, -1])
+    assert l2.slice_order(first, last, "spans").tolist() == [0, 1, 2, 3]
+    # By first tile, then last tile descending: slices 1 (0..5), 2 (0..1), 3 (2, no rows), 0.
+    assert l2.slice_order(first, last, "start").tolist() == [1, 2, 3, 0]
+    # Two SMs, clusters of 1, one query head: both slices read tiles 0 and 1 at the same
+    # steps, so the second read of each tile hits; capacity 1 is enough.
+    heads = [(np.array([0, 0]), np.array([1, 1]))]
+    orders = [np.arange(2)]
+    assert l2.simulate(heads, orders, sms=2, cluster=1, group=1, capacity=1) == (4, 2, 2)
+    # One SM: the second slice runs after the first; with capacity 1 tile 0 was evicted by
+    # tile 1, with capacity 2 both hit.
+    assert l2.simulate(heads, orders, sms=1, cluster=1, group=1, capacity=1) == (4, 4, 4)
+    assert l2.simulate(heads, orders, sms=1, cluster=1, group=1, capacity=2) == (4, 2, 4)
+    # Two query heads: each tile twice a slice, as distinct entries.
+    assert l2.simulate(heads, orders, sms=2, cluster=1, group=2, capacity=4) == (8, 4, 4)
+
+
 def test_backward_benchmark_interleaves_reps():
     """The compared programs' reps alternate (both see the same clocks), and bwd is fwd+bwd
     minus fwd for each implementation."""
