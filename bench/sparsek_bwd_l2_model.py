@@ -98,14 +98,21 @@ def simulate(heads: list[tuple[np.ndarray, np.ndarray]], orders: list[np.ndarray
     return len(steps), misses, max(t for t, _ in free)
 
 
-# (name, sort order, span width, slice order)
+# name: (sort order, slice order); the span width is the kernel's for S in that order.
 CONFIGS = {
-    "last-row": ("last-row", 1024, "spans"),
-    "kd": ("kd", 4096, "spans"),
-    "kd-start": ("kd", 4096, "start"),
-    "kd-pairs": ("kd-pairs", 4096, "spans"),
-    "kd-pairs-start": ("kd-pairs", 4096, "start"),
+    "last-row": ("last-row", "spans"),
+    "kd": ("kd", "spans"),
+    "kd-start": ("kd", "start"),
+    "kd-pairs": ("kd-pairs", "spans"),
+    "kd-pairs-start": ("kd-pairs", "start"),
 }
+
+
+def span_width(seq: int, order: str) -> int:
+    """key_span_width / kd_key_span_width of selection/sort_key_spans.h."""
+    if order == "last-row":
+        return visit_model.kernel_span_width(seq)
+    return 4096 if seq <= 49152 else 8192
 
 
 def main(argv=None):
@@ -131,7 +138,8 @@ def main(argv=None):
           " | ".join(f"misses, capacity {c}" for c in args.capacity) + " | makespan |")
     print("| --- | ---: | " + " | ".join("---:" for _ in args.capacity) + " | ---: |")
     for name in args.configs:
-        order, span, how = CONFIGS[name]
+        order, how = CONFIGS[name]
+        span = span_width(args.seq, order)
         heads = [slice_tiles(u, tau, span, args.window, order) for u, tau, _ in scores]
         orders = [slice_order(first, last, how) for first, last in heads]
         cells = []
