@@ -44,8 +44,9 @@ SPARSEK_API std::string sparsek_select(const SparseKSelectParams& params, void* 
 SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                             int64_t heads_kv);
 
-// The SparseK backward's span sort (selection/sort_key_spans.h): the keys sorted within spans
-// of params.key_span keys by the last row that attends them, for the dk/dv kernel. Run it
+// The SparseK backward's span sort (selection/sort_key_spans.h): the keys ordered within spans
+// of params.key_span keys (params.order: kd, or by the last row that attends them), for the
+// dk/dv kernel. Run it
 // after sparsek_select (whose scores and tau it reads) and before attention_bwd in SparseK
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);

@@ -14,7 +14,8 @@
 // keys and adds it into a float32 accumulator of 64-row tiles (bwd_dq_accumulator.h; its
 // conversion scales it into dq) with coalesced 16-byte atomics. Row steps start at multiples
 // of 64 (one tile each). The order of the additions varies from run to run:
-// JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq kernel instead. In SparseK mode no means exist yet: this kernel writes du's first term
+// JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 keeps the dq kernel instead. In SparseK mode no means
+// exist yet: this kernel writes du's first term
 //   du_j = sum_i [j in F_i] g_ij
 // and adds each row's sum of g over F_i (its share from the CTA's keys) into row_stats by
 // one atomic a row and step; bwd_sparsek_du.h then subtracts the means.

@@ -50,13 +50,13 @@ struct AttentionBwdParams {
   const int32_t* plan = nullptr;
   int64_t key_chunks = 0;
   // The dk/dv kernel's key order (selection/sort_key_spans.h, sparsek_sort_key_spans):
-  // [B * Hkv, key_span_stride], each span of key_span key positions sorted by the last
-  // row that attends a key (descending), with its score, position and last row; padding
+  // [B * Hkv, key_span_stride], each span of key_span key positions in kd or last-row order
+  // (each slice's first entry its latest last row), with score, position and last row; padding
   // entries u = -inf, key = -1, last row -1.
   const float* span_sorted_u = nullptr;
   const int32_t* span_sorted_key = nullptr;
   const int32_t* span_last_row = nullptr;
-  int64_t key_span = 0;         // the span width (1024, 2048 or 4096; key_span_width)
+  int64_t key_span = 0;         // the span width (1024, 2048, 4096 or 8192)
   int64_t key_span_stride = 0;  // key_span_stride(seqlen_k)
 
   // Set by the launcher, not by callers: the grids' CTA order (cta_order.h).

@@ -89,9 +89,10 @@ struct DenseQueryVisit {
 };
 
 // SparseK: key tile n is the entries [n kBlockN, (n + 1) kBlockN) of the backward's span sort
-// (selection/sort_key_spans.h: spans of key_span key positions, each sorted by the last row
-// that attends a key, descending; a tile lies inside one span). Every key position appears in
-// exactly one tile, so the tile's dk, dv and du are scattered to positions no other CTA writes.
+// (selection/sort_key_spans.h: spans of key_span key positions, each in kd order or sorted by
+// the last row that attends a key, descending; a tile lies inside one span). Every key
+// position appears in exactly one tile, so the tile's dk, dv and du are scattered to
+// positions no other CTA writes.
 // Contiguous key tiles would not do: nearly every block of keys holds a high-scoring key that
 // many rows select, while the later entries of a sorted span are attended by few rows. Spans
 // wider than the selection's 128-key chunks make a tile's last rows close, so its latest one

@@ -188,11 +188,12 @@ template <int kPer, int kThreads>
 __device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
                                                             uint64_t* exchange, int run) {
   const int t = threadIdx.x;
+  // Whether entry i's run of `size` is merged ascending (every run of the last merge).
+  auto ascending = [&](int i, int size) { return size == run || (i & size) == 0; };
   // Entry i keeps the smaller of the pair where it is the lower one of an ascending run or
   // the upper one of a descending run.
   auto keeps_min = [&](int i, int size, int stride) {
-    const bool ascending = size == run || (i & size) == 0;
-    return ((i & stride) == 0) == ascending;
+    return ((i & stride) == 0) == ascending(i, size);
   };
   for (int size = 2; size <= run; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
@@ -224,8 +225,7 @@ __device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
             if ((j & local) == 0) {
               const int i = kPer * t + j;
               const uint64_t a = v[j], b = v[j + local];
-              const bool ascending = size == run || (i & size) == 0;
-              if (ascending == (b < a)) {
+              if (ascending(i, size) == (b < a)) {
                 v[j] = b;
                 v[j + local] = a;
               }
@@ -334,8 +334,9 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
           v[j] = KdSortKey::make(KdSortKey::kPaddingNode, 0, pos);
         } else {
           const uint32_t row = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
-          const uint32_t value =
-              leaf ? KdSortKey::kLeafValueMax - row : (by_position ? static_cast<uint32_t>(pos) : row);
+          const uint32_t value = leaf          ? KdSortKey::kLeafValueMax - row
+                                 : by_position ? static_cast<uint32_t>(pos)
+                                               : row;
           v[j] = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
         }
       }

@@ -44,7 +44,7 @@
 namespace sparsek {
 
 struct KeySpans {
-  static constexpr int kMinKeySpan = 1024;  // key positions per sorted span: 1024, 2048, 4096
+  static constexpr int kMinKeySpan = 1024;  // key positions per sorted span: 1024 to 8192
   static constexpr int kMaxKeySpan = 8192;
   static constexpr int kKdLeaf = 128;  // the fused dk/dv kernel's slice (kBlockN)
   static constexpr int kSortThreads = 1024;  // a bitonic network, kSpan / 1024 entries a thread
@@ -85,7 +85,7 @@ struct SortKeySpansParams {
   const float* tau = nullptr;
   int64_t seqlen_q = 0;
   int64_t window = 0;  // W >= 0
-  int32_t key_span = 0;  // the span width (valid_key_span_width; key_span_width by default)
+  int32_t key_span = 0;  // the span width (valid_key_span_width; sparsek_key_span_width)
   KeyOrder order = KeyOrder::kKd;
   // Results, [batch_heads, key_span_stride(seqlen_k)] each.
   float* span_sorted_u = nullptr;
