@@ -45,8 +45,8 @@ SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int
                                             int64_t heads_kv);
 
 // The SparseK backward's span sort (selection/sort_key_spans.h): the keys ordered within spans
-// of params.key_span keys (params.order: kd, or by the last row that attends them), for the
-// dk/dv kernel. Run it
+// of params.key_span keys (params.order: kd, or by the last row that attends them), and the
+// slice order where params.slice_order is set, for the dk/dv kernel. Run it
 // after sparsek_select (whose scores and tau it reads) and before attention_bwd in SparseK
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
@@ -54,6 +54,11 @@ SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params,
 // The order of the backward's key spans: JAX_SPARSEK_KEY_ORDER where set (read at every
 // call; -1 if it is not "kd" or "last-row"), else kd (KeyOrder's value: 1 last-row, 2 kd).
 SPARSEK_API int sparsek_key_order();
+
+// Whether the backward's dk/dv CTAs take the span sort's slice order (sort_key_spans.h):
+// JAX_SPARSEK_SLICE_ORDER where set (read at every call; "start" 1, "spans" 0, anything else
+// -1), else 1.
+SPARSEK_API int sparsek_slice_order();
 
 // The span width for S keys: JAX_SPARSEK_KEY_SPAN where set (read at every call; -1 if it
 // is not 1024, 2048, 4096 or 8192), else key_span_width(S) in last-row order and

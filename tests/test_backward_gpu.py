@@ -138,6 +138,9 @@ _SETTING_CASES = [
         ("JAX_SPARSEK_KEY_ORDER", ["last-row"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64",
           "T640_K100_W32_gqa8_d128"]),
+        # The dk/dv CTAs on the slices span by span (the slice order is the default).
+        ("JAX_SPARSEK_SLICE_ORDER", ["spans"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
         ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
     ]
@@ -169,6 +172,8 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
     ("JAX_SPARSEK_KEY_SPAN", "3000", "JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192",
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_KEY_ORDER", "score", "JAX_SPARSEK_KEY_ORDER must be kd or last-row",
+     "T300_K40_W16_gqa4_d128"),
+    ("JAX_SPARSEK_SLICE_ORDER", "rows", "JAX_SPARSEK_SLICE_ORDER must be start or spans",
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_BWD_CLUSTER", "3", "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8",
      "T1100_S2600_K96_W40_gqa8_d128"),

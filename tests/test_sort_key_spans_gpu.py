@@ -1,6 +1,7 @@
 """The SparseK backward's span sort (csrc/selection/sort_key_spans.cu) on a GPU, against the
-visit model's orders (bench/sparsek_bwd_visit_model.py: kd_order, and last row descending),
-entry for entry. The gradients do not depend on the order (test_backward_gpu.py covers
+visit model's orders (bench/sparsek_bwd_visit_model.py: kd_order with pairs_by_end, and last
+row descending), entry for entry, and its slice order (sort_key_spans.h: the slices by first
+row tile, then last row tile descending, in kd order; the identity in last-row order). The gradients do not depend on the order (test_backward_gpu.py covers
 them under both), so this is where a sort that loses the kd order, or a slice whose first
 entry does not hold its latest last row, fails. Skipped without a CUDA GPU visible to torch
 and the compiled kernels.
@@ -50,12 +51,34 @@ def run_sort(u, tau, window, span, order):
     sorted_u = torch.full((bh, stride), float("nan"), device="cuda")
     sorted_key = torch.full((bh, stride), -7, dtype=torch.int32, device="cuda")
     last_row = torch.full((bh, stride), -7, dtype=torch.int32, device="cuda")
+    slice_order = torch.full((bh, stride // SLICE), -7, dtype=torch.int32, device="cuda")
     ext.sort_key_spans_pointers(
         key_u.data_ptr(), tau_d.data_ptr(), sorted_u.data_ptr(), sorted_key.data_ptr(),
-        last_row.data_ptr(), bh, tau.shape[1], seqlen_k, window, span, order,
-        torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+        last_row.data_ptr(), slice_order.data_ptr(), bh, tau.shape[1], seqlen_k, window, span,
+        order, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
-    return sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy()
+    return (sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy(),
+            slice_order.cpu().numpy())
+
+
+def expected_slice_order(keys, last, seqlen_k, seqlen_q):
+    """The slices (SLICE entries of the sorted keys and last rows) by first 64-row tile, then
+    last tile descending, then slice; slices that visit no row last."""
+    first_tile, last_desc = [], []
+    field_max = (1 << 20) - 1
+    for s in range(keys.size // SLICE):
+        k = keys[s * SLICE:(s + 1) * SLICE]
+        k = k[k >= 0]
+        first_row = max(0, int(k.min()) - (seqlen_k - seqlen_q)) if k.size else None
+        end = int(last[s * SLICE])
+        if first_row is None or end < first_row:
+            first_tile.append(field_max)
+            last_desc.append(0)
+        else:
+            first_tile.append(first_row // 64)
+            last_desc.append(field_max - 1 - end // 64)
+    slices = np.arange(len(first_tile))
+    return np.lexsort((slices, np.array(last_desc), np.array(first_tile)))
 
 
 # (S, T, window, span): whole spans; a ragged last span (every node sorted over the whole
@@ -79,7 +102,8 @@ def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
     u[rng.random((bh, seqlen_k)) < 0.1] = -np.inf  # scores never selected
     # Thresholds rising through the scores' range: keys end at rows all over [-1, T).
     tau = np.sort(rng.uniform(-2.5, 3.0, (bh, seqlen_q)).astype(np.float32), axis=1)
-    got_u, got_key, got_last = run_sort(u, tau, window, span, order)
+    got_u, got_key, got_last, got_order = run_sort(u, tau, window, span, order)
+    used = -(-seqlen_k // span) * span  # the entries the sort writes in a row
     for b in range(bh):
         last = last_rows(u[b], tau[b], window, seqlen_k)
         for begin in range(0, seqlen_k, span):
@@ -87,7 +111,7 @@ def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
             pos = np.arange(n)
             end = last[begin:begin + n]
             if order == "kd":
-                expected = model.kd_order(pos, end, SLICE)
+                expected = model.kd_order(pos, end, SLICE, pairs_by_end=True)
             else:
                 expected = np.lexsort((pos, -end))
             where = f"batch head {b}, span at {begin}"
@@ -106,3 +130,11 @@ def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
                 for s in range(begin, begin + n, SLICE):
                     slice_last = got_last[b, s:min(s + SLICE, begin + n)]
                     assert slice_last[0] == slice_last.max(), where
+        slices = used // SLICE
+        if order == "kd":
+            want = expected_slice_order(got_key[b, :used], got_last[b, :used], seqlen_k,
+                                        seqlen_q)
+        else:
+            want = np.arange(slices)
+        np.testing.assert_array_equal(got_order[b, :slices], want,
+                                      err_msg=f"batch head {b}: slice order")

@@ -56,6 +56,9 @@ struct AttentionBwdParams {
   const float* span_sorted_u = nullptr;
   const int32_t* span_sorted_key = nullptr;
   const int32_t* span_last_row = nullptr;
+  // The fused kernel's CTA rank -> kKdLeaf-entry slice, [B * Hkv, key_span_stride /
+  // kKdLeaf] (sort_key_spans.h's slice order); null: rank order. Read by 128-entry tiles only.
+  const int32_t* slice_order = nullptr;
   int64_t key_span = 0;         // the span width (1024, 2048, 4096 or 8192)
   int64_t key_span_stride = 0;  // key_span_stride(seqlen_k)
 

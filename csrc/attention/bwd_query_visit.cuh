@@ -130,8 +130,15 @@ struct SparseKQueryVisit {
         window(static_cast<int>(p.window)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
     int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key
+    // The slice this CTA takes: the span sort's slice order where given (128-entry tiles).
+    int slice = tile;
+    if constexpr (Cfg::kBlockN == KeySpans::kKdLeaf) {
+      if (p.slice_order) {
+        slice = p.slice_order[batch_head * (p.key_span_stride / KeySpans::kKdLeaf) + tile];
+      }
+    }
     const int64_t entry0 =
-        batch_head * p.key_span_stride + int64_t{tile} * Cfg::kBlockN;
+        batch_head * p.key_span_stride + int64_t{slice} * Cfg::kBlockN;
     const int t = threadIdx.x;
     int key = -1;
     if (t < Cfg::kBlockN) {

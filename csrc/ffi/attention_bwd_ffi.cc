@@ -172,6 +172,14 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       reinterpret_cast<int32_t*>(span_workspace + span_layout.span_sorted_key_offset);
   spans.span_last_row =
       reinterpret_cast<int32_t*>(span_workspace + span_layout.span_last_row_offset);
+  const int slice_order = sparsek::sparsek_slice_order();
+  if (slice_order < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_SLICE_ORDER must be start or spans");
+  }
+  spans.slice_order =
+      slice_order ? reinterpret_cast<int32_t*>(span_workspace + span_layout.slice_order_offset)
+                  : nullptr;
   spans.tau = row_tau;
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
@@ -194,6 +202,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.span_sorted_u = spans.span_sorted_u;
   p.span_sorted_key = spans.span_sorted_key;
   p.span_last_row = spans.span_last_row;
+  p.slice_order = spans.slice_order;
   p.key_span = spans.key_span;
   p.key_span_stride = span_layout.stride;
   p.du = du->typed_data();

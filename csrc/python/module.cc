@@ -65,7 +65,8 @@ void attention_fwd_pointers(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, 
 // its order against bench/sparsek_bwd_visit_model.py: key_u [batch_heads, seqlen_k], tau
 // [batch_heads, seqlen_q], the results [batch_heads, key_span_stride(seqlen_k)].
 void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
-                             uintptr_t sorted_key, uintptr_t last_row, int64_t batch_heads,
+                             uintptr_t sorted_key, uintptr_t last_row, uintptr_t slice_order,
+                             int64_t batch_heads,
                              int64_t seqlen_q, int64_t seqlen_k, int64_t window,
                              int32_t key_span, const std::string& order, int32_t device,
                              uintptr_t stream) {
@@ -88,6 +89,7 @@ void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
   p.span_sorted_u = reinterpret_cast<float*>(sorted_u);
   p.span_sorted_key = reinterpret_cast<int32_t*>(sorted_key);
   p.span_last_row = reinterpret_cast<int32_t*>(last_row);
+  p.slice_order = reinterpret_cast<int32_t*>(slice_order);  // 0: not written
   p.device = device;
   std::string error;
   {
@@ -139,10 +141,11 @@ NB_MODULE(_jax_sparsek_ext, m) {
         "Row stride, in entries, of the span sort's results for S keys");
   m.def("sort_key_spans_pointers", &sort_key_spans_pointers, nb::arg("key_u"), nb::arg("tau"),
         nb::arg("sorted_u"), nb::arg("sorted_key"), nb::arg("last_row"),
-        nb::arg("batch_heads"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("window"),
+        nb::arg("slice_order"), nb::arg("batch_heads"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("window"),
         nb::arg("key_span"), nb::arg("order"), nb::arg("device"), nb::arg("stream"),
         "The SparseK backward's span sort on raw device pointers (float32 key_u [BH, S] and "
-        "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(S)]); raises "
+        "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(S)], int32 slice "
+        "order [BH, key_span_stride(S) / 128] or 0); raises "
         "RuntimeError with the failed check or CUDA call");
   m.def("sparsek_select_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },

@@ -42,18 +42,28 @@ int env_choice(const char* name, std::initializer_list<int> choices) {
   }
   return -1;
 }
+// The variable's value among `names`: 0 when unset or empty, 1 + its index among them, -1
+// when anything else.
+int env_name_choice(const char* name, std::initializer_list<const char*> names) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || value[0] == '\0') return 0;
+  int index = 1;
+  for (const char* choice : names) {
+    if (std::strcmp(choice, value) == 0) return index;
+    ++index;
+  }
+  return -1;
+}
 }  // namespace
 
 int requested_key_span() {
   return env_choice("JAX_SPARSEK_KEY_SPAN", {1024, 2048, 4096, 8192});
 }
 
-int requested_key_order() {
-  const char* value = std::getenv("JAX_SPARSEK_KEY_ORDER");
-  if (value == nullptr || value[0] == '\0') return 0;
-  if (std::strcmp(value, "last-row") == 0) return 1;
-  if (std::strcmp(value, "kd") == 0) return 2;
-  return -1;
+int requested_key_order() { return env_name_choice("JAX_SPARSEK_KEY_ORDER", {"last-row", "kd"}); }
+
+int requested_slice_order() {
+  return env_name_choice("JAX_SPARSEK_SLICE_ORDER", {"start", "spans"});
 }
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }

@@ -31,6 +31,12 @@ int requested_key_span();
 // KeyOrder's value (1 last-row, 2 kd) when set to one, -1 when it holds anything else.
 int requested_key_order();
 
+// JAX_SPARSEK_SLICE_ORDER=start|spans: the SparseK backward's dk/dv CTAs take the kd slices by
+// first row tile (the span sort's slice order, the default) or as the sort leaves them, span
+// by span; read at every call (benchmarks compare both). 0 when unset, 1 start, 2 spans, -1
+// when it holds anything else.
+int requested_slice_order();
+
 // JAX_SPARSEK_BWD_CLUSTER=1|2|4|8: CTAs a thread-block cluster in the SparseK backward's fused
 // dk/dv grid (neighbouring slices of one sorted key span, started together) instead of the
 // launcher's default; read at every call (benchmarks compare sizes). 0 when unset, -1 when it

@@ -137,8 +137,9 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
 // (more than kKdLeaf) splits into its first floor(ceil(size / kKdLeaf) / 2) kKdLeaf entries
 // and the rest, so every leaf but the last is a whole slice and the last one ends at n. The
 // node holding index i at `depth`, numbered in left-to-right order; leaf: whether it has at
-// most kKdLeaf entries (a leaf stays one at every later depth, as node 2 x).
-__device__ __forceinline__ int kd_node(int i, int depth, int n, bool& leaf) {
+// most kKdLeaf entries (a leaf stays one at every later depth, as node 2 x); pair: whether it
+// has two slices' worth (more than kKdLeaf entries, at most 2 kKdLeaf), which split by last row.
+__device__ __forceinline__ int kd_node(int i, int depth, int n, bool& leaf, bool& pair) {
   constexpr int kLeaf = KeySpans::kKdLeaf;
   int begin = 0, size = n, node = 0;
   for (int d = 0; d < depth; ++d) {
@@ -154,6 +155,7 @@ __device__ __forceinline__ int kd_node(int i, int depth, int n, bool& leaf) {
     }
   }
   leaf = size <= kLeaf;
+  pair = !leaf && size <= 2 * kLeaf;
   return node;
 }
 
@@ -287,8 +289,8 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
     for (int depth = 0; depth <= kDepth; ++depth) {
       __syncthreads();  // s_last written; the previous depth's extents read
       // The thread's entries lie in one node (its bounds fall on multiples of kKdLeaf).
-      bool leaf = true;
-      const int node = first < n ? kd_node(first, depth, n, leaf) : 0;
+      bool leaf = true, pair = false;
+      const int node = first < n ? kd_node(first, depth, n, leaf, pair) : 0;
       if (depth < kDepth) {
         if (t < kNodes) {
           s_lo[0][t] = s_lo[1][t] = INT_MAX;
@@ -300,7 +302,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         int ext[4] = {INT_MAX, INT_MIN, INT_MAX, INT_MIN};  // position lo, hi; row lo, hi
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
-          if (first + j < n && !leaf) {
+          if (first + j < n && !leaf && !pair) {
             const int pos = KdSortKey::pos(v[j]);
             const int row = s_last[pos];
             ext[0] = min(ext[0], pos);
@@ -325,7 +327,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         __syncthreads();
       }
       const bool by_position =
-          depth < kDepth && !leaf &&
+          depth < kDepth && !leaf && !pair &&
           s_hi[0][node] - s_lo[0][node] >= s_hi[1][node] - s_lo[1][node];
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
@@ -356,6 +358,80 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       p.span_sorted_u[out] = valid ? p.key_u[bh * p.key_u_stride + span_begin + pos] : -INFINITY;
       p.span_sorted_key[out] = valid ? static_cast<int32_t>(span_begin + pos) : -1;
       p.span_last_row[out] = valid ? s_last[pos] : -1;
+    }
+  }
+}
+
+// The slice order (sort_key_spans.h): one block a (batch, kv head). Each warp takes a slice at
+// a time: its smallest key (the first row that reaches it: max(0, key - (S - T))) and its
+// first entry's last row give its first and last 64-row tiles; then one bitonic sort of the
+// keys (first tile | last tile, descending | slice; 20 bits each, tiles clamped) in shared
+// memory. Slices that visit no row (padding, or keys no row attends) go last. by_start false
+// (last-row order): the identity.
+struct SliceOrderKey {
+  static constexpr int kBits = 20;
+  static constexpr uint64_t kFieldMax = (uint64_t{1} << kBits) - 1;
+  static __device__ __forceinline__ uint64_t field(int64_t x) {
+    return static_cast<uint64_t>(min(max(x, int64_t{0}), static_cast<int64_t>(kFieldMax - 1)));
+  }
+};
+
+__global__ void __launch_bounds__(KeySpans::kSortThreads)
+    order_slices_kernel(SortKeySpansParams p, int64_t span_stride, int slices, int run,
+                        bool by_start) {
+  extern __shared__ uint64_t s_order[];  // [run], a power of two >= slices (by_start only)
+  constexpr int kLeaf = KeySpans::kKdLeaf;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  const int64_t offset = p.seqlen_k - p.seqlen_q;
+  const int64_t slices_stride = span_stride / kLeaf;
+  for (int64_t bh = blockIdx.x; bh < p.batch_heads; bh += gridDim.x) {
+    if (!by_start) {
+      for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
+        p.slice_order[bh * slices_stride + rank] = rank;
+      }
+      continue;
+    }
+    __syncthreads();  // the previous (batch, head) is done with s_order
+    for (int slice = warp; slice < run; slice += warps) {
+      uint64_t key = ~uint64_t{0};  // past the slices: last
+      if (slice < slices) {
+        const int64_t entry0 = bh * span_stride + int64_t{slice} * kLeaf;
+        int min_key = INT_MAX;
+        for (int k = lane; k < kLeaf; k += 32) {
+          const int key_pos = p.span_sorted_key[entry0 + k];
+          if (key_pos >= 0) min_key = min(min_key, key_pos);
+        }
+        min_key = __reduce_min_sync(0xffffffffu, min_key);
+        const int64_t first_row = max(int64_t{0}, int64_t{min_key} - offset);
+        const int last_row = p.span_last_row[entry0];
+        const bool visits_rows = min_key != INT_MAX && last_row >= first_row;
+        const uint64_t first_field =
+            visits_rows ? SliceOrderKey::field(first_row / 64) : SliceOrderKey::kFieldMax;
+        const uint64_t last_field =
+            visits_rows ? SliceOrderKey::kFieldMax - 1 - SliceOrderKey::field(last_row / 64) : 0;
+        key = (first_field << (2 * SliceOrderKey::kBits)) |
+              (last_field << SliceOrderKey::kBits) | static_cast<uint64_t>(slice);
+      }
+      if (lane == 0) s_order[slice] = key;
+    }
+    for (int size = 2; size <= run; size <<= 1) {
+      for (int stride = size >> 1; stride > 0; stride >>= 1) {
+        __syncthreads();
+        for (int q = threadIdx.x; q < run / 2; q += blockDim.x) {
+          const int i = 2 * (q & ~(stride - 1)) + (q & (stride - 1));
+          const uint64_t a = s_order[i], b = s_order[i + stride];
+          if (((i & size) == 0) == (b < a)) {
+            s_order[i] = b;
+            s_order[i + stride] = a;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
+      p.slice_order[bh * slices_stride + rank] =
+          static_cast<int32_t>(s_order[rank] & SliceOrderKey::kFieldMax);
     }
   }
 }
@@ -403,6 +479,11 @@ std::string check_params(const SortKeySpansParams& p) {
 
 }  // namespace
 
+int sparsek_slice_order() {
+  const int requested = requested_slice_order();
+  return requested < 0 ? -1 : (requested == 2 ? 0 : 1);
+}
+
 int sparsek_key_order() {
   const int requested = requested_key_order();
   return requested != 0 ? requested : static_cast<int>(KeyOrder::kKd);
@@ -431,19 +512,45 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_sorted_u, 0xFF, bytes, stream));
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_sorted_key, 0xFF, bytes, stream));
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_last_row, 0xFF, bytes, stream));
+    if (p.slice_order) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(
+          cudaMemsetAsync(p.slice_order, 0xFF, bytes / KeySpans::kKdLeaf, stream));
+    }
   }
   const dim3 grid(static_cast<unsigned>(key_span_count(p.seqlen_k, p.key_span)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)));
+  std::string error;
   switch (p.key_span) {
     case 1024:
-      return launch_span_sort_of_width<1024>(p, grid, stride, stream);
+      error = launch_span_sort_of_width<1024>(p, grid, stride, stream);
+      break;
     case 2048:
-      return launch_span_sort_of_width<2048>(p, grid, stride, stream);
+      error = launch_span_sort_of_width<2048>(p, grid, stride, stream);
+      break;
     case 4096:
-      return launch_span_sort_of_width<4096>(p, grid, stride, stream);
+      error = launch_span_sort_of_width<4096>(p, grid, stride, stream);
+      break;
     default:
-      return launch_span_sort_of_width<8192>(p, grid, stride, stream);
+      error = launch_span_sort_of_width<8192>(p, grid, stride, stream);
+      break;
   }
+  if (!error.empty() || !p.slice_order) return error;
+  const int slices = static_cast<int>(key_span_count(p.seqlen_k, p.key_span) * p.key_span /
+                                      KeySpans::kKdLeaf);
+  const bool by_start = p.order == KeyOrder::kKd && slices <= KeySpans::kMaxOrderedSlices;
+  int run = 0;  // the identity sorts nothing
+  if (by_start) {
+    for (run = 1; run < slices; run <<= 1) {
+    }
+  }
+  const size_t smem = static_cast<size_t>(run) * sizeof(uint64_t);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
+      order_slices_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  order_slices_kernel<<<static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)),
+                        KeySpans::kSortThreads, smem, stream>>>(p, stride, slices, run,
+                                                                by_start);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  return {};
 }
 
 }  // namespace sparsek
