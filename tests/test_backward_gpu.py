@@ -179,9 +179,9 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
      "T1100_S2600_K96_W40_gqa8_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
-    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER that is
-    not an order it has, or a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the launcher
-    takes: an error naming it."""
+    """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER or
+    JAX_SPARSEK_SLICE_ORDER that is not an order it has, or a JAX_SPARSEK_BWD_CLUSTER that is
+    not a cluster size the launcher takes: an error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)
