@@ -6,7 +6,8 @@
     python bench/backward_benchmark.py --kernels default deterministic mma_sync
     python bench/backward_benchmark.py --dense --sparse-seq 32768 --sigma 1 4
 
-Times (median over --reps, each a jitted program over distinct input sets):
+Times (the median of --reps rounds of sparsek_benchmark.time_interleaved's balanced orders,
+each a jitted program over distinct input sets):
     fwd        o = attention(q, k, v)
     fwd+bwd    jax.grad of sum(o * w) in q, k, v (and the scores, SparseK)
     bwd        fwd+bwd - fwd
@@ -27,6 +28,10 @@ with JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 (dq in its own kernel), "mma_sync" set
 JAX_SPARSEK_BACKWARD_KERNEL=mma_sync; the variables are read at every call (and the
 deterministic choice also when the program is traced, which happens inside its timing). Each
 gets its own rows, each timed against cuDNN again with the reps interleaved.
+
+--variant NAME=VALUE (SparseK rows) adds ours again with a setting of the library (an
+environment variable read at every call) to the interleaved programs, e.g. --variant
+JAX_SPARSEK_SIDE_STREAM=0 for the backward on the caller's stream alone.
 
 Correctness: for the dense configs our gradients are compared with cuDNN's (relative error;
 over the SPARSEK.md tolerance the row is marked INVALID and the exit code is 1).
@@ -96,12 +101,13 @@ def rel(a, b):
 
 
 def time_fwd_bwd(impls, reps):
-    """(fwd, fwd+bwd, bwd) seconds for each (attn, sets with w last, argnums, iters), all
-    reps interleaved."""
+    """(fwd, fwd+bwd, bwd) seconds for each (attn, sets with w last, argnums, iters) or
+    (..., env) (settings while it runs, sparsek_benchmark.settings), all reps interleaved."""
     cases = []
-    for attn, sets, argnums, iters in impls:
-        cases.append((attn, [s[:-1] for s in sets], iters))
-        cases.append((grad_program(attn, argnums), sets, iters))
+    for attn, sets, argnums, iters, *env in impls:
+        env = env[0] if env else {}
+        cases.append((attn, [s[:-1] for s in sets], iters, env))
+        cases.append((grad_program(attn, argnums), sets, iters, env))
     t = time_interleaved(cases, reps)
     return [(t[i], t[i + 1], t[i + 1] - t[i]) for i in range(0, len(t), 2)]
 
@@ -145,7 +151,7 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
     return r
 
 
-def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0):
+def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variants=()):
     dtype = DTYPES[dtype_key]
     sets = [s + (jax.random.normal(jax.random.PRNGKey(100 + i), s[0].shape, jnp.float32),)
             for i, s in enumerate(skb.make_inputs(seq, dtype, sigma, 2))]
@@ -161,9 +167,10 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0):
         grads = jax.jit(grad_program(ours, (0, 1, 2, 3)))(*sets[0])
         finite = all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads)
         dense_sets = [s[:3] + s[4:] for s in sets]
-        t_ours, t_cudnn = time_fwd_bwd(
+        t_ours, t_cudnn, *t_variants = time_fwd_bwd(
             [(ours, sets, (0, 1, 2, 3), iters),
-             (cudnn, dense_sets, (0, 1, 2), max(1, iters // 2))], reps)
+             (cudnn, dense_sets, (0, 1, 2), max(1, iters // 2))]
+            + [(ours, sets, (0, 1, 2, 3), iters, env) for _, env in variants], reps)
     dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
     r = {"seq": seq, "sigma": sigma, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
          "topk": skb.TOPK, "window": skb.WINDOW,
@@ -172,13 +179,21 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0):
          "cudnn_bwd_s": t_cudnn[2],
          "ours_bwd_tflops": 2.5 * 4 * skb.D * pairs / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * 4 * skb.D * dense_pairs / t_cudnn[2] / 1e12,
-         "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite}
+         "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t_ours[2], "valid": finite,
+         "variants": {label: {"ours_fwd_s": t[0], "ours_bwd_s": t[2],
+                              "bwd_speedup_vs_cudnn_causal": t_cudnn[2] / t[2]}
+                      for (label, _), t in zip(variants, t_variants)}}
     print(f"SparseK S={seq:6d} sigma={sigma:g} {kernel:13s} {r['dtype']:8s} keys/row "
           f"{r['keys_per_row']:7.1f} | bwd ours "
           f"{t_ours[2] * 1e3:8.3f} ms ({r['ours_bwd_tflops']:5.1f} TFLOP/s on attended pairs) "
           f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
           f"{r['bwd_speedup_vs_cudnn_causal']:5.2f}x | fwd ours {t_ours[0] * 1e3:7.3f} ms"
           f"{'' if finite else ' NON-FINITE GRADIENTS'}", flush=True)
+    for label, v in r["variants"].items():
+        print(f"    with {label}: bwd ours {v['ours_bwd_s'] * 1e3:8.3f} ms -> "
+              f"{v['bwd_speedup_vs_cudnn_causal']:5.2f}x ({100 * (v['ours_bwd_s'] / t_ours[2] - 1):+.1f}% "
+              f"against the default settings) | fwd ours {v['ours_fwd_s'] * 1e3:7.3f} ms",
+              flush=True)
     return r
 
 
@@ -193,8 +208,12 @@ def main(argv=None):
                     default=["default"])
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variant", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="SparseK rows: also time ours with these settings (e.g. JAX_SPARSEK_"
+                         "SIDE_STREAM=0), interleaved with the rest; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = skb.parse_variants(args.variant)
     if jax.default_backend() != "gpu":
         print("backward_benchmark: no GPU visible to JAX; nothing to time.")
         return 0
@@ -206,7 +225,7 @@ def main(argv=None):
         for kernel in args.kernels:
             results += [dense_row(name, dt, args.iters, args.reps, kernel)
                         for name in args.dense]
-            results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma)
+            results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma, variants)
                         for seq in args.sparse_seq for sigma in args.sigma]
     if args.json:
         with open(args.json, "w") as f:

@@ -10,8 +10,9 @@ random normal u ~ N(0, sigma^2) per key and kv head (--sigma, default both 1 and
 spread of the scores decides how many keys get a fractional gate (0 < m < 1), and so how
 many keys past K each row attends. Both are reported.
 
-Timed, each as one jitted program over distinct input sets, median over --reps, the four
-programs' reps interleaved (time_interleaved):
+Timed, each as one jitted program over distinct input sets, the median of its runs over
+--reps rounds; a round runs every program once in each order of a balanced design (every
+program right after every other one equally often: time_interleaved):
     ours      sparsek_attention(q, k, v, scores, topk=K, window=W, implementation='cuda')
               (selection + attention, end to end)
     select    the selection stage alone (jax_sparsek._primitive.sparsek_select_cuda)
@@ -19,7 +20,10 @@ programs' reps interleaved (time_interleaved):
     dense     sparsek_attention(q, k, v, is_causal=True, implementation='cuda')
 Effective TFLOP/s count only the pairs attended: 4 * Hq * D * sum_i |{j : m_ij > 0}|, with
 the pairs counted exactly on the GPU from the selection's tau (window keys plus the domain
-keys with u_j > tau_i). The attention-only time is ours - select.
+keys with u_j > tau_i). The attention-only time is ours - select. --variant NAME=VALUE adds ours again with a
+setting of the library (an environment variable read at every call) to the interleaved
+programs, e.g. --variant JAX_SPARSEK_DEPENDENT_LAUNCH=0 for the kernels launched one after
+the other.
 
 Correctness: before timing, 64 rows spread over the sequence (kv head 0 and its 4 query
 heads) are recomputed in float32 from their whole prefix (the reference's threshold solver,
@@ -29,6 +33,7 @@ marked INVALID and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -76,23 +81,77 @@ def make_inputs(seq, dtype, sigma, num_sets, seed=0):
     return sets
 
 
+@contextlib.contextmanager
+def settings(env):
+    """The library's settings (environment variables read at every call, e.g.
+    JAX_SPARSEK_SIDE_STREAM=0) for the duration; the previous values come back on exit."""
+    previous = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def parse_variants(variants):
+    """--variant NAME=VALUE[,NAME=VALUE...] -> [(label, {NAME: VALUE, ...})]."""
+    parsed = []
+    for text in variants or []:
+        env = dict(item.split("=", 1) for item in text.split(","))
+        parsed.append((text, env))
+    return parsed
+
+
+def balanced_orders(n):
+    """Orders of n programs in which every program runs right after every other one equally
+    often (a Williams design: n orders for even n, 2n for odd n). A program timed always after
+    the same one inherits that one's heat (the clock under the power cap): seen in the
+    sixteenth session, the same program ran 5-8% slower after a dense kernel than after a
+    short one, and a fixed order or its reverse (ABBA) favour the programs at its ends."""
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return orders
+
+
 def time_interleaved(cases, reps):
-    """Median seconds per call for each (fn, sets, iters): one jitted program each, run on
-    every set; the programs' reps interleaved (a rep of each in turn), so that all see the
-    same clocks: under load the H200 sits at its power cap and its SM clock wanders between
-    1.5 and 2 GHz, so a program timed right after another runs on a hotter, slower chip."""
-    programs = [(jax.jit(lambda all_sets, fn=fn: [fn(*s) for s in all_sets]), sets, iters)
-                for fn, sets, iters in cases]
-    for program, sets, _ in programs:
-        jax.block_until_ready(program(sets))
-    times = [[] for _ in programs]
-    for _ in range(reps):
-        for (program, sets, iters), t in zip(programs, times):
+    """Median seconds per call for each (fn, sets, iters) or (fn, sets, iters, env): one
+    jitted program each, run on every set (with the settings env, if given); the programs'
+    reps interleaved: each rep runs every program once in each of balanced_orders, so that
+    all see the same clocks and the same predecessors (under load the H200 sits at its power
+    cap and its SM clock wanders between 1.5 and 2 GHz: a program timed right after another
+    runs on a hotter, slower chip)."""
+    programs = [(jax.jit(lambda all_sets, fn=case[0]: [fn(*s) for s in all_sets]), case[1],
+                 case[2], case[3] if len(case) > 3 else {}) for case in cases]
+    for program, sets, _, env in programs:
+        with settings(env):
+            jax.block_until_ready(program(sets))
+    def timed(index):
+        program, sets, iters, env = programs[index]
+        with settings(env):
             start = time.perf_counter()
             for _ in range(iters):
                 out = program(sets)
             jax.block_until_ready(out)
-            t.append((time.perf_counter() - start) / (iters * len(sets)))
+            return (time.perf_counter() - start) / (iters * len(sets))
+
+    times = [[] for _ in programs]
+    for _ in range(reps):
+        for order in balanced_orders(len(programs)):
+            for i in order:
+                times[i].append(timed(i))
     return [statistics.median(t) for t in times]
 
 
@@ -138,7 +197,7 @@ def check_rows(q, k, v, u, out, dtype_name, seq):
     return err, err <= TOLERANCE[dtype_name]
 
 
-def run(seq, dtype_key, sigmas, iters, reps):
+def run(seq, dtype_key, sigmas, iters, reps, variants=()):
     dtype = DTYPES[dtype_key]
     dtype_name = jnp.dtype(dtype).name
     set_bytes = seq * (HQ + 2 * HKV) * D * 2 + seq * HQ * D * 2
@@ -158,9 +217,12 @@ def run(seq, dtype_key, sigmas, iters, reps):
         pairs = int(attended_pairs(u, tau, seq=seq)) * (HQ // HKV)
         dense_sets = [s[:3] for s in sets]
         dense_iters = max(1, iters // 4)
-        t_ours, t_select, cudnn_s, dense_s = time_interleaved(
-            [(sparse, sets, iters), (lambda q_, k_, v_, u_: select(u_), sets, iters),
-             (cudnn, dense_sets, dense_iters), (dense, dense_sets, dense_iters)], reps)
+        select_only = lambda q_, k_, v_, u_: select(u_)  # noqa: E731
+        t_ours, t_select, cudnn_s, dense_s, *t_variants = time_interleaved(
+            [(sparse, sets, iters), (select_only, sets, iters),
+             (cudnn, dense_sets, dense_iters), (dense, dense_sets, dense_iters)]
+            + [case for _, env in variants
+               for case in ((sparse, sets, iters, env), (select_only, sets, iters, env))], reps)
         baseline = {"cudnn_s": cudnn_s, "dense_s": dense_s}
         flop_per_pair = 4 * D
         t_attn = t_ours - t_select
@@ -178,6 +240,10 @@ def run(seq, dtype_key, sigmas, iters, reps):
             "cudnn_tflops": flop_per_pair * dense_pairs / baseline["cudnn_s"] / 1e12,
         }
         r["sparse_vs_dense_efficiency"] = r["sparse_tflops"] / r["dense_tflops"]
+        r["variants"] = {label: {"ours_s": t, "select_s": t_sel,
+                                 "speedup_vs_cudnn": baseline["cudnn_s"] / t}
+                         for (label, _), t, t_sel in zip(variants, t_variants[0::2],
+                                                         t_variants[1::2])}
         results.append(r)
         print(f"S={seq:6d} {dtype_name:8s} sigma={sigma:g}: keys/row {r['keys_per_row']:7.1f} "
               f"| ours {t_ours * 1e3:8.3f} ms (select {t_select * 1e3:7.3f} ms = "
@@ -186,6 +252,11 @@ def run(seq, dtype_key, sigmas, iters, reps):
               f"{r['sparse_tflops']:5.1f} TFLOP/s = {100 * r['sparse_vs_dense_efficiency']:4.1f}% "
               f"of our dense ({r['dense_tflops']:5.1f}; cudnn {r['cudnn_tflops']:5.1f}) | "
               f"err {err:.1e}{'' if ok else ' INVALID'}", flush=True)
+        for label, v in r["variants"].items():
+            print(f"    with {label}: ours {v['ours_s'] * 1e3:8.3f} ms (select "
+                  f"{v['select_s'] * 1e3:7.3f} ms) -> {v['speedup_vs_cudnn']:5.2f}x cudnn "
+                  f"({100 * (v['ours_s'] / t_ours - 1):+.1f}% against the default settings)",
+                  flush=True)
     return results
 
 
@@ -196,8 +267,12 @@ def main(argv=None):
     ap.add_argument("--sigma", type=float, nargs="+", default=[1.0, 4.0])
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--variant", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="also time ours with these settings (e.g. JAX_SPARSEK_DEPENDENT_"
+                         "LAUNCH=0), interleaved with the rest; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    variants = parse_variants(args.variant)
     if jax.default_backend() != "gpu":
         print("sparsek_benchmark: no GPU visible to JAX; nothing to time.")
         return 0
@@ -207,7 +282,7 @@ def main(argv=None):
     results = []
     for seq in args.seq:
         for dt in args.dtype:
-            results += run(seq, dt, args.sigma, args.iters, args.reps)
+            results += run(seq, dt, args.sigma, args.iters, args.reps, variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev.device_kind, "results": results}, f, indent=1)

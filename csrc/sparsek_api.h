@@ -78,6 +78,26 @@ SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seql
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 
+// attention_bwd in two parts on `stream`, for a caller that runs other work beside the first:
+// attention_bwd_prepare poisons the outputs (where asked), computes Delta and zeroes the dq
+// accumulator and du's row sums: bandwidth-bound passes over o and dO that read neither the
+// selection's buffers nor the span sort's (those pointers may still be unset). Then
+// attention_bwd_finish runs the rest, on the same stream or one ordered after it and after
+// the selection and the span sort. The SparseK FFI handler sorts on a side stream meanwhile
+// (runtime/side_stream.h).
+SPARSEK_API std::string attention_bwd_prepare(const AttentionBwdParams& params, void* stream);
+SPARSEK_API std::string attention_bwd_finish(const AttentionBwdParams& params, void* stream);
+
+// A second stream of the calling thread on `device` that runs after everything issued to
+// `stream` so far (*side; `stream` itself where JAX_SPARSEK_SIDE_STREAM=0), and the join that
+// orders what is issued to `stream` next after everything issued to `side`
+// (runtime/side_stream.h).
+// JAX_SPARSEK_SIDE_STREAM as read now: 1 (the default) overlaps, 0 does not, -1 when the
+// variable holds anything but 0 or 1.
+SPARSEK_API int sparsek_side_stream();
+SPARSEK_API std::string side_stream_fork(void* stream, int32_t device, void** side);
+SPARSEK_API std::string side_stream_join(void* stream, int32_t device, void* side);
+
 // Whether attention_bwd with these parameters (workspace included) reads the selection's
 // plan and sorted chunks: where dq has a kernel of its own (backward_dq_name "dq_kernel", or
 // a workspace with no room for the accumulator). The dk/dv kernel that adds dq reads only tau,

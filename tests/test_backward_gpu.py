@@ -143,6 +143,9 @@ _SETTING_CASES = [
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
         ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
+        # Everything on the caller's stream (the side stream is the default).
+        ("JAX_SPARSEK_SIDE_STREAM", ["0"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
     ]
     for value in values for name in names
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import sys
 
@@ -148,9 +149,26 @@ def test_l2_model():
     assert l2.simulate(heads, orders, sms=2, cluster=1, group=2, capacity=4) == (8, 4, 4)
 
 
+def test_balanced_orders():
+    """Every program runs right after every other one equally often (a Williams design), each
+    order a permutation: no program always inherits the same predecessor's heat."""
+    import sparsek_benchmark
+
+    for n in range(1, 8):
+        orders = sparsek_benchmark.balanced_orders(n)
+        assert len(orders) == (n if n % 2 == 0 else 2 * n)
+        follows = {}
+        for order in orders:
+            assert sorted(order) == list(range(n))
+            for a, b in zip(order, order[1:]):
+                follows[a, b] = follows.get((a, b), 0) + 1
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
+
+
 def test_backward_benchmark_interleaves_reps():
-    """The compared programs' reps alternate (both see the same clocks), and bwd is fwd+bwd
-    minus fwd for each implementation."""
+    """The compared programs' reps alternate in balanced orders (both see the same clocks and
+    predecessors), settings apply while their program runs, and bwd is fwd+bwd minus fwd for
+    each implementation."""
     import jax
     import jax.numpy as jnp
     import backward_benchmark
@@ -169,8 +187,23 @@ def test_backward_benchmark_interleaves_reps():
         [(tagged("a"), sets, 2), (tagged("b"), sets, 1)], reps=3)
     assert len(medians) == 2 and all(t > 0 for t in medians)
     warm = ["a"] * 2 + ["b"] * 2  # each program once on both sets before the reps
-    rep = ["a"] * 4 + ["b"] * 2   # iters x sets calls, then the other program
+    # iters x sets calls of each program, in the orders a b, then b a.
+    rep = ["a"] * 4 + ["b"] * 2 + ["b"] * 2 + ["a"] * 4
     assert calls == warm + rep * 3
+
+    seen = []
+
+    def reads_setting(x):
+        jax.debug.callback(lambda: seen.append(os.environ.get("JAX_SPARSEK_BENCH_TEST")))
+        return x
+
+    os.environ.pop("JAX_SPARSEK_BENCH_TEST", None)
+    (label, env), = sparsek_benchmark.parse_variants(["JAX_SPARSEK_BENCH_TEST=7"])
+    assert label == "JAX_SPARSEK_BENCH_TEST=7" and env == {"JAX_SPARSEK_BENCH_TEST": "7"}
+    sparsek_benchmark.time_interleaved(
+        [(reads_setting, sets[:1], 1), (reads_setting, sets[:1], 1, env)], reps=1)
+    assert sorted(map(str, seen)) == ["7"] * 3 + ["None"] * 3  # warm-up and the two orders
+    assert "JAX_SPARSEK_BENCH_TEST" not in os.environ
 
     def attn(x):
         return x * 3.0

@@ -1,6 +1,7 @@
 // attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
 // and dk/dv kernels for the dtype, head dim and device (bwd_launch.cuh), all on the caller's
-// stream. The Hopper backward computes dq inside the dk/dv kernel (atomics into a float32
+// stream; attention_bwd_prepare and attention_bwd_finish are its two parts, for a caller that
+// overlaps other work with the first (the SparseK FFI handler's key sorts). The Hopper backward computes dq inside the dk/dv kernel (atomics into a float32
 // accumulator in the workspace; in SparseK mode du then takes a pass of its own,
 // bwd_sparsek_du.h) unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the workspace has no room
 // for it.
@@ -33,7 +34,9 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
 
 namespace {
 
-std::string check_params(const AttentionBwdParams& p) {
+// spans_sorted: the SparseK selection and span sort have run (attention_bwd_finish);
+// attention_bwd_prepare reads none of their buffers.
+std::string check_params(const AttentionBwdParams& p, bool spans_sorted) {
   if (!p.q || !p.k || !p.v || !p.o || !p.d_out || !p.lse) {
     return "a q, k, v, o, d_out or lse pointer is null";
   }
@@ -46,9 +49,9 @@ std::string check_params(const AttentionBwdParams& p) {
               .bytes) {
     return "the workspace is smaller than attention_bwd_min_workspace_bytes";
   }
-  if (std::string error = check_problem(p); !error.empty()) return error;
+  if (std::string error = check_problem(p, spans_sorted); !error.empty()) return error;
   if (p.sparsek && !p.du) return "SparseK mode needs the du pointer";
-  if (p.sparsek) {
+  if (p.sparsek && spans_sorted) {
     if (!p.span_sorted_u || !p.span_sorted_key || !p.span_last_row) {
       return "SparseK mode needs the span sort's span_sorted_u, span_sorted_key and "
              "span_last_row (sparsek_sort_key_spans)";
@@ -204,25 +207,26 @@ std::string attention_bwd_reads_plan(const AttentionBwdParams& p, bool& reads_pl
   return {};
 }
 
-std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
-  if (std::string error = check_params(p); !error.empty()) return error;
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "unsupported dtype";
-  ScopedDevice scoped_device;
-  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (poison_outputs_requested()) {
-    if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
-  }
-  bool hopper = false, atomic = false;
-  if (std::string error = call_adds_dq_atomically(p, hopper, atomic); !error.empty()) {
+namespace {
+
+// One call's kernel choice and workspace buffers (both parts of attention_bwd take the same).
+struct BwdCall {
+  bool hopper = false;
+  bool atomic = false;
+  BwdRowBuffers rows;
+};
+
+std::string plan_call(const AttentionBwdParams& p, BwdCall& call) {
+  if (std::string error = call_adds_dq_atomically(p, call.hopper, call.atomic);
+      !error.empty()) {
     return error;
   }
   const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
-                                                             p.heads_kv, p.sparsek, atomic);
-  BwdRowBuffers rows;
+                                                             p.heads_kv, p.sparsek, call.atomic);
+  BwdRowBuffers& rows = call.rows;
   rows.delta = layout.delta(p.workspace);
   rows.mean = layout.mean(p.workspace, p.sparsek);
-  if (atomic) {
+  if (call.atomic) {
     rows.dq_accum = layout.dq_accum(p.workspace);
     if (p.sparsek) {
       rows.row_edges = layout.row_edges(p.workspace);
@@ -231,13 +235,61 @@ std::string attention_bwd(const AttentionBwdParams& p, void* stream_ptr) {
       rows.segment_count_totals = layout.segment_count_totals(p.workspace);
     }
   }
-  if (std::string error = launch_bwd_preprocess(p, rows.delta, stream); !error.empty()) {
+  return {};
+}
+
+std::string check_call(const AttentionBwdParams& p, bool spans_sorted) {
+  if (std::string error = check_params(p, spans_sorted); !error.empty()) return error;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "unsupported dtype";
+  return {};
+}
+
+}  // namespace
+
+std::string attention_bwd_prepare(const AttentionBwdParams& p, void* stream_ptr) {
+  if (std::string error = check_call(p, /*spans_sorted=*/false); !error.empty()) return error;
+  ScopedDevice scoped_device;
+  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (poison_outputs_requested()) {
+    if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
+  }
+  BwdCall call;
+  if (std::string error = plan_call(p, call); !error.empty()) return error;
+  if (std::string error = launch_bwd_preprocess(p, call.rows.delta, stream); !error.empty()) {
     return error;
   }
-  if (p.dtype == DType::kBFloat16) {
-    return dispatch_head_dim<__nv_bfloat16>(p, rows, hopper, stream);
+  if (call.rows.dq_accum) {
+    // The dk/dv kernel adds dq, and in SparseK mode g's row sums, into these.
+    if (std::string error = zero_dq_accumulator(p, call.rows.dq_accum, stream);
+        !error.empty()) {
+      return error;
+    }
+    if (p.sparsek) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
+          call.rows.mean, 0, p.batch * p.heads_q * p.seqlen_q * sizeof(float), stream));
+    }
   }
-  return dispatch_head_dim<__half>(p, rows, hopper, stream);
+  return {};
+}
+
+std::string attention_bwd_finish(const AttentionBwdParams& p, void* stream_ptr) {
+  if (std::string error = check_call(p, /*spans_sorted=*/true); !error.empty()) return error;
+  ScopedDevice scoped_device;
+  if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  BwdCall call;
+  if (std::string error = plan_call(p, call); !error.empty()) return error;
+  if (p.dtype == DType::kBFloat16) {
+    return dispatch_head_dim<__nv_bfloat16>(p, call.rows, call.hopper, stream);
+  }
+  return dispatch_head_dim<__half>(p, call.rows, call.hopper, stream);
+}
+
+std::string attention_bwd(const AttentionBwdParams& p, void* stream) {
+  if (std::string error = check_call(p, /*spans_sorted=*/true); !error.empty()) return error;
+  if (std::string error = attention_bwd_prepare(p, stream); !error.empty()) return error;
+  return attention_bwd_finish(p, stream);
 }
 
 }  // namespace sparsek

@@ -23,6 +23,7 @@
 #include "attention/cta_order.h"
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
+#include "runtime/side_stream.h"
 #include "selection/sort_key_spans.h"
 
 namespace sparsek {
@@ -218,9 +219,10 @@ std::string launch_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowB
 
 // The Hopper kernels (BwdSm90TileSizes). rows.dq_accum null: the dq kernel, then dk/dv CTAs
 // of two warpgroups (dense modes) or one (SparseK). Otherwise the warp-specialized dk/dv
-// kernel with dq fused (two warpgroups, every mode) adds dq into rows.dq_accum, zeroed here;
-// in SparseK mode it also sums g over F_i into rows.mean (zeroed here), and du finishes in
-// bwd_sparsek_du.h.
+// kernel with dq fused (two warpgroups, every mode) adds dq into rows.dq_accum, which
+// attention_bwd_prepare zeroed; in SparseK mode it also sums g over F_i into rows.mean (zeroed
+// there too), and du finishes in bwd_sparsek_du.h on a side stream while dq is converted
+// (runtime/side_stream.h: du's four small kernels take ~35 us at 32k, dq's conversion ~190).
 template <int kHeadDim, typename Element>
 std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuffers& rows,
                                    cudaStream_t stream) {
@@ -234,12 +236,7 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
     return launch_attention_bwd_sm90<Dq, typename Sizes::DkDvDense, Element, DenseKeyVisitBwd,
                                      DenseQueryVisit>(p, rows, stream);
   }
-  if (std::string error = zero_dq_accumulator(p, rows.dq_accum, stream); !error.empty()) {
-    return error;
-  }
   if (p.sparsek) {
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
-        rows.mean, 0, p.batch * p.heads_q * p.seqlen_q * sizeof(float), stream));
     if (std::string error = sparsek_du_count_fractional_rows(p, rows.row_edges, stream);
         !error.empty()) {
       return error;
@@ -250,10 +247,16 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
         !error.empty()) {
       return error;
     }
-    if (std::string error = sparsek_du_subtract_means(p, rows, stream);
+    cudaStream_t side = stream;
+    if (std::string error = fork_side_stream(stream, &side); !error.empty()) return error;
+    if (std::string error = sparsek_du_subtract_means(p, rows, side); !error.empty()) {
+      return error;
+    }
+    if (std::string error = store_dq_from_accumulator(p, rows.dq_accum, stream);
         !error.empty()) {
       return error;
     }
+    return join_side_stream(stream, side);
   } else {
     if (std::string error =
             launch_attention_bwd_sm90<Dq, typename Sizes::DkDvDenseFusedDq, Element,

@@ -9,8 +9,10 @@
 
 namespace sparsek {
 
+// selection_ready: the SparseK selection's buffers are set (false only for
+// attention_bwd_prepare, which runs beside the selection and reads none of them).
 template <typename Params>
-std::string check_problem(const Params& p) {
+std::string check_problem(const Params& p, bool selection_ready = true) {
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.seqlen_k <= 0 || p.heads_q <= 0 ||
       p.heads_kv <= 0) {
     return "batch, sequence lengths and head counts must be positive";
@@ -27,7 +29,7 @@ std::string check_problem(const Params& p) {
     return "sequence lengths and window must be below 2^31 - 1024";
   }
   if (p.window < 0) return "window must be >= 0";
-  if (p.sparsek) {
+  if (p.sparsek && selection_ready) {
     if (!p.tau || !p.key_u || !p.sorted_u || !p.sorted_key || !p.plan) {
       return "SparseK mode needs the selection's tau, key_u, sorted_u, sorted_key and plan";
     }
@@ -36,6 +38,8 @@ std::string check_problem(const Params& p) {
         p.key_chunks > SelectionTiles::kMaxChunks) {
       return "key_chunks does not match seqlen_k";
     }
+  }
+  if (p.sparsek) {
     // The Hopper forward's producer gathers a row at a key position times the row stride in
     // bytes, a 32 x 32 -> 64-bit multiply.
     constexpr int64_t kMaxRowStride = (int64_t{1} << 31) - 1;

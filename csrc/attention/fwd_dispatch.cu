@@ -86,6 +86,9 @@ std::string attention_fwd(const AttentionFwdParams& p, void* stream_ptr) {
   ScopedDevice scoped_device;
   if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  // (With p.follows_selection the poison's memsets come between the selection and the
+  // kernel: the kernel, launched as dependent, then waits for them, which a plain launch
+  // after the selection's grid does anyway; it writes nothing before that wait.)
   if (poison_outputs_requested()) {
     if (std::string error = poison_outputs(p, stream); !error.empty()) return error;
   }

@@ -36,6 +36,7 @@
 #include "attention/sm90_tile_products.cuh"
 #include "attention/smem_tile.cuh"
 #include "attention/sparse_key_visit.cuh"
+#include "runtime/grid_dependency.cuh"
 
 namespace sparsek {
 
@@ -236,7 +237,7 @@ __device__ __forceinline__ bool start_first_range_tile(const AttentionFwdParams&
 
 // The CTA's key visit, after the CTA's first barrier (which also publishes the stage
 // barriers' init): in SparseK the producers first start the range's first tile
-// (first_k_started), then every thread copies the plan.
+// (first_k_started), then every thread waits for the selection's grid and copies the plan.
 template <typename Cfg, typename KeyVisit, typename Element>
 __device__ __forceinline__ KeyVisit begin_key_visit(const AttentionFwdParams& p, int row0,
                                                     int64_t batch_head, void* visit_smem,
@@ -249,6 +250,9 @@ __device__ __forceinline__ KeyVisit begin_key_visit(const AttentionFwdParams& p,
       first_k_started = start_first_range_tile<Cfg>(
           p, visit, sK0, k, head_dim, static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads);
     }
+    // The selection's tile kernel may still run (a dependent launch, fwd_launch.cuh): the
+    // copies above need only the scores in key order, the plan and tau need it done.
+    wait_for_prerequisite_grids();
     visit.copy_plan(p, row0, batch_head);
     __syncthreads();
     visit.read_plan_counts(p);

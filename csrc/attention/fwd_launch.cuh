@@ -13,12 +13,17 @@
 #include "attention/fwd_kernel_sm90.cuh"
 #include "attention/tile_config.h"
 #include "runtime/cuda_check.h"
+#include "runtime/dependent_launch.h"
+#include "runtime/grid_dependency.cuh"
 
 namespace sparsek {
 
+// dependent: the kernel waits for the grid before it (the selection's tile kernel) before it
+// reads what that grid writes (fwd_kernel_sm90.cuh, begin_key_visit), so it may be launched
+// to start while that grid finishes (runtime/grid_dependency.cuh).
 template <typename Cfg, typename Element, typename KeyVisit, typename Kernel>
 std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
-                                 cudaStream_t stream) {
+                                 cudaStream_t stream, bool dependent = false) {
   const size_t smem_bytes = Cfg::kSmemBytes + KeyVisit::smem_bytes(p);
   if (smem_bytes > 48 * 1024) {
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(
@@ -48,8 +53,11 @@ std::string launch_attention_fwd(Kernel kernel, const AttentionFwdParams& p,
     }
     const CtaOrder::Grid grid = CtaOrder::make(chunk, m_blocks, p.heads_q, sms);
     chunk.tile_major_grid = grid.tile_major;
-    kernel<<<grid.dims, Cfg::kNThreads, smem_bytes, stream>>>(chunk);
-    SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    cudaLaunchAttribute attributes[1];
+    const cudaLaunchConfig_t config =
+        programmatic_launch_config(grid.dims, dim3(Cfg::kNThreads), smem_bytes, stream,
+                                   dependent && b0 == 0, attributes);
+    SPARSEK_RETURN_IF_CUDA_ERROR(cudaLaunchKernelEx(&config, kernel, chunk));
   }
   return {};
 }
@@ -72,8 +80,12 @@ std::string run_attention_fwd_sm90(const AttentionFwdParams& p, cudaStream_t str
   using Cfg = typename FwdSm90TileSizes<kHeadDim>::Config;
   if (p.sparsek) {
     using Visit = SparseKKeyVisit<Cfg>;
+    bool dependent = false;
+    if (p.follows_selection) {
+      if (std::string error = dependent_launch_allowed(&dependent); !error.empty()) return error;
+    }
     return launch_attention_fwd<Cfg, Element, Visit>(
-        attention_fwd_sm90_kernel<Cfg, Element, Visit>, p, stream);
+        attention_fwd_sm90_kernel<Cfg, Element, Visit>, p, stream, dependent);
   }
   using Visit = DenseKeyVisit<Cfg>;
   return launch_attention_fwd<Cfg, Element, Visit>(attention_fwd_sm90_kernel<Cfg, Element, Visit>,

@@ -44,6 +44,11 @@ struct AttentionFwdParams {
   const int32_t* sorted_key = nullptr;  // same layout
   const int32_t* plan = nullptr;        // [B * Hkv, query tiles, plan_row_entries(key_chunks)]
   int64_t key_chunks = 0;
+  // The launch right before this call's on the stream is sparsek_select's last (the FFI
+  // handler runs them back to back): on sm_90 the Hopper kernel may then start while that
+  // grid finishes, reading only q, k and the scores in key order before it waits for the
+  // grid (runtime/grid_dependency.cuh). Leave false where anything else may run in between.
+  bool follows_selection = false;
 
   // Set by the launcher, not by callers: the grid's CTA order (cta_order.h).
   bool tile_major_grid = false;

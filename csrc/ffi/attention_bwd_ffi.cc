@@ -101,6 +101,8 @@ ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
 
 // SparseK: the forward's tau, the selection's first step (the scores in key order and the
 // sorted chunks), the span sort of the dk/dv kernel's key order, then the backward kernels.
+// The selection and the span sort run on a side stream (sparsek_api.h, side_stream_fork)
+// beside attention_bwd_prepare's Delta and zeroed accumulator, which read neither.
 // Where dq has a kernel of its own (the deterministic path), which walks the forward's plan,
 // the whole selection runs again (it is deterministic: the same tau and plan) into the
 // workspace's own tau. The workspace result holds the selection's buffers, then the span
@@ -151,10 +153,22 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   float* selection_tau = reinterpret_cast<float*>(workspace_base + whole.tau_offset);
   // The rows' thresholds every kernel below reads: the forward's, or the selection's again.
   const float* row_tau = reads_plan ? selection_tau : tau.typed_data();
+  if (sparsek::sparsek_side_stream() < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_SIDE_STREAM must be 0 or 1");
+  }
+  void* side = stream;
+  if (std::string error = sparsek::side_stream_fork(stream, device, &side); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
+  }
+  p.du = du->typed_data();
+  if (std::string error = sparsek::attention_bwd_prepare(p, stream); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
+  }
   sparsek::SelectionLayout layout;
   void* selection_workspace = nullptr;
   if (std::string error = sparsek_ffi::run_selection(
-          stream, device, workspace, scores.typed_data(), p.batch, p.seqlen_q, p.seqlen_k,
+          side, device, workspace, scores.typed_data(), p.batch, p.seqlen_q, p.seqlen_k,
           p.heads_kv, topk, window, reads_plan ? selection_tau : nullptr, layout,
           selection_workspace, /*thresholds_given=*/!reads_plan);
       !error.empty()) {
@@ -195,8 +209,11 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192");
   }
-  if (std::string error = sparsek::sparsek_sort_key_spans(spans, stream); !error.empty()) {
+  if (std::string error = sparsek::sparsek_sort_key_spans(spans, side); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
+  }
+  if (std::string error = sparsek::side_stream_join(stream, device, side); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
   sparsek_ffi::use_selection(p, row_tau, layout, selection_workspace);
   p.span_sorted_u = spans.span_sorted_u;
@@ -205,8 +222,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.slice_order = spans.slice_order;
   p.key_span = spans.key_span;
   p.key_span_stride = span_layout.stride;
-  p.du = du->typed_data();
-  if (std::string error = sparsek::attention_bwd(p, stream); !error.empty()) {
+  if (std::string error = sparsek::attention_bwd_finish(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
   return ffi::Error::Success();

@@ -125,6 +125,7 @@ ffi::Error SparseKFwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
     return ffi::Error::Internal("jax_sparsek_sparsek_fwd: selection: " + error);
   }
   sparsek_ffi::use_selection(p, tau->typed_data(), layout, workspace);
+  p.follows_selection = true;
   if (std::string error = sparsek::attention_fwd(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_fwd: attention: " + error);
   }

@@ -68,4 +68,10 @@ int requested_slice_order() {
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
+int requested_dependent_launch() {
+  return env_name_choice("JAX_SPARSEK_DEPENDENT_LAUNCH", {"1", "0"});
+}
+
+int requested_side_stream() { return env_name_choice("JAX_SPARSEK_SIDE_STREAM", {"1", "0"}); }
+
 }  // namespace sparsek

@@ -43,4 +43,18 @@ int requested_slice_order();
 // holds anything else.
 int requested_bwd_cluster();
 
+// JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
+// zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/
+// side_stream.h; the default), or runs everything on the caller's stream; read at every call
+// (benchmarks compare both). 0 when unset, 1 for "1", 2 for "0", -1 when it holds anything
+// else.
+int requested_side_stream();
+
+// JAX_SPARSEK_DEPENDENT_LAUNCH=1|0: the SparseK selection's tile kernel starts while the anchor
+// kernel runs, and the Hopper SparseK forward while the tile kernel finishes (programmatic
+// dependent launch, runtime/grid_dependency.cuh; the default on sm_90), or each kernel after
+// the one before; read at every call (benchmarks compare both). 0 when unset, 1 for "1", 2
+// for "0", -1 when it holds anything else.
+int requested_dependent_launch();
+
 }  // namespace sparsek

@@ -1,5 +1,5 @@
 // sparsek_select(): checks the parameters and launches the three selection kernels (only the
-// first where the thresholds are given).
+// first where the thresholds are given); the third may start while the second runs.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -8,6 +8,8 @@
 
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
+#include "runtime/dependent_launch.h"
+#include "runtime/grid_dependency.cuh"
 #include "runtime/scoped_device.h"
 #include "runtime/workspace_align.h"
 #include "selection/selection_kernels.cuh"
@@ -58,6 +60,8 @@ SelectionLayout make_selection_layout(int64_t batch, int64_t seqlen_q, int64_t s
   offset += align256(l.batch_heads * l.anchors * 4);
   l.plan_offset = offset;
   offset += align256(l.batch_heads * l.tiles * l.plan_row() * 4);
+  l.anchor_ready_offset = offset;
+  offset += align256(l.batch_heads * l.anchors * 4);
   l.workspace_bytes = offset;
   return l;
 }
@@ -99,9 +103,20 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
         tile_thresholds_and_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
         static_cast<int>(smem)));
   }
-  tile_thresholds_and_plan_kernel<<<dim3(static_cast<unsigned>(l.tiles), grid_y),
-                                    kTileThreads, smem, stream>>>(p, l, w);
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  // Tile-major where the tiles fit gridDim.y: the first blocks take the first tiles of every
+  // kv head, whose anchors (the shortest prefixes) are solved first. Launched to start while
+  // the anchor kernel runs (its blocks wait for their two anchors' flags).
+  bool dependent = false;
+  if (std::string error = dependent_launch_allowed(&dependent); !error.empty()) return error;
+  const bool tile_major = l.tiles <= 65535 && l.batch_heads <= 0x7fffffff;
+  const dim3 grid = tile_major ? dim3(static_cast<unsigned>(l.batch_heads),
+                                      static_cast<unsigned>(l.tiles))
+                               : dim3(static_cast<unsigned>(l.tiles), grid_y);
+  cudaLaunchAttribute attributes[1];
+  const cudaLaunchConfig_t config =
+      programmatic_launch_config(grid, dim3(kTileThreads), smem, stream, dependent, attributes);
+  SPARSEK_RETURN_IF_CUDA_ERROR(
+      cudaLaunchKernelEx(&config, tile_thresholds_and_plan_kernel, p, l, w, tile_major));
   return {};
 }
 

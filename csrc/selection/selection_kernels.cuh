@@ -7,19 +7,22 @@
 namespace sparsek {
 
 // 1. Per chunk of kKeyChunk keys: the scores copied in key order (contiguous per kv head),
-//    and sorted, descending, with their key positions. NaN scores count as -inf.
+//    and sorted, descending, with their key positions. NaN scores count as -inf. The first
+//    chunk's blocks also clear the anchors' ready flags.
 __global__ void sort_key_chunks_kernel(SparseKSelectParams p, SelectionLayout l,
                                        SelectionBuffers w);
 
 // 2. The exact tau of every anchor row (rows kAnchorEvery query tiles apart, and T - 1),
-//    each from its whole prefix.
+//    each from its whole prefix, then its ready flag.
 __global__ void anchor_thresholds_kernel(SparseKSelectParams p, SelectionLayout l,
                                          SelectionBuffers w);
 
 // 3. Per query tile: the exact tau of each of its rows, bracketed by the anchors around the
 //    tile, and the tile's visit plan.
+//    tile_major: blockIdx.x is the (batch, kv head), blockIdx.y the tile; otherwise blockIdx.x
+//    is the tile and the (batch, kv head) pairs stride over blockIdx.y.
 __global__ void tile_thresholds_and_plan_kernel(SparseKSelectParams p, SelectionLayout l,
-                                                SelectionBuffers w);
+                                                SelectionBuffers w, bool tile_major);
 
 constexpr int kSortThreads = SelectionTiles::kKeyChunk;
 // Anchors are few (T / 2048 + 2 a kv head: about one block an SM), so the anchor kernel

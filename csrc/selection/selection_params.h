@@ -75,7 +75,7 @@ struct SelectionLayout {
   int64_t tiles = 0;        // ceil(T / kQueryTile)
   int64_t anchors = 0;      // rows 0, kAnchorEvery tiles apart, ..., and T - 1
   int64_t key_u_offset = 0, sorted_u_offset = 0, sorted_key_offset = 0;
-  int64_t anchor_tau_offset = 0, plan_offset = 0;
+  int64_t anchor_tau_offset = 0, plan_offset = 0, anchor_ready_offset = 0;
   int64_t workspace_bytes = 0;
 
   SPARSEK_HOST_DEVICE int64_t padded_keys() const { return chunks * SelectionTiles::kKeyChunk; }
@@ -108,6 +108,9 @@ struct SelectionBuffers {
   int32_t* sorted_key; // [B*Hkv, padded_keys] key position of each sorted entry (-1: none)
   float* anchor_tau;   // [B*Hkv, anchors]
   int32_t* plan;       // [B*Hkv, tiles, plan_row_entries(chunks)]
+  // [B*Hkv, anchors] set once anchor_tau's entry is written: the tile kernel starts while
+  // the anchor kernel runs (runtime/grid_dependency.cuh) and waits for its two anchors.
+  int32_t* anchor_ready;
 };
 
 inline SelectionBuffers selection_buffers(const SelectionLayout& l, void* workspace) {
@@ -116,7 +119,8 @@ inline SelectionBuffers selection_buffers(const SelectionLayout& l, void* worksp
           reinterpret_cast<float*>(base + l.sorted_u_offset),
           reinterpret_cast<int32_t*>(base + l.sorted_key_offset),
           reinterpret_cast<float*>(base + l.anchor_tau_offset),
-          reinterpret_cast<int32_t*>(base + l.plan_offset)};
+          reinterpret_cast<int32_t*>(base + l.plan_offset),
+          reinterpret_cast<int32_t*>(base + l.anchor_ready_offset)};
 }
 
 // Row i's sparse domain is the key positions [0, sparse_domain_end(i)) (SPARSEK.md:

@@ -22,6 +22,10 @@ __global__ void __launch_bounds__(kSortThreads)
                    h * p.scores_head_stride];
       if (isnan(u)) u = -INFINITY;
     }
+    // The anchor kernel (a plain launch, after this grid has completed) sets them again.
+    if (blockIdx.x == 0) {
+      for (int64_t a = t; a < l.anchors; a += kSortThreads) w.anchor_ready[bh * l.anchors + a] = 0;
+    }
     const int64_t out = bh * l.padded_keys() + pos;
     w.key_u[out] = u;
     __syncthreads();  // the previous (batch, head) is done with s_u

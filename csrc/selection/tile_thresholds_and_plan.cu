@@ -14,6 +14,7 @@
 // instead: slower, same result.
 #include <cmath>
 
+#include "runtime/grid_dependency.cuh"
 #include "selection/block_reduce.cuh"
 #include "selection/selection_kernels.cuh"
 #include "selection/threshold_solve.cuh"
@@ -27,7 +28,10 @@ namespace sparsek {
 // 32k, NVIDIA H200).
 __global__ void __launch_bounds__(kTileThreads, 3)
     tile_thresholds_and_plan_kernel(SparseKSelectParams p, SelectionLayout l,
-                                    SelectionBuffers w) {
+                                    SelectionBuffers w, bool tile_major) {
+  // The attention kernel may start once every block of this grid runs; it waits for the
+  // whole grid (runtime/grid_dependency.cuh) before it reads a plan.
+  launch_dependent_grids();
   constexpr int kTile = SelectionTiles::kQueryTile;
   constexpr int kChunk = SelectionTiles::kKeyChunk;
   constexpr int kWarps = kTileThreads / 32;
@@ -56,7 +60,9 @@ __global__ void __launch_bounds__(kTileThreads, 3)
   growth_summary.listed_u = reinterpret_cast<float*>(growth_summary.listed + kTile + 1);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t tile = blockIdx.x;
+  const int64_t tile = tile_major ? blockIdx.y : blockIdx.x;
+  const int64_t bh_first = tile_major ? blockIdx.x : blockIdx.y;
+  const int64_t bh_stride = tile_major ? gridDim.x : gridDim.y;
   const int64_t row0 = tile * kTile;
   const int rows = static_cast<int>(min(static_cast<int64_t>(kTile), p.seqlen_q - row0));
   const int64_t n0 = sparse_domain_end(row0, p.seqlen_q, p.seqlen_k, p.window);
@@ -68,17 +74,21 @@ __global__ void __launch_bounds__(kTileThreads, 3)
     return static_cast<int>(sparse_domain_end(row0 + r, p.seqlen_q, p.seqlen_k, p.window) - n0);
   };
 
-  for (int64_t bh = blockIdx.y; bh < l.batch_heads; bh += gridDim.y) {
+  for (int64_t bh = bh_first; bh < l.batch_heads; bh += bh_stride) {
     const float* u = w.key_u + bh * l.padded_keys();
-    const float anchor_lo = w.anchor_tau[bh * l.anchors + anchor];
-    const float anchor_hi = w.anchor_tau[bh * l.anchors + anchor + 1];
     for (int i = tid; i < growth; i += kTileThreads) s_growth[i] = u[n0 + i];
     if (tid == 0) {
       s_counter[0] = 0;
       s_counter[1] = rows;
       s_counter[2] = 0;
+      // The anchor kernel may still run (a dependent launch): wait for this tile's two.
+      acquire_wait_flag(w.anchor_ready + bh * l.anchors + anchor);
+      acquire_wait_flag(w.anchor_ready + bh * l.anchors + anchor + 1);
     }
     __syncthreads();
+    // Past L1: another block of this SM may have read the line before the anchors were set.
+    const float anchor_lo = __ldcg(w.anchor_tau + bh * l.anchors + anchor);
+    const float anchor_hi = __ldcg(w.anchor_tau + bh * l.anchors + anchor + 1);
 
     float lo = anchor_lo;
     float hi = anchor_hi;
@@ -370,6 +380,9 @@ __global__ void __launch_bounds__(kTileThreads, 3)
     }
     __syncthreads();
   }
+  // So that this grid completes only after the anchor grid: a later plain launch (or the
+  // attention's wait) then knows both are done.
+  wait_for_prerequisite_grids();
 }
 
 }  // namespace sparsek
