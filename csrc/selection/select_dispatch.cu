@@ -76,6 +76,9 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
   ScopedDevice scoped_device;
   if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  // Read before anything is launched, so that a bad setting launches nothing.
+  bool dependent = false;
+  if (std::string error = dependent_launch_allowed(&dependent); !error.empty()) return error;
   const SelectionLayout l = make_selection_layout(p.batch, p.seqlen_q, p.seqlen_k, p.heads_kv);
   const SelectionBuffers w = selection_buffers(l, p.workspace);
   if (poison_outputs_requested()) {
@@ -106,8 +109,6 @@ std::string sparsek_select(const SparseKSelectParams& p, void* stream_ptr) {
   // Tile-major where the tiles fit gridDim.y: the first blocks take the first tiles of every
   // kv head, whose anchors (the shortest prefixes) are solved first. Launched to start while
   // the anchor kernel runs (its blocks wait for their two anchors' flags).
-  bool dependent = false;
-  if (std::string error = dependent_launch_allowed(&dependent); !error.empty()) return error;
   const bool tile_major = l.tiles <= 65535 && l.batch_heads <= 0x7fffffff;
   const dim3 grid = tile_major ? dim3(static_cast<unsigned>(l.batch_heads),
                                       static_cast<unsigned>(l.tiles))
