@@ -52,6 +52,8 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_sparsek import sparsek_attention  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import kernel_env  # noqa: E402
 from jax_sparsek._gates import _capped_simplex_threshold  # noqa: E402
 from jax_sparsek._primitive import sparsek_select_cuda  # noqa: E402
 from jax_sparsek._reference import gated_attention_reference  # noqa: E402
@@ -84,17 +86,12 @@ def make_inputs(seq, dtype, sigma, num_sets, seed=0):
 @contextlib.contextmanager
 def settings(env):
     """The library's settings (environment variables read at every call, e.g.
-    JAX_SPARSEK_SIDE_STREAM=0) for the duration; the previous values come back on exit."""
-    previous = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
+    JAX_SPARSEK_SIDE_STREAM=0) for the duration, through benchmark.kernel_env ("default"
+    unsets one); the previous values come back on exit."""
+    with contextlib.ExitStack() as stack:
+        for name, value in env.items():
+            stack.enter_context(kernel_env(name, value))
         yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def parse_variants(variants):

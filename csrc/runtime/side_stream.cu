@@ -52,11 +52,16 @@ std::string order_after(cudaStream_t waiter, cudaStream_t before, cudaEvent_t ev
 
 }  // namespace
 
+int sparsek_side_stream() {
+  const int setting = requested_side_stream();
+  return setting < 0 ? -1 : (setting == 2 ? 0 : 1);
+}
+
 std::string fork_side_stream(cudaStream_t main, cudaStream_t* side) {
   *side = main;
-  const int setting = requested_side_stream();
+  const int setting = sparsek_side_stream();
   if (setting < 0) return "JAX_SPARSEK_SIDE_STREAM must be 0 or 1";
-  if (setting == 2) return {};  // "0": everything on the caller's stream
+  if (setting == 0) return {};  // everything on the caller's stream
   SideStreamResources* resources = nullptr;
   if (std::string error = thread_side_streams.get(resources); !error.empty()) return error;
   if (std::string error = order_after(resources->stream, main, resources->event);
@@ -72,11 +77,6 @@ std::string join_side_stream(cudaStream_t main, cudaStream_t side) {
   SideStreamResources* resources = nullptr;
   if (std::string error = thread_side_streams.get(resources); !error.empty()) return error;
   return order_after(main, side, resources->event);
-}
-
-int sparsek_side_stream() {
-  const int setting = requested_side_stream();
-  return setting < 0 ? -1 : (setting == 2 ? 0 : 1);
 }
 
 std::string side_stream_fork(void* stream, int32_t device, void** side) {

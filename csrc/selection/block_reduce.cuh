@@ -138,14 +138,15 @@ __device__ __forceinline__ void block_rank_sort_descending(float* v, int n) {
   __syncthreads();
 }
 
-// Sorts v[0, n) in shared memory, descending (bitonic network; n a power of two). Ends with
-// a barrier. Thread t takes the pairs t, t + kNThreads, ...: in a step of stride <= 32 those
-// pairs lie in the windows of 64 entries that start at 64 * (t / 32 + k * kNThreads / 32),
-// the same for every lane of a warp. So a step of stride <= 32 that follows another one waits
-// at a warp barrier only (every step of sizes up to 64 but the very first, and the strides
-// below 32 of larger sizes): 10 block barriers instead of 45 for 512 entries.
-template <int kNThreads>
-__device__ __forceinline__ void block_sort_descending(float* v, int n) {
+// Sorts v[0, n) in shared memory so that before(v[i], v[i + 1]) (bitonic network; n a power
+// of two; `before` a strict order). Starts and ends with a barrier. Thread t takes the pairs
+// t, t + kNThreads, ...: in a step of stride <= 32 those pairs lie in the windows of 64
+// entries that start at 64 * (t / 32 + k * kNThreads / 32), the same for every lane of a warp.
+// So a step of stride <= 32 that follows another one waits at a warp barrier only (every step
+// of sizes up to 64 but the very first, and the strides below 32 of larger sizes): 10 block
+// barriers instead of 45 for 512 entries.
+template <int kNThreads, typename T, typename Before>
+__device__ __forceinline__ void block_sort(T* v, int n, Before before) {
   static_assert(kNThreads % 32 == 0, "whole warps");
   for (int size = 2; size <= n; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
@@ -159,9 +160,9 @@ __device__ __forceinline__ void block_sort_descending(float* v, int n) {
         // The i-th pair of this step: i with a zero bit inserted at `stride`.
         const int first = 2 * i - (i & (stride - 1));
         const int second = first + stride;
-        const bool descending = (first & size) == 0;
-        const float a = v[first], b = v[second];
-        if (descending ? a < b : a > b) {
+        const bool forward = (first & size) == 0;  // every run of the last merge
+        const T a = v[first], b = v[second];
+        if (forward ? before(b, a) : before(a, b)) {
           v[first] = b;
           v[second] = a;
         }
@@ -169,6 +170,12 @@ __device__ __forceinline__ void block_sort_descending(float* v, int n) {
     }
   }
   __syncthreads();
+}
+
+// block_sort, descending.
+template <int kNThreads>
+__device__ __forceinline__ void block_sort_descending(float* v, int n) {
+  block_sort<kNThreads>(v, n, [](float a, float b) { return a > b; });
 }
 
 }  // namespace sparsek

@@ -13,6 +13,7 @@
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
+#include "selection/block_reduce.cuh"
 #include "selection/sort_key_spans.h"
 #include "sparsek_api.h"
 
@@ -415,20 +416,8 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       }
       if (lane == 0) s_order[slice] = key;
     }
-    for (int size = 2; size <= run; size <<= 1) {
-      for (int stride = size >> 1; stride > 0; stride >>= 1) {
-        __syncthreads();
-        for (int q = threadIdx.x; q < run / 2; q += blockDim.x) {
-          const int i = 2 * (q & ~(stride - 1)) + (q & (stride - 1));
-          const uint64_t a = s_order[i], b = s_order[i + stride];
-          if (((i & size) == 0) == (b < a)) {
-            s_order[i] = b;
-            s_order[i + stride] = a;
-          }
-        }
-      }
-    }
-    __syncthreads();
+    block_sort<KeySpans::kSortThreads>(s_order, run,
+                                       [](uint64_t a, uint64_t b) { return a < b; });
     for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
       p.slice_order[bh * slices_stride + rank] =
           static_cast<int32_t>(s_order[rank] & SliceOrderKey::kFieldMax);
