@@ -213,7 +213,10 @@ def main(argv=None):
                          "SIDE_STREAM=0), interleaved with the rest; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    variants = skb.parse_variants(args.variant)
+    try:
+        variants = skb.parse_variants(args.variant)
+    except ValueError as error:
+        ap.error(str(error))
     if jax.default_backend() != "gpu":
         print("backward_benchmark: no GPU visible to JAX; nothing to time.")
         return 0

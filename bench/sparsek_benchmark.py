@@ -95,11 +95,14 @@ def settings(env):
 
 
 def parse_variants(variants):
-    """--variant NAME=VALUE[,NAME=VALUE...] -> [(label, {NAME: VALUE, ...})]."""
+    """--variant NAME=VALUE[,NAME=VALUE...] -> [(label, {NAME: VALUE, ...})]; ValueError naming
+    the option for an item without a name and '='."""
     parsed = []
     for text in variants or []:
-        env = dict(item.split("=", 1) for item in text.split(","))
-        parsed.append((text, env))
+        items = [item.split("=", 1) for item in text.split(",")]
+        if any(len(item) != 2 or not item[0] for item in items):
+            raise ValueError(f"--variant expects NAME=VALUE[,NAME=VALUE...], got {text!r}")
+        parsed.append((text, dict(items)))
     return parsed
 
 
@@ -269,7 +272,10 @@ def main(argv=None):
                          "LAUNCH=0), interleaved with the rest; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    variants = parse_variants(args.variant)
+    try:
+        variants = parse_variants(args.variant)
+    except ValueError as error:
+        ap.error(str(error))
     if jax.default_backend() != "gpu":
         print("sparsek_benchmark: no GPU visible to JAX; nothing to time.")
         return 0

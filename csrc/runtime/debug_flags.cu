@@ -54,6 +54,12 @@ int env_name_choice(const char* name, std::initializer_list<const char*> names) 
   }
   return -1;
 }
+// A setting that is on unless turned off: 1 when unset, empty or `on`, 0 when `off`, -1 when
+// anything else.
+int env_switch(const char* name, const char* on, const char* off) {
+  const int choice = env_name_choice(name, {on, off});
+  return choice < 0 ? -1 : (choice == 2 ? 0 : 1);
+}
 }  // namespace
 
 int requested_key_span() {
@@ -62,16 +68,12 @@ int requested_key_span() {
 
 int requested_key_order() { return env_name_choice("JAX_SPARSEK_KEY_ORDER", {"last-row", "kd"}); }
 
-int requested_slice_order() {
-  return env_name_choice("JAX_SPARSEK_SLICE_ORDER", {"start", "spans"});
-}
+int requested_slice_order() { return env_switch("JAX_SPARSEK_SLICE_ORDER", "start", "spans"); }
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
-int requested_dependent_launch() {
-  return env_name_choice("JAX_SPARSEK_DEPENDENT_LAUNCH", {"1", "0"});
-}
+int requested_dependent_launch() { return env_switch("JAX_SPARSEK_DEPENDENT_LAUNCH", "1", "0"); }
 
-int requested_side_stream() { return env_name_choice("JAX_SPARSEK_SIDE_STREAM", {"1", "0"}); }
+int requested_side_stream() { return env_switch("JAX_SPARSEK_SIDE_STREAM", "1", "0"); }
 
 }  // namespace sparsek

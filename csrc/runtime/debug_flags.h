@@ -33,7 +33,7 @@ int requested_key_order();
 
 // JAX_SPARSEK_SLICE_ORDER=start|spans: the SparseK backward's dk/dv CTAs take the kd slices by
 // first row tile (the span sort's slice order, the default) or as the sort leaves them, span
-// by span; read at every call (benchmarks compare both). 0 when unset, 1 start, 2 spans, -1
+// by span; read at every call (benchmarks compare both). 1 when unset or start, 0 spans, -1
 // when it holds anything else.
 int requested_slice_order();
 
@@ -46,15 +46,14 @@ int requested_bwd_cluster();
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/
 // side_stream.h; the default), or runs everything on the caller's stream; read at every call
-// (benchmarks compare both). 0 when unset, 1 for "1", 2 for "0", -1 when it holds anything
-// else.
+// (benchmarks compare both). 1 when unset or "1", 0 for "0", -1 when it holds anything else.
 int requested_side_stream();
 
 // JAX_SPARSEK_DEPENDENT_LAUNCH=1|0: the SparseK selection's tile kernel starts while the anchor
 // kernel runs, and the Hopper SparseK forward while the tile kernel finishes (programmatic
 // dependent launch, runtime/grid_dependency.cuh; the default on sm_90), or each kernel after
-// the one before; read at every call (benchmarks compare both). 0 when unset, 1 for "1", 2
-// for "0", -1 when it holds anything else.
+// the one before; read at every call (benchmarks compare both). 1 when unset or "1", 0 for
+// "0", -1 when it holds anything else.
 int requested_dependent_launch();
 
 }  // namespace sparsek

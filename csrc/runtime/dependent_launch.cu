@@ -11,7 +11,7 @@ std::string dependent_launch_allowed(bool* allowed) {
   *allowed = false;
   const int setting = requested_dependent_launch();
   if (setting < 0) return "JAX_SPARSEK_DEPENDENT_LAUNCH must be 0 or 1";
-  if (setting == 2) return {};
+  if (setting == 0) return {};
   int device = 0, major = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
   SPARSEK_RETURN_IF_CUDA_ERROR(

@@ -52,10 +52,7 @@ std::string order_after(cudaStream_t waiter, cudaStream_t before, cudaEvent_t ev
 
 }  // namespace
 
-int sparsek_side_stream() {
-  const int setting = requested_side_stream();
-  return setting < 0 ? -1 : (setting == 2 ? 0 : 1);
-}
+int sparsek_side_stream() { return requested_side_stream(); }
 
 std::string fork_side_stream(cudaStream_t main, cudaStream_t* side) {
   *side = main;

@@ -468,10 +468,7 @@ std::string check_params(const SortKeySpansParams& p) {
 
 }  // namespace
 
-int sparsek_slice_order() {
-  const int requested = requested_slice_order();
-  return requested < 0 ? -1 : (requested == 2 ? 0 : 1);
-}
+int sparsek_slice_order() { return requested_slice_order(); }
 
 int sparsek_key_order() {
   const int requested = requested_key_order();
