@@ -23,6 +23,8 @@ every count is per (kv head, query head), so ratios hold for any B, Hq and Hkv.
         --block-m 64 --cluster 2 4 8     # the fused kernel; tiles that clusters would share
     python bench/sparsek_bwd_visit_model.py --seq 8192 32768 65536 131072 --spans 1024 \
         --block-n 128 --block-m 64 --kd-spans 2048 4096 8192   # kd order (kd_order)
+    python bench/sparsek_bwd_visit_model.py --seq 8192 32768 131072 --spans 1024 \
+        --block-n 128 --block-m 64 --kd-spans 4096 --bands 2048 4096 8192   # row bands
 """
 
 from __future__ import annotations
@@ -115,10 +117,14 @@ def kd_order(start: np.ndarray, end: np.ndarray, block_n: int,
     pairs_by_end: nodes of at most 2 block_n entries (a cluster pair's two slices, in a whole
     span) split by last row whatever the extents, so that both slices start on the same rows
     and walk them in step (sparsek_bwd_l2_model.py).
+
+    Ties left by both coordinates go by index (the entries' order in start / end), as the
+    kernel's sort keys end in the entry's place in the span: row bands' pieces share starts
+    (a band's first row) and ends (its last).
     """
     def split(ix: np.ndarray) -> list[np.ndarray]:
         if ix.size <= block_n:
-            return [ix[np.lexsort((start[ix], -end[ix]))]]
+            return [ix[np.lexsort((ix, start[ix], -end[ix]))]]
         blocks = -(-ix.size // block_n)
         left = (blocks // 2) * block_n
         s, e = start[ix], end[ix]
@@ -126,7 +132,7 @@ def kd_order(start: np.ndarray, end: np.ndarray, block_n: int,
             key = e
         else:
             key = s if s.max() - s.min() >= e.max() - e.min() else e
-        ordered = ix[np.lexsort((s, key))]
+        ordered = ix[np.lexsort((ix, s, key))]
         return split(ordered[:left]) + split(ordered[left:])
 
     if start.size == 0:
@@ -187,6 +193,41 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows, min_key
 
 
+def band_visited_pairs(u: np.ndarray, tau: np.ndarray, window: int, band_rows: int,
+                       block_n: int, block_m: int, span: int = 4096):
+    """Row bands (selection/sort_key_spans.h, KeyOrder::kBands; T = S): the rows cut into
+    bands of band_rows, each key's rows [its position, its last row] into one piece a band
+    they meet; a band's pieces in position order, kd_order of (first row in the band, last
+    row in the band) in spans of `span` entries, slices of block_n entries, each visiting its
+    pieces' rows in whole block_m steps. Returns the visited pairs, the slices with pieces,
+    the slices the grid launches (every band's capacity: its reach rounded up to `span`,
+    KeyBands::capacity) and the pieces a key (mean)."""
+    seq = u.size
+    pos = np.arange(seq)
+    sparse_last = np.searchsorted(tau, u, side="left") - 1
+    sparse_last = np.where(np.isfinite(u), sparse_last, -1)
+    last = np.minimum(np.maximum(sparse_last, pos + window - 1) if window > 0 else sparse_last,
+                      seq - 1)
+    visited, slices, launched, pieces = 0, 0, 0, 0
+    for row0 in range(0, seq, band_rows):
+        row_end = min(seq, row0 + band_rows) - 1
+        keep = (pos <= row_end) & (last >= row0) & (last >= pos)
+        starts = np.maximum(pos[keep], row0)
+        ends = np.minimum(last[keep], row_end)
+        pieces += int(keep.sum())
+        launched += -(-(row_end + 1) // span) * span // block_n
+        for s0 in range(0, starts.size, span):
+            st, en = starts[s0:s0 + span], ends[s0:s0 + span]
+            order = kd_order(st, en, block_n, pairs_by_end=True)
+            st, en = st[order], en[order]
+            for b in range(0, st.size, block_n):
+                lo = int(st[b:b + block_n].min())
+                lo -= lo % block_m
+                visited += -(-(int(en[b:b + block_n].max()) - lo + 1) // block_m) * block_m * block_n
+                slices += 1
+    return float(visited), slices, launched, pieces / seq
+
+
 def cluster_tile_reads(row_lo: np.ndarray, num_rows: np.ndarray, cluster: int, block_m: int):
     """Row tiles the CTAs read (each tile once a step: its Q and dO, and its dq accumulator)
     alone, and read by clusters of `cluster` neighbouring CTAs that walk their rows in step
@@ -231,6 +272,9 @@ def main(argv=None):
                     help="rows between exact tau solves (default: S / 1024)")
     ap.add_argument("--kd-spans", type=int, nargs="*", default=[4096, 8192],
                     help="also: kd order (kd_order) within spans of these widths")
+    ap.add_argument("--bands", type=int, nargs="*", default=[],
+                    help="also: row bands of these heights (band_visited_pairs; with "
+                         "--block-n 128 --block-m 64, the fused kernel's tiles)")
     ap.add_argument("--cluster", type=int, nargs="*", default=[],
                     help="also: the row tiles that clusters of this many neighbouring slices "
                          "read if they walk in step, over lone CTAs' (the kernel's spans)")
@@ -271,6 +315,12 @@ def main(argv=None):
                                                args.block_m, order="kd")
                 print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | kd: {span} | {ctas} | - "
                       f"| - | {kd / attended:.3f} |", flush=True)
+            for rows in args.bands:
+                banded, slices, launched, per_key = band_visited_pairs(
+                    u, tau, args.window, rows, args.block_n, args.block_m)
+                print(f"| {seq} | {sigma:g} | {attended / seq:.0f} | bands: {rows} rows | "
+                      f"{slices} of {launched} | - | - | {banded / attended:.3f} "
+                      f"({per_key:.2f} pieces a key) |", flush=True)
             for cluster in args.cluster:
                 alone, shared = cluster_tile_reads(row_lo, num_rows, cluster, args.block_m)
                 cluster_rows.append(f"| {seq} | {sigma:g} | {cluster} | {shared / alone:.3f} |")

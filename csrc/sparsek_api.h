@@ -51,30 +51,39 @@ SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
 
-// The order of the backward's key spans: JAX_SPARSEK_KEY_ORDER where set (read at every
-// call; -1 if it is not "kd" or "last-row"), else kd (KeyOrder's value: 1 last-row, 2 kd).
-SPARSEK_API int sparsek_key_order();
+// The order of the backward's keys (KeyOrder's value: 1 last-row, 2 kd, 3 bands):
+// JAX_SPARSEK_KEY_ORDER where set (read at every call; -1 if it is not "bands", "kd" or
+// "last-row"), else bands. Bands need the dk/dv kernel that adds dq (dq_fused:
+// attention_bwd_reads_plan false); without it, unset and "bands" give kd.
+SPARSEK_API int sparsek_key_order(bool dq_fused);
+
+// The height of the backward's row bands for T rows: JAX_SPARSEK_KEY_BAND_ROWS where set
+// (read at every call; -1 where it is not KeyBands::valid_rows for T), else KeyBands::rows(T),
+// or 0 where T needs more than KeyBands::kMaxBands bands of it (T > 2^20: the kd order then).
+SPARSEK_API int sparsek_key_band_rows(int64_t seqlen_q);
 
 // Whether the backward's dk/dv CTAs take the span sort's slice order (sort_key_spans.h):
 // JAX_SPARSEK_SLICE_ORDER where set (read at every call; "start" 1, "spans" 0, anything else
 // -1), else 1.
 SPARSEK_API int sparsek_slice_order();
 
-// The span width for S keys: JAX_SPARSEK_KEY_SPAN where set (read at every call; -1 if it
-// is not 1024, 2048, 4096 or 8192), else key_span_width(S) in last-row order and
-// kd_key_span_width(S) in kd order (selection/sort_key_spans.h).
-SPARSEK_API int sparsek_key_span_width(int64_t seqlen_k);
+// The span width for S keys in key order `key_order` (sparsek_key_order's value): -1 where
+// JAX_SPARSEK_KEY_SPAN (read at every call) is set to anything but 1024, 2048, 4096 or 8192;
+// with bands KeyBands::kSpan; otherwise the variable's width where set, else key_span_width(S)
+// in last-row order and kd_key_span_width(S) in kd order (selection/sort_key_spans.h).
+SPARSEK_API int sparsek_key_span_width(int64_t seqlen_k, int key_order);
 
 // Bytes of device workspace sparsek_sort_key_spans writes (KeySpanLayout, 256-byte aligned;
-// the same for every span width).
-SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_k,
-                                                     int64_t heads_kv);
+// the same for every order, span width and band height).
+SPARSEK_API int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_q,
+                                                     int64_t seqlen_k, int64_t heads_kv);
 
 // Launches the attention backward on `stream`: dq, dk, dv (and du in SparseK mode, after
 // sparsek_select and sparsek_sort_key_spans have filled their buffers for the same scores).
 // Deterministic where backward_dq_name says "dq_kernel"; with "dkdv_atomic", dq's float32
-// sums (and in SparseK mode du's row sums) are added in a varying order (dk and dv are always
-// deterministic).
+// sums (and in SparseK mode du's row sums) are added in a varying order, and with row bands
+// (params.key_band_rows, SparseK) so are dk's, dv's and du's over the bands (the dense modes'
+// dk and dv are always deterministic).
 // Returns an empty string on success, otherwise a message naming what failed.
 SPARSEK_API std::string attention_bwd(const AttentionBwdParams& params, void* stream);
 

@@ -57,6 +57,9 @@ SPARSEK_CASES = {
                                           topk=96, window=40),
     "T2100_K200_W64_gqa4_d64": Case(1, 2100, 2100, 8, 2, d=64, is_causal=True, topk=200,
                                     window=64),
+    # The Hopper kernels' head dim at T = 2100: two default row bands, three of 1024 rows.
+    "T2100_K160_W48_gqa4_d128": Case(1, 2100, 2100, 8, 2, d=128, is_causal=True, topk=160,
+                                     window=48),
 }
 
 
@@ -125,17 +128,20 @@ def test_sparsek_backward_long_against_xla(dtype):
                        dtype)
 
 
-# Settings read at every call, forced at small S: other widths of the sorted key spans than
-# the default order's 4096 (selection/sort_key_spans.h; 8192: one partial span), the
-# last-row order, and the fused SparseK dk/dv grid in thread-block clusters of neighbouring
-# span slices (D = 128 runs the fused kernel).
+# Settings read at every call, forced at small S: row bands of 1024 rows (several bands at
+# T >= 1100, where the default 2048-row bands leave one; selection/sort_key_spans.h), the
+# span orders (kd, with other widths of its sorted key spans than 4096: 8192 is one partial
+# span; last-row), and the fused SparseK dk/dv grid in thread-block clusters of neighbouring
+# slices (D = 128 runs the fused kernel). JAX_SPARSEK_KEY_SPAN is set with the kd order.
 _SETTING_CASES = [
     (variable, value, name)
     for variable, values, names in [
+        ("JAX_SPARSEK_KEY_BAND_ROWS", ["1024"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
         ("JAX_SPARSEK_KEY_SPAN", ["1024", "2048", "8192"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64"]),
-        # The span sort's other order (kd is the default).
-        ("JAX_SPARSEK_KEY_ORDER", ["last-row"],
+        # The span sort's orders (row bands are the default).
+        ("JAX_SPARSEK_KEY_ORDER", ["kd", "last-row"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K200_W64_gqa4_d64",
           "T640_K100_W32_gqa8_d128"]),
         # The dk/dv CTAs on the slices span by span (the slice order is the default).
@@ -143,6 +149,9 @@ _SETTING_CASES = [
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
         ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
+        # The dk/dv grid tile-major with row bands (head-major is their default).
+        ("JAX_SPARSEK_BWD_GRID", ["tiles"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
         # Everything on the caller's stream (the side stream is the default).
         ("JAX_SPARSEK_SIDE_STREAM", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
@@ -153,20 +162,28 @@ _SETTING_CASES = [
 
 @pytest.mark.parametrize("variable,value,name", _SETTING_CASES)
 def test_sparsek_backward_settings(variable, value, name, monkeypatch):
-    """Gradients against the float64 reference with a key span width or cluster size set."""
+    """Gradients against the float64 reference with a key order, band height, key span
+    width or cluster size set."""
     monkeypatch.setenv(variable, value)
+    if variable == "JAX_SPARSEK_KEY_SPAN":
+        monkeypatch.setenv("JAX_SPARSEK_KEY_ORDER", "kd")
     case = SPARSEK_CASES[name]
     api, inputs = _api_grads(case, jnp.float16)
     ref = reference_grads(case, *inputs)
     _check(case, api, ref, jnp.float16, context=f"{name} {variable}={value}")
 
 
-@pytest.mark.parametrize("order,span", [("kd", "4096"), ("kd", "8192"), ("last-row", "4096")])
+@pytest.mark.parametrize("order,span", [("kd", "4096"), ("kd", "8192"), ("last-row", "4096"),
+                                        ("bands", "1024"), ("bands", "2048")])
 def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
     """Several wide spans (T = S = 9000: 4096 keys two whole and one partial, 8192 one and
-    one), in either order: kernels against the pure-JAX reference on the GPU."""
+    one), in either span order, and row bands of 1024 and 2048 rows (9 and 5 bands, keys
+    carried through several): kernels against the pure-JAX reference on the GPU."""
     monkeypatch.setenv("JAX_SPARSEK_KEY_ORDER", order)
-    monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", span)
+    if order == "bands":
+        monkeypatch.setenv("JAX_SPARSEK_KEY_BAND_ROWS", span)
+    else:
+        monkeypatch.setenv("JAX_SPARSEK_KEY_SPAN", span)
     _check_against_xla(Case(1, 9000, 9000, 8, 2, d=128, is_causal=True, topk=512, window=128),
                        jnp.bfloat16)
 
@@ -174,17 +191,24 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
 @pytest.mark.parametrize("variable,value,message,name", [
     ("JAX_SPARSEK_KEY_SPAN", "3000", "JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192",
      "T300_K40_W16_gqa4_d128"),
-    ("JAX_SPARSEK_KEY_ORDER", "score", "JAX_SPARSEK_KEY_ORDER must be kd or last-row",
+    ("JAX_SPARSEK_KEY_ORDER", "score", "JAX_SPARSEK_KEY_ORDER must be bands, kd or last-row",
+     "T300_K40_W16_gqa4_d128"),
+    ("JAX_SPARSEK_KEY_BAND_ROWS", "3000", "JAX_SPARSEK_KEY_BAND_ROWS must be a power of two",
+     "T300_K40_W16_gqa4_d128"),
+    ("JAX_SPARSEK_KEY_BAND_ROWS", "512", "JAX_SPARSEK_KEY_BAND_ROWS must be a power of two",
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_SLICE_ORDER", "rows", "JAX_SPARSEK_SLICE_ORDER must be start or spans",
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_BWD_CLUSTER", "3", "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8",
      "T1100_S2600_K96_W40_gqa8_d128"),
+    ("JAX_SPARSEK_BWD_GRID", "rows", "JAX_SPARSEK_BWD_GRID must be tiles or heads",
+     "T1100_S2600_K96_W40_gqa8_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
     """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER or
-    JAX_SPARSEK_SLICE_ORDER that is not an order it has, or a JAX_SPARSEK_BWD_CLUSTER that is
-    not a cluster size the launcher takes: an error naming it."""
+    JAX_SPARSEK_SLICE_ORDER that is not an order it has, a JAX_SPARSEK_KEY_BAND_ROWS that is
+    not a band height it takes, a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the
+    launcher takes, or a JAX_SPARSEK_BWD_GRID that is not a grid order: an error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)

@@ -71,7 +71,7 @@ def test_sparsek_bwd_workspace_is_its_parts(b, t, s, hq, hkv, d):
 
     ext = _extension.load_extension()
     parts = (_align256(ext.sparsek_workspace_bytes(b, t, s, hkv))
-             + ext.sparsek_key_span_workspace_bytes(b, s, hkv)
+             + ext.sparsek_key_span_workspace_bytes(b, t, s, hkv)
              + _align256(b * hkv * t * 4)
              + ext.attention_bwd_workspace_bytes(b, t, s, hq, hkv, d, True))
     assert ext.sparsek_bwd_workspace_bytes(b, t, s, hq, hkv, d) == parts

@@ -11,7 +11,8 @@ Two settings, both on by default and read at every call:
 Every other GPU test runs them too, but with outputs poisoned (conftest.py), so memsets sit
 between the selection and the forward kernel. Here a subprocess without poisoning runs the
 forward (o, lse) and the gradients with each setting on and off in turn: o, lse, dk and dv
-must be bitwise equal (their kernels add in a fixed order), dq and du (atomics) equal up to
+must be bitwise equal (their kernels add in a fixed order in the backward's kd key order,
+which the subprocess sets: the default row bands add dk and dv with atomics), dq and du (atomics) equal up to
 their summation order, and everything within tolerance of implementation='xla'; then one
 program of four calls on two score sets in turn, whose o, dk and dv must match the serial
 launches' bitwise (a read of the selection's results before they are written would see the
@@ -117,6 +118,11 @@ def _run_unpoisoned(*args):
     env.pop("JAX_SPARSEK_POISON_OUTPUTS", None)
     for variable in ("JAX_SPARSEK_DEPENDENT_LAUNCH", "JAX_SPARSEK_SIDE_STREAM"):
         env.pop(variable, None)
+    # The kd key order: its dk/dv kernel writes each key once, so dk and dv are bitwise
+    # reproducible and a race shows as a mismatch. The default row bands add a key's dk and
+    # dv over several CTAs with atomics (last bits vary run to run); their gradients are
+    # checked against the float64 reference in test_backward_gpu.py.
+    env["JAX_SPARSEK_KEY_ORDER"] = "kd"
     done = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -1,7 +1,8 @@
 """The SparseK backward's span sort (csrc/selection/sort_key_spans.cu) on a GPU, against the
 visit model's orders (bench/sparsek_bwd_visit_model.py: kd_order with pairs_by_end, and last
 row descending), entry for entry, and its slice order (sort_key_spans.h: the slices by first
-row tile, then last row tile descending, in kd order; the identity in last-row order). The gradients do not depend on the order (test_backward_gpu.py covers
+row tile, then last row tile descending, in kd order; the identity in last-row order); and
+the row bands' lists (each band's pieces, kd-ordered by first and last row in the band). The gradients do not depend on the order (test_backward_gpu.py covers
 them under both), so this is where a sort that loses the kd order, or a slice whose first
 entry does not hold its latest last row, fails. Skipped without a CUDA GPU visible to torch
 and the compiled kernels.
@@ -41,10 +42,11 @@ def last_rows(u, tau, window, seqlen_k):
     return last
 
 
-def run_sort(u, tau, window, span, order):
+def run_sort(u, tau, window, span, order, band_rows=0):
     ext = _C.extension()
     bh, seqlen_k = u.shape
-    stride = ext.key_span_stride(seqlen_k)
+    stride = ext.key_span_stride(tau.shape[1], seqlen_k)
+    key_last_row = torch.empty((bh, seqlen_k), dtype=torch.int32, device="cuda")
     key_u = torch.from_numpy(u).cuda()
     tau_d = torch.from_numpy(tau).cuda()
     # Poisoned: every entry the sort owns must be written.
@@ -55,21 +57,25 @@ def run_sort(u, tau, window, span, order):
     ext.sort_key_spans_pointers(
         key_u.data_ptr(), tau_d.data_ptr(), sorted_u.data_ptr(), sorted_key.data_ptr(),
         last_row.data_ptr(), slice_order.data_ptr(), bh, tau.shape[1], seqlen_k, window, span,
-        order, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream)
+        order, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
+        band_rows, key_last_row.data_ptr())
     torch.cuda.synchronize()
     return (sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy(),
             slice_order.cpu().numpy())
 
 
-def expected_slice_order(keys, last, seqlen_k, seqlen_q):
+def expected_slice_order(keys, last, seqlen_k, seqlen_q, row_floor=None):
     """The slices (SLICE entries of the sorted keys and last rows) by first 64-row tile, then
-    last tile descending, then slice; slices that visit no row last."""
+    last tile descending, then slice; slices that visit no row last. row_floor: each slice's
+    first row at least this (row bands: its band's first row)."""
     first_tile, last_desc = [], []
     field_max = (1 << 20) - 1
     for s in range(keys.size // SLICE):
         k = keys[s * SLICE:(s + 1) * SLICE]
         k = k[k >= 0]
         first_row = max(0, int(k.min()) - (seqlen_k - seqlen_q)) if k.size else None
+        if first_row is not None and row_floor is not None:
+            first_row = max(first_row, int(row_floor[s]))
         end = int(last[s * SLICE])
         if first_row is None or end < first_row:
             first_tile.append(field_max)
@@ -137,4 +143,73 @@ def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
         else:
             want = np.arange(slices)
         np.testing.assert_array_equal(got_order[b, :slices], want,
+                                      err_msg=f"batch head {b}: slice order")
+
+
+BAND_SPAN = 4096  # KeyBands::kSpan
+
+
+# (S, T, window, band rows): several bands with keys carried through them; a band list past
+# one kd span; T < S; a ragged last band; the window band only (W > 0, few selected keys).
+BAND_CASES = [
+    (6000, 6000, 0, 1024),
+    (9000, 9000, 64, 2048),
+    (7000, 5000, 32, 1024),
+    (5000, 5000, 256, 1024),
+]
+
+
+@pytest.mark.parametrize("seqlen_k,seqlen_q,window,band_rows", BAND_CASES)
+def test_band_sort_matches_the_model(seqlen_k, seqlen_q, window, band_rows):
+    """Row bands (sort_key_spans.h, KeyOrder::kBands): each band's list holds exactly the keys
+    a row of the band attends, each last row clipped to the band, in kd order of (first row
+    in the band, last row) span by span (KeyBands::kSpan entries of the list), then padding;
+    and the slices by first row tile, no slice starting before its band."""
+    ext = _C.extension()
+    rng = np.random.default_rng(seqlen_k + seqlen_q + window + band_rows)
+    bh = 2
+    u = rng.standard_normal((bh, seqlen_k)).astype(np.float32)
+    u[rng.random((bh, seqlen_k)) < 0.1] = -np.inf
+    tau = np.sort(rng.uniform(-2.5, 3.0, (bh, seqlen_q)).astype(np.float32), axis=1)
+    got_u, got_key, got_last, got_order = run_sort(u, tau, window, BAND_SPAN, "bands",
+                                                   band_rows)
+    capacities = ext.key_band_layout(seqlen_q, seqlen_k, band_rows)
+    offset = seqlen_k - seqlen_q
+    positions = np.arange(seqlen_k)
+    first_rows = np.maximum(0, positions - offset)
+    for b in range(bh):
+        last = last_rows(u[b], tau[b], window, seqlen_k)
+        begin = 0
+        row_floor = []
+        for band, capacity in enumerate(capacities):
+            row0 = band * band_rows
+            row_end = min(seqlen_q, row0 + band_rows) - 1
+            reach = min(seqlen_k, row_end + offset + 1)
+            keep = ((positions < reach) & (last >= row0) & (last >= first_rows))
+            keys = positions[keep]
+            ends = np.minimum(last[keep], row_end)
+            starts = np.maximum(first_rows[keep], row0)
+            assert keys.size <= capacity
+            where = f"batch head {b}, band {band}"
+            for s0 in range(0, keys.size, BAND_SPAN):
+                n = min(BAND_SPAN, keys.size - s0)
+                order = model.kd_order(starts[s0:s0 + n], ends[s0:s0 + n], SLICE,
+                                       pairs_by_end=True)
+                at = slice(begin + s0, begin + s0 + n)
+                np.testing.assert_array_equal(got_key[b, at], keys[s0 + order], err_msg=where)
+                np.testing.assert_array_equal(got_last[b, at], ends[s0 + order],
+                                              err_msg=where)
+                np.testing.assert_array_equal(got_u[b, at], u[b, keys[s0 + order]],
+                                              err_msg=where)
+                for s in range(0, n, SLICE):  # a slice's first entry: its latest last row
+                    part = got_last[b, at][s:s + SLICE]
+                    assert part[0] == part.max(), where
+            pad = slice(begin + keys.size, begin + capacity)
+            assert (got_key[b, pad] == -1).all() and (got_last[b, pad] == -1).all(), where
+            assert np.isneginf(got_u[b, pad]).all(), where
+            row_floor += [row0] * (capacity // SLICE)
+            begin += capacity
+        want = expected_slice_order(got_key[b, :begin], got_last[b, :begin], seqlen_k,
+                                    seqlen_q, row_floor=np.array(row_floor))
+        np.testing.assert_array_equal(got_order[b, :begin // SLICE], want,
                                       err_msg=f"batch head {b}: slice order")

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 
+#include "attention/bwd_kv_accumulator.h"
 #include "attention/bwd_preprocess.h"
 #include "attention/bwd_workspace.h"
 #include "attention/check_problem.h"
@@ -44,8 +45,8 @@ std::string check_params(const AttentionBwdParams& p, bool spans_sorted) {
   if (!p.workspace) return "the workspace pointer is null";
   if (p.workspace_bytes != 0 &&
       p.workspace_bytes <
-          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q, p.heads_kv, p.sparsek,
-                                   false)
+          BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv,
+                                   p.head_dim, p.sparsek, false)
               .bytes) {
     return "the workspace is smaller than attention_bwd_min_workspace_bytes";
   }
@@ -57,8 +58,19 @@ std::string check_params(const AttentionBwdParams& p, bool spans_sorted) {
              "span_last_row (sparsek_sort_key_spans)";
     }
     if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048, 4096 or 8192";
-    if (p.key_span_stride != key_span_stride(p.seqlen_k)) {
-      return "key_span_stride does not match seqlen_k";
+    if (p.key_span_stride !=
+        KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_q, p.seqlen_k).stride) {
+      return "key_span_stride does not match seqlen_q and seqlen_k (KeySpanLayout)";
+    }
+  }
+  if (p.key_band_rows != 0) {
+    if (!p.sparsek) return "key_band_rows is for SparseK mode";
+    if (!KeyBands::valid_rows(p.key_band_rows, p.seqlen_q)) {
+      return "key_band_rows must be a power of two in [1024, 32768], at least half of "
+             "KeyBands::rows(seqlen_q), in at most 32 bands";
+    }
+    if (spans_sorted && p.key_span != KeyBands::kSpan) {
+      return "row bands take key_span KeyBands::kSpan (4096)";
     }
   }
   // 16-byte cp.async copies and vector loads: every row start must be 16-byte aligned.
@@ -149,16 +161,17 @@ int64_t attention_bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t s
   // A failed device query reserves no accumulator: the call then takes the dq kernel.
   bool atomic = false;
   (void)backward_adds_dq_atomically(head_dim, atomic);
-  (void)seqlen_k;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, atomic).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
+                                  sparsek, atomic)
+      .bytes;
 }
 
 int64_t attention_bwd_min_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                           int64_t heads_q, int64_t heads_kv, int64_t head_dim,
                                           bool sparsek) {
-  (void)seqlen_k;
-  (void)head_dim;
-  return BwdWorkspaceLayout::make(batch, seqlen_q, heads_q, heads_kv, sparsek, false).bytes;
+  return BwdWorkspaceLayout::make(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
+                                  sparsek, false)
+      .bytes;
 }
 
 SparseKBwdWorkspaceLayout sparsek_bwd_workspace_layout(int64_t batch, int64_t seqlen_q,
@@ -167,7 +180,7 @@ SparseKBwdWorkspaceLayout sparsek_bwd_workspace_layout(int64_t batch, int64_t se
   SparseKBwdWorkspaceLayout l;
   l.span_offset = align256(sparsek_workspace_bytes(batch, seqlen_q, seqlen_k, heads_kv));
   l.tau_offset =
-      l.span_offset + KeySpanLayout::make(batch * heads_kv, seqlen_k).workspace_bytes;
+      l.span_offset + KeySpanLayout::make(batch * heads_kv, seqlen_q, seqlen_k).workspace_bytes;
   l.own_offset = l.tau_offset + align256(batch * heads_kv * seqlen_q * int64_t{4});
   l.bytes = l.own_offset + attention_bwd_workspace_bytes(batch, seqlen_q, seqlen_k, heads_q,
                                                          heads_kv, head_dim, true);
@@ -187,8 +200,9 @@ std::string call_adds_dq_atomically(const AttentionBwdParams& p, bool& hopper, b
     return error;
   }
   atomic = dq_in_dkdv_kernel(hopper) &&
-           p.workspace_bytes >= BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
-                                                         p.heads_kv, p.sparsek, true)
+           p.workspace_bytes >= BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.seqlen_k,
+                                                         p.heads_q, p.heads_kv, p.head_dim,
+                                                         p.sparsek, true)
                                     .bytes;
   return {};
 }
@@ -214,6 +228,8 @@ struct BwdCall {
   bool hopper = false;
   bool atomic = false;
   BwdRowBuffers rows;
+  float* dk_accum = nullptr;  // row bands only
+  float* dv_accum = nullptr;
 };
 
 std::string plan_call(const AttentionBwdParams& p, BwdCall& call) {
@@ -221,8 +237,9 @@ std::string plan_call(const AttentionBwdParams& p, BwdCall& call) {
       !error.empty()) {
     return error;
   }
-  const BwdWorkspaceLayout layout = BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.heads_q,
-                                                             p.heads_kv, p.sparsek, call.atomic);
+  const BwdWorkspaceLayout layout =
+      BwdWorkspaceLayout::make(p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv,
+                               p.head_dim, p.sparsek, call.atomic);
   BwdRowBuffers& rows = call.rows;
   rows.delta = layout.delta(p.workspace);
   rows.mean = layout.mean(p.workspace, p.sparsek);
@@ -235,7 +252,23 @@ std::string plan_call(const AttentionBwdParams& p, BwdCall& call) {
       rows.segment_count_totals = layout.segment_count_totals(p.workspace);
     }
   }
+  if (p.key_band_rows > 0) {
+    if (!call.atomic || !p.sparsek) {
+      return "row bands (key_band_rows) need the dk/dv kernel that adds dq "
+             "(backward_dq_name 'dkdv_atomic' and its workspace)";
+    }
+    call.dk_accum = layout.dk_accum(p.workspace);
+    call.dv_accum = layout.dv_accum(p.workspace);
+  }
   return {};
+}
+
+// p with the call's dk and dv accumulators (row bands).
+AttentionBwdParams with_accumulators(const AttentionBwdParams& p, const BwdCall& call) {
+  AttentionBwdParams q = p;
+  q.dk_accum = call.dk_accum;
+  q.dv_accum = call.dv_accum;
+  return q;
 }
 
 std::string check_call(const AttentionBwdParams& p, bool spans_sorted) {
@@ -270,6 +303,13 @@ std::string attention_bwd_prepare(const AttentionBwdParams& p, void* stream_ptr)
           call.rows.mean, 0, p.batch * p.heads_q * p.seqlen_q * sizeof(float), stream));
     }
   }
+  if (call.dk_accum) {
+    // Row bands: the dk/dv kernel adds dk, dv and du's first term into these.
+    if (std::string error = zero_kv_accumulators(with_accumulators(p, call), stream);
+        !error.empty()) {
+      return error;
+    }
+  }
   return {};
 }
 
@@ -280,10 +320,11 @@ std::string attention_bwd_finish(const AttentionBwdParams& p, void* stream_ptr) 
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   BwdCall call;
   if (std::string error = plan_call(p, call); !error.empty()) return error;
+  const AttentionBwdParams q = with_accumulators(p, call);
   if (p.dtype == DType::kBFloat16) {
-    return dispatch_head_dim<__nv_bfloat16>(p, call.rows, call.hopper, stream);
+    return dispatch_head_dim<__nv_bfloat16>(q, call.rows, call.hopper, stream);
   }
-  return dispatch_head_dim<__half>(p, call.rows, call.hopper, stream);
+  return dispatch_head_dim<__half>(q, call.rows, call.hopper, stream);
 }
 
 std::string attention_bwd(const AttentionBwdParams& p, void* stream) {

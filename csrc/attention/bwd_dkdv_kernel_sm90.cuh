@@ -123,7 +123,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
                      kv_head * p.v_head_stride;
 
+  // Row bands: the ranks past the slices that visit rows (the slice order puts them last)
+  // add nothing to the zeroed accumulators: the CTA leaves before any other load.
+  if (QueryVisit::kSparseK && p.key_band_rows > 0 && p.visiting_slices &&
+      tile >= p.visiting_slices[batch_head]) {
+    return;
+  }
   const QueryVisit visit(p, tile, batch_head, barriers + Cfg::kNumBarriers);
+  // Row bands: a slice past its band's pieces (or whose pieces meet no row) adds nothing to
+  // the zeroed accumulators; the whole CTA leaves (uniform: the visit ends with a barrier).
+  if (QueryVisit::kSparseK && p.key_band_rows > 0 && visit.num_rows == 0) return;
   // kFuseDq: steps aligned to the accumulator's tiles (the rows added in front see none of
   // the keys: their gates are 0).
   const int row_lo = Cfg::kFuseDq ? visit.row_lo - visit.row_lo % Cfg::kBlockM : visit.row_lo;
@@ -620,10 +629,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   // dk, dv are contiguous [B, S, Hkv, D].
   const int64_t out_offset = (batch * p.seqlen_k * p.heads_kv + kv_head) * p.head_dim;
   const int64_t out_row_stride = p.heads_kv * p.head_dim;
-  store_scaled_rows(acc_dk, p.scale, static_cast<Element*>(p.dk) + out_offset, out_row_stride,
-                    key_pos, 0, head_dim, lane);
-  store_scaled_rows(acc_dv, 1.f, static_cast<Element*>(p.dv) + out_offset, out_row_stride,
-                    key_pos, 0, head_dim, lane);
+  // Row bands (SparseK with dq fused): a key's pieces in other bands add into the same
+  // float32 accumulators (bwd_kv_accumulator.h, scaled and converted after the kernel).
+  const bool add_up = QueryVisit::kSparseK && Cfg::kFuseDq && p.key_band_rows > 0;
+  if (add_up) {
+    add_rows_atomic(acc_dk, p.dk_accum + out_offset, out_row_stride, key_pos, 0, head_dim,
+                    lane);
+    add_rows_atomic(acc_dv, p.dv_accum + out_offset, out_row_stride, key_pos, 0, head_dim,
+                    lane);
+  } else {
+    store_scaled_rows(acc_dk, p.scale, static_cast<Element*>(p.dk) + out_offset,
+                      out_row_stride, key_pos, 0, head_dim, lane);
+    store_scaled_rows(acc_dv, 1.f, static_cast<Element*>(p.dv) + out_offset, out_row_stride,
+                      key_pos, 0, head_dim, lane);
+  }
 
   if constexpr (QueryVisit::kSparseK) {
     // du [B, S, Hkv]: the four lanes of a quad share a key.
@@ -631,7 +650,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     for (int h = 0; h < 2; ++h) {
       const float total = quad_sum(du[0][h]);
       if ((lane & 3) == 0 && key_pos[0][h] >= 0) {
-        p.du[(batch * p.seqlen_k + key_pos[0][h]) * p.heads_kv + kv_head] = total;
+        float* du_key = p.du + (batch * p.seqlen_k + key_pos[0][h]) * p.heads_kv + kv_head;
+        if (add_up) {
+          if (total != 0.f) atomicAdd(du_key, total);
+        } else {
+          *du_key = total;
+        }
       }
     }
   }

@@ -17,6 +17,7 @@
 #include "attention/bwd_dq_accumulator.h"
 #include "attention/bwd_dq_kernel.cuh"
 #include "attention/bwd_dq_kernel_sm90.cuh"
+#include "attention/bwd_kv_accumulator.h"
 #include "attention/bwd_sparsek_du.h"
 #include "attention/bwd_tile_config.h"
 #include "attention/bwd_workspace.h"
@@ -45,6 +46,10 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
   const int64_t keys = b0 * p.seqlen_k * p.heads_kv;
   chunk.dk = static_cast<Element*>(p.dk) + keys * p.head_dim;
   chunk.dv = static_cast<Element*>(p.dv) + keys * p.head_dim;
+  if (p.dk_accum) {
+    chunk.dk_accum = p.dk_accum + keys * p.head_dim;
+    chunk.dv_accum = p.dv_accum + keys * p.head_dim;
+  }
   if (p.sparsek) {
     chunk.du = p.du + keys;
     const int64_t heads = b0 * p.heads_kv;
@@ -59,6 +64,10 @@ AttentionBwdParams batch_slice(const AttentionBwdParams& p, int64_t b0, int64_t 
     chunk.span_sorted_u = p.span_sorted_u + heads * p.key_span_stride;
     chunk.span_sorted_key = p.span_sorted_key + heads * p.key_span_stride;
     chunk.span_last_row = p.span_last_row + heads * p.key_span_stride;
+    if (p.slice_order) {
+      chunk.slice_order = p.slice_order + heads * (p.key_span_stride / KeySpans::kKdLeaf);
+    }
+    if (p.visiting_slices) chunk.visiting_slices = p.visiting_slices + heads;
   }
   return chunk;
 }
@@ -88,16 +97,18 @@ using DkDvSm90Kernel = void (*)(AttentionBwdParams, const float*, float*, float*
 constexpr int kSparseKDkDvClusterCtas = 2;
 
 // The mma.sync kernel never runs in clusters (cluster is 1 there).
-inline std::string launch_dkdv(DkDvKernel kernel, dim3 grid, int, int threads, size_t smem,
-                               cudaStream_t stream, const AttentionBwdParams& p,
+inline std::string launch_dkdv(DkDvKernel kernel, dim3 grid, bool, int, int threads,
+                               size_t smem, cudaStream_t stream, const AttentionBwdParams& p,
                                const float* delta, float* mean, float*) {
   kernel<<<grid, threads, smem, stream>>>(p, delta, mean);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return {};
 }
-inline std::string launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int cluster, int threads,
-                               size_t smem, cudaStream_t stream, const AttentionBwdParams& p,
-                               const float* delta, float* mean, float* dq_accum) {
+// The cluster runs along the grid's tiles: gridDim.y tile-major, gridDim.x head-major.
+inline std::string launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, bool tile_major, int cluster,
+                               int threads, size_t smem, cudaStream_t stream,
+                               const AttentionBwdParams& p, const float* delta, float* mean,
+                               float* dq_accum) {
   if (cluster == 1) {
     kernel<<<grid, threads, smem, stream>>>(p, delta, mean, dq_accum);
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
@@ -110,8 +121,8 @@ inline std::string launch_dkdv(DkDvSm90Kernel kernel, dim3 grid, int cluster, in
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = 1;
-  attribute[0].val.clusterDim.y = static_cast<unsigned>(cluster);
+  attribute[0].val.clusterDim.x = tile_major ? 1 : static_cast<unsigned>(cluster);
+  attribute[0].val.clusterDim.y = tile_major ? static_cast<unsigned>(cluster) : 1;
   attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
@@ -136,14 +147,25 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
   if (std::string error = allow_smem(dkdv_kernel, dkdv_smem); !error.empty()) return error;
 
   const int64_t m_blocks = (p.seqlen_q + DqCfg::kBlockM - 1) / DqCfg::kBlockM;
-  // SparseK: one dk/dv CTA per kBlockN entries of the span sort (bwd_query_visit.cuh).
+  // SparseK: one dk/dv CTA per kBlockN entries of the span sort (bwd_query_visit.cuh), or
+  // of the row bands' lists.
   const int64_t key_tiles =
-      p.sparsek ? key_span_count(p.seqlen_k, p.key_span) * (p.key_span / DkDvCfg::kBlockN)
-                : (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN;
+      !p.sparsek ? (p.seqlen_k + DkDvCfg::kBlockN - 1) / DkDvCfg::kBlockN
+      : p.key_band_rows > 0
+          ? KeyBands::stride(p.seqlen_q, p.seqlen_k, p.key_band_rows) / DkDvCfg::kBlockN
+          : key_span_count(p.seqlen_k, p.key_span) * (p.key_span / DkDvCfg::kBlockN);
   int sms = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
+  // The SparseK dk/dv grid's order (cta_order.h): tile-major for the span orders, head-major
+  // with row bands, unless JAX_SPARSEK_BWD_GRID says which.
+  bool sparsek_tile_major = p.key_band_rows == 0;
+  if (p.sparsek) {
+    const int requested = requested_bwd_grid();
+    if (requested < 0) return "JAX_SPARSEK_BWD_GRID must be tiles or heads";
+    if (requested != 0) sparsek_tile_major = requested == 1;
+  }
   // SparseK with dq fused (the Hopper kernel; only it takes dq_accum): the dk/dv grid in
-  // clusters (tile-major: tiles in gridDim.y).
+  // clusters along its tiles.
   int cluster = 1;
   if (p.sparsek && dq_accum) {
     const int requested = requested_bwd_cluster();
@@ -171,13 +193,13 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     }
     float* chunk_dq_accum =
         dq_accum ? dq_accum + DqAccumulatorTiles::elems(b0, p.seqlen_q, p.heads_q) : nullptr;
-    const CtaOrder::Grid dkdv_grid = p.sparsek
-                                         ? CtaOrder::make_sparsek_key_grid(chunk, key_tiles)
-                                         : CtaOrder::make(chunk, key_tiles, p.heads_kv, sms);
+    const CtaOrder::Grid dkdv_grid =
+        p.sparsek ? CtaOrder::make_sparsek_key_grid(chunk, key_tiles, sparsek_tile_major)
+                  : CtaOrder::make(chunk, key_tiles, p.heads_kv, sms);
     chunk.tile_major_grid = dkdv_grid.tile_major;
-    if (std::string error =
-            launch_dkdv(dkdv_kernel, dkdv_grid.dims, cluster, DkDvCfg::kNThreads, dkdv_smem,
-                        stream, chunk, chunk_delta, chunk_mean, chunk_dq_accum);
+    if (std::string error = launch_dkdv(dkdv_kernel, dkdv_grid.dims, dkdv_grid.tile_major,
+                                        cluster, DkDvCfg::kNThreads, dkdv_smem, stream, chunk,
+                                        chunk_delta, chunk_mean, chunk_dq_accum);
         !error.empty()) {
       return error;
     }
@@ -255,6 +277,11 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
     if (std::string error = store_dq_from_accumulator(p, rows.dq_accum, stream);
         !error.empty()) {
       return error;
+    }
+    if (p.key_band_rows > 0) {  // row bands: dk and dv were added up
+      if (std::string error = store_kv_from_accumulators(p, stream); !error.empty()) {
+        return error;
+      }
     }
     return join_side_stream(stream, side);
   } else {

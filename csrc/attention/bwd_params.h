@@ -52,15 +52,27 @@ struct AttentionBwdParams {
   // The dk/dv kernel's key order (selection/sort_key_spans.h, sparsek_sort_key_spans):
   // [B * Hkv, key_span_stride], each span of key_span key positions in kd or last-row order
   // (each slice's first entry its latest last row), with score, position and last row; padding
-  // entries u = -inf, key = -1, last row -1.
+  // entries u = -inf, key = -1, last row -1. With row bands, the bands' pieces (last rows
+  // clipped to the band).
   const float* span_sorted_u = nullptr;
   const int32_t* span_sorted_key = nullptr;
   const int32_t* span_last_row = nullptr;
   // The fused kernel's CTA rank -> kKdLeaf-entry slice, [B * Hkv, key_span_stride /
   // kKdLeaf] (sort_key_spans.h's slice order); null: rank order. Read by 128-entry tiles only.
   const int32_t* slice_order = nullptr;
+  // With slice_order: how many of a (batch, kv head)'s ranks take slices that visit rows,
+  // [B * Hkv] (sort_key_spans.h); with row bands the CTAs past it leave at once. May be null.
+  const int32_t* visiting_slices = nullptr;
   int64_t key_span = 0;         // the span width (1024, 2048, 4096 or 8192)
-  int64_t key_span_stride = 0;  // key_span_stride(seqlen_k)
+  int64_t key_span_stride = 0;  // KeySpanLayout::make(B * Hkv, T, S).stride
+  // Row bands (sort_key_spans.h, KeyOrder::kBands): the band height, 0 for spans. The entries
+  // are then each band's pieces (KeyBands), slices of kKdLeaf entries, and a key reached by
+  // several bands is in several CTAs: the dk/dv kernel adds dk, dv and du with atomics (only
+  // the Hopper kernel that adds dq takes bands).
+  int64_t key_band_rows = 0;
+  // Set by the launcher from the workspace where key_band_rows > 0 (bwd_kv_accumulator.h).
+  float* dk_accum = nullptr;
+  float* dv_accum = nullptr;
 
   // Set by the launcher, not by callers: the grids' CTA order (cta_order.h).
   bool tile_major_grid = false;

@@ -92,7 +92,9 @@ struct DenseQueryVisit {
 // (selection/sort_key_spans.h: spans of key_span key positions, each in kd order or sorted by
 // the last row that attends a key, descending; a tile lies inside one span). Every key
 // position appears in exactly one tile, so the tile's dk, dv and du are scattered to
-// positions no other CTA writes.
+// positions no other CTA writes. With row bands (p.key_band_rows) a tile is kBlockN pieces of
+// one band's list, its rows within the band, and a key may be in a tile of each band that
+// reaches it: the kernel then adds dk, dv and du (atomics).
 // Contiguous key tiles would not do: nearly every block of keys holds a high-scoring key that
 // many rows select, while the later entries of a sorted span are attended by few rows. Spans
 // wider than the selection's 128-key chunks make a tile's last rows close, so its latest one
@@ -105,8 +107,10 @@ struct DenseQueryVisit {
 template <typename Cfg>
 struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
-  // Always tile-major: the top slices of the first spans visit nearly every row (cta_order.h).
-  static constexpr GridOrder kGridOrder = GridOrder::kTileMajor;
+  // Tile-major for the span orders (the top slices of the first spans visit nearly every
+  // row, cta_order.h); with row bands (slices of at most a band's rows) head-major unless
+  // JAX_SPARSEK_BWD_GRID says otherwise: the launcher's flag.
+  static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
   static_assert(KeySpans::kMinKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
   // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions.
@@ -165,7 +169,15 @@ struct SparseKQueryVisit {
       return;
     }
     const int64_t offset = p.seqlen_k - p.seqlen_q;
-    const int64_t lo = max(int64_t{0}, min_key - offset);
+    int64_t lo = max(int64_t{0}, min_key - offset);
+    if (p.key_band_rows > 0) {
+      // Row bands: the slice's pieces cover its band's rows only (the sort clipped their last
+      // rows to the band's).
+      int64_t band_begin = 0;
+      lo = max(lo, KeyBands::band_of(int64_t{slice} * Cfg::kBlockN, p.seqlen_q, p.seqlen_k,
+                                     p.key_band_rows, band_begin) *
+                       p.key_band_rows);
+    }
     row_lo = static_cast<int>(lo);
     num_rows = static_cast<int>(max(int64_t{0}, last_row - lo + 1));
   }

@@ -14,11 +14,14 @@
 //                                 means, then the int32 sum of its row edges
 //   dq_accum                      with_dq_accumulator only: float32 dq tiles
 //                                 (bwd_dq_accumulator.h)
+//   dk_accum, dv_accum            SparseK with the accumulator: float32 [B, S, Hkv, D] each,
+//                                 for row bands (bwd_kv_accumulator.h)
 #pragma once
 
 #include <cstdint>
 
 #include "attention/bwd_dq_accumulator.h"
+#include "attention/bwd_kv_accumulator.h"
 #include "runtime/workspace_align.h"
 
 namespace sparsek {
@@ -48,12 +51,16 @@ struct BwdWorkspaceLayout {
   int64_t mean_prefix_offset = 0;  // == segment_totals_offset when there is none
   int64_t segment_totals_offset = 0;  // == dq_accum_offset when there are none
   int64_t segment_counts_offset = 0;  // within the segment totals
-  int64_t dq_accum_offset = 0;     // == bytes when there is no accumulator
+  int64_t dq_accum_offset = 0;     // == kv_accum_offset when there is no accumulator
+  int64_t kv_accum_offset = 0;     // dk's, then dv's at kv_accum_offset + kv_accum_bytes
+  int64_t kv_accum_bytes = 0;      // each; 0 when there are none
   int64_t bytes = 0;
 
-  // The accumulator's tiles are padded to 128 dims: its size does not depend on the head dim.
-  static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t heads_q,
-                                 int64_t heads_kv, bool sparsek, bool with_dq_accumulator) {
+  // The dq accumulator's tiles are padded to 128 dims: its size does not depend on the head
+  // dim; the dk and dv accumulators' is B S Hkv D floats each.
+  static BwdWorkspaceLayout make(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                 int64_t heads_q, int64_t heads_kv, int64_t head_dim,
+                                 bool sparsek, bool with_dq_accumulator) {
     BwdWorkspaceLayout l;
     const int64_t rows_bytes = align256(batch * heads_q * seqlen_q * int64_t{4});
     const bool sparsek_du_pass = sparsek && with_dq_accumulator;
@@ -69,10 +76,15 @@ struct BwdWorkspaceLayout {
         sparsek_du_pass ? batch * heads_kv * MeanPrefixSegments::count(seqlen_q) : 0;
     l.segment_counts_offset = l.segment_totals_offset + align256(segments * int64_t{8});
     l.dq_accum_offset = l.segment_counts_offset + align256(segments * int64_t{4});
-    l.bytes = l.dq_accum_offset +
-              (with_dq_accumulator
-                   ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)
-                   : 0);
+    l.kv_accum_offset =
+        l.dq_accum_offset +
+        (with_dq_accumulator ? align256(DqAccumulatorTiles::elems(batch, seqlen_q, heads_q) * 4)
+                             : 0);
+    l.kv_accum_bytes =
+        sparsek_du_pass
+            ? align256(KvAccumulator::elems(batch, seqlen_k, heads_kv, head_dim) * 4)
+            : 0;
+    l.bytes = l.kv_accum_offset + 2 * l.kv_accum_bytes;
     return l;
   }
 
@@ -97,6 +109,13 @@ struct BwdWorkspaceLayout {
   }
   float* dq_accum(void* workspace) const {
     return reinterpret_cast<float*>(static_cast<char*>(workspace) + dq_accum_offset);
+  }
+  float* dk_accum(void* workspace) const {
+    return reinterpret_cast<float*>(static_cast<char*>(workspace) + kv_accum_offset);
+  }
+  float* dv_accum(void* workspace) const {
+    return reinterpret_cast<float*>(static_cast<char*>(workspace) + kv_accum_offset +
+                                    kv_accum_bytes);
   }
 };
 

@@ -60,11 +60,14 @@ struct CtaOrder {
     return make_grid(tile_major, tiles, heads, p.batch);
   }
 
-  // The SparseK dk/dv grid: always tile-major (GridOrder::kTileMajor in its visit; at most
-  // 16384 tiles: SelectionTiles::kMaxChunks * 128 keys in slices of 64).
+  // The SparseK dk/dv grid (tiles in gridDim.y when tile-major: at most 65535). The span
+  // orders go tile-major. Row bands bound every slice's rows by a band's, so a head's CTAs
+  // do about the same work, and head-major order keeps the CTAs in flight on one kv head's
+  // rows of two or three bands (its query heads' Q, dO and dq tiles: ~8 MB a 2048-row band
+  // at D = 128 and four query heads, against the eight kv heads' ~64 MB tile-major).
   template <typename Params>
-  static Grid make_sparsek_key_grid(const Params& p, int64_t tiles) {
-    return make_grid(true, tiles, p.heads_kv, p.batch);
+  static Grid make_sparsek_key_grid(const Params& p, int64_t tiles, bool tile_major) {
+    return make_grid(tile_major && tiles <= kMaxGridYZ, tiles, p.heads_kv, p.batch);
   }
 
   // The current device's SM count (the launchers run on the params' device).

@@ -136,7 +136,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   const sparsek::SparseKBwdWorkspaceLayout whole = sparsek::sparsek_bwd_workspace_layout(
       p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim);
   const sparsek::KeySpanLayout span_layout =
-      sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_k);
+      sparsek::KeySpanLayout::make(p.batch * p.heads_kv, p.seqlen_q, p.seqlen_k);
   if (std::string error = check_workspace(workspace, whole.min_bytes); !error.empty()) {
     return ffi::Error::InvalidArgument("jax_sparsek_sparsek_bwd: " + error);
   }
@@ -161,6 +161,27 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   if (std::string error = sparsek::side_stream_fork(stream, device, &side); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
+  // The key order, read before attention_bwd_prepare: with row bands it zeroes the dk, dv
+  // and du accumulators the dk/dv kernel adds into.
+  int order = sparsek::sparsek_key_order(/*dq_fused=*/!reads_plan);
+  if (order < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_ORDER must be bands, kd or last-row");
+  }
+  // A bad band height is an error in every order, as a bad span width is.
+  int band_rows = sparsek::sparsek_key_band_rows(p.seqlen_q);
+  if (band_rows == 0 && order == static_cast<int>(sparsek::KeyOrder::kBands)) {
+    order = static_cast<int>(sparsek::KeyOrder::kKd);  // T too long for the default bands
+  }
+  if (band_rows < 0) {
+    return ffi::Error::InvalidArgument(
+        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_BAND_ROWS must be a power of two in [1024, "
+        "32768], at least half the default " +
+        std::to_string(sparsek::KeyBands::rows(p.seqlen_q)) + " for T = " +
+        std::to_string(p.seqlen_q) + ", in at most 32 bands");
+  }
+  if (order != static_cast<int>(sparsek::KeyOrder::kBands)) band_rows = 0;
+  p.key_band_rows = band_rows;
   p.du = du->typed_data();
   if (std::string error = sparsek::attention_bwd_prepare(p, stream); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
@@ -194,17 +215,20 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   spans.slice_order =
       slice_order ? reinterpret_cast<int32_t*>(span_workspace + span_layout.slice_order_offset)
                   : nullptr;
+  spans.visiting_slices =
+      slice_order
+          ? reinterpret_cast<int32_t*>(span_workspace + span_layout.visiting_slices_offset)
+          : nullptr;
   spans.tau = row_tau;
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
   spans.device = device;
-  const int order = sparsek::sparsek_key_order();
-  if (order < 0) {
-    return ffi::Error::InvalidArgument(
-        "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_ORDER must be kd or last-row");
-  }
   spans.order = static_cast<sparsek::KeyOrder>(order);
-  spans.key_span = sparsek::sparsek_key_span_width(p.seqlen_k);
+  spans.stride = span_layout.stride;
+  spans.band_rows = band_rows;
+  spans.key_last_row =
+      reinterpret_cast<int32_t*>(span_workspace + span_layout.key_last_row_offset);
+  spans.key_span = sparsek::sparsek_key_span_width(p.seqlen_k, order);
   if (spans.key_span < 0) {
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_SPAN must be 1024, 2048, 4096 or 8192");
@@ -220,6 +244,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.span_sorted_key = spans.span_sorted_key;
   p.span_last_row = spans.span_last_row;
   p.slice_order = spans.slice_order;
+  p.visiting_slices = spans.visiting_slices;
   p.key_span = spans.key_span;
   p.key_span_stride = span_layout.stride;
   if (std::string error = sparsek::attention_bwd_finish(p, stream); !error.empty()) {

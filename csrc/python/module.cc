@@ -63,13 +63,14 @@ void attention_fwd_pointers(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, 
 
 // The backward's span sort on raw device pointers (selection/sort_key_spans.h), for tests of
 // its order against bench/sparsek_bwd_visit_model.py: key_u [batch_heads, seqlen_k], tau
-// [batch_heads, seqlen_q], the results [batch_heads, key_span_stride(seqlen_k)].
+// [batch_heads, seqlen_q], the results [batch_heads, KeySpanLayout stride (key_span_stride)],
+// and for order "bands" (band_rows) a scratch key_last_row [batch_heads, seqlen_k].
 void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
                              uintptr_t sorted_key, uintptr_t last_row, uintptr_t slice_order,
                              int64_t batch_heads,
                              int64_t seqlen_q, int64_t seqlen_k, int64_t window,
                              int32_t key_span, const std::string& order, int32_t device,
-                             uintptr_t stream) {
+                             uintptr_t stream, int32_t band_rows, uintptr_t key_last_row) {
   sparsek::SortKeySpansParams p;
   p.key_u = reinterpret_cast<const float*>(key_u);
   p.key_u_stride = seqlen_k;
@@ -83,9 +84,15 @@ void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
     p.order = sparsek::KeyOrder::kKd;
   } else if (order == "last-row") {
     p.order = sparsek::KeyOrder::kLastRow;
+  } else if (order == "bands") {
+    p.order = sparsek::KeyOrder::kBands;
   } else {
-    throw std::invalid_argument("order must be 'kd' or 'last-row', got '" + order + "'");
+    throw std::invalid_argument("order must be 'kd', 'last-row' or 'bands', got '" + order +
+                                "'");
   }
+  p.stride = sparsek::KeySpanLayout::make(batch_heads, seqlen_q, seqlen_k).stride;
+  p.band_rows = band_rows;
+  p.key_last_row = reinterpret_cast<int32_t*>(key_last_row);
   p.span_sorted_u = reinterpret_cast<float*>(sorted_u);
   p.span_sorted_key = reinterpret_cast<int32_t*>(sorted_key);
   p.span_last_row = reinterpret_cast<int32_t*>(last_row);
@@ -135,17 +142,38 @@ NB_MODULE(_jax_sparsek_ext, m) {
       "Bytes of device workspace the SparseK backward call (selection, span sort, backward "
       "kernels) needs");
   m.def("sparsek_key_span_workspace_bytes", &sparsek::sparsek_key_span_workspace_bytes,
-        nb::arg("batch"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
+        nb::arg("batch"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("heads_kv"),
         "Bytes of device workspace the SparseK backward's span sort needs");
-  m.def("key_span_stride", &sparsek::key_span_stride, nb::arg("seqlen_k"),
-        "Row stride, in entries, of the span sort's results for S keys");
+  m.def(
+      "key_span_stride",
+      [](int64_t seqlen_q, int64_t seqlen_k) {
+        return sparsek::KeySpanLayout::make(1, seqlen_q, seqlen_k).stride;
+      },
+      nb::arg("seqlen_q"), nb::arg("seqlen_k"),
+      "Row stride, in entries, of the span sort's results for T rows and S keys (every "
+      "order's)");
+  m.def("key_band_layout",
+        [](int64_t seqlen_q, int64_t seqlen_k, int64_t band_rows) {
+          std::vector<int64_t> capacities;
+          for (int64_t b = 0; b < sparsek::KeyBands::count(seqlen_q, band_rows); ++b) {
+            capacities.push_back(sparsek::KeyBands::capacity(b, seqlen_q, seqlen_k, band_rows));
+          }
+          return capacities;
+        },
+        nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("band_rows"),
+        "Entries of each row band's list (KeyBands::capacity), band by band");
+  m.def("key_band_rows", &sparsek::sparsek_key_band_rows, nb::arg("seqlen_q"),
+        "The backward's row band height for T rows (JAX_SPARSEK_KEY_BAND_ROWS or the default; "
+        "-1 where the variable is not a valid height)");
   m.def("sort_key_spans_pointers", &sort_key_spans_pointers, nb::arg("key_u"), nb::arg("tau"),
         nb::arg("sorted_u"), nb::arg("sorted_key"), nb::arg("last_row"),
         nb::arg("slice_order"), nb::arg("batch_heads"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("window"),
         nb::arg("key_span"), nb::arg("order"), nb::arg("device"), nb::arg("stream"),
+        nb::arg("band_rows") = 0, nb::arg("key_last_row") = 0,
         "The SparseK backward's span sort on raw device pointers (float32 key_u [BH, S] and "
-        "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(S)], int32 slice "
-        "order [BH, key_span_stride(S) / 128] or 0); raises "
+        "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(T, S)], int32 slice "
+        "order [BH, key_span_stride(T, S) / 128] or 0; order 'bands' with band_rows and an "
+        "int32 key_last_row scratch [BH, S]); raises "
         "RuntimeError with the failed check or CUDA call");
   m.def("sparsek_select_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },

@@ -66,9 +66,17 @@ int requested_key_span() {
   return env_choice("JAX_SPARSEK_KEY_SPAN", {1024, 2048, 4096, 8192});
 }
 
-int requested_key_order() { return env_name_choice("JAX_SPARSEK_KEY_ORDER", {"last-row", "kd"}); }
+int requested_key_order() {
+  return env_name_choice("JAX_SPARSEK_KEY_ORDER", {"last-row", "kd", "bands"});
+}
+
+int requested_key_band_rows() {
+  return env_choice("JAX_SPARSEK_KEY_BAND_ROWS", {1024, 2048, 4096, 8192, 16384, 32768});
+}
 
 int requested_slice_order() { return env_switch("JAX_SPARSEK_SLICE_ORDER", "start", "spans"); }
+
+int requested_bwd_grid() { return env_name_choice("JAX_SPARSEK_BWD_GRID", {"tiles", "heads"}); }
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 

@@ -26,10 +26,16 @@ bool deterministic_backward_requested();
 // anything else.
 int requested_key_span();
 
-// JAX_SPARSEK_KEY_ORDER=kd|last-row: the order of the SparseK backward's key spans
-// (selection/sort_key_spans.h); read at every call (benchmarks compare both). 0 when unset,
-// KeyOrder's value (1 last-row, 2 kd) when set to one, -1 when it holds anything else.
+// JAX_SPARSEK_KEY_ORDER=bands|kd|last-row: the order of the SparseK backward's keys
+// (selection/sort_key_spans.h); read at every call (benchmarks compare them). 0 when unset,
+// KeyOrder's value (1 last-row, 2 kd, 3 bands) when set to one, -1 when it holds anything
+// else.
 int requested_key_order();
+
+// JAX_SPARSEK_KEY_BAND_ROWS=1024|...|32768: the height of the SparseK backward's row bands
+// (KeyBands) instead of KeyBands::rows(T); read at every call. 0 when unset, -1 when it holds
+// anything else.
+int requested_key_band_rows();
 
 // JAX_SPARSEK_SLICE_ORDER=start|spans: the SparseK backward's dk/dv CTAs take the kd slices by
 // first row tile (the span sort's slice order, the default) or as the sort leaves them, span
@@ -42,6 +48,11 @@ int requested_slice_order();
 // launcher's default; read at every call (benchmarks compare sizes). 0 when unset, -1 when it
 // holds anything else.
 int requested_bwd_cluster();
+
+// JAX_SPARSEK_BWD_GRID=tiles|heads: the SparseK dk/dv grid's CTA order (cta_order.h) instead
+// of tile-major for the span orders and head-major with row bands; read at every call
+// (benchmarks compare both). 0 when unset, 1 tiles, 2 heads, -1 when it holds anything else.
+int requested_bwd_grid();
 
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/

@@ -133,6 +133,67 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   }
 }
 
+// Row bands (sort_key_spans.h): each key's last row, once, [batch_heads, seqlen_k].
+__global__ void __launch_bounds__(KeySpans::kSortThreads)
+    key_last_rows_kernel(SortKeySpansParams p) {
+  const int64_t key = static_cast<int64_t>(blockIdx.x) * KeySpans::kSortThreads + threadIdx.x;
+  if (key >= p.seqlen_k) return;
+  for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
+    int last[1];
+    last_attending_rows<1>(p, p.tau + bh * p.seqlen_q, {static_cast<int>(key)},
+                           {p.key_u[bh * p.key_u_stride + key]}, last);
+    p.key_last_row[bh * p.seqlen_k + key] = last[0];
+  }
+}
+
+// Row bands: one block a band and (batch, kv head) lists the band's pieces in position order,
+// at the band's offset: every key some row of the band attends (its last row at or past the
+// band's first row and its own first row, its position within the band's reach), with its
+// last row clipped to the band's; then padding (key -1, last row -1) to the band's capacity.
+__global__ void __launch_bounds__(KeySpans::kSortThreads)
+    band_pieces_kernel(SortKeySpansParams p) {
+  constexpr int kThreads = KeySpans::kSortThreads;
+  __shared__ int s_scan[kThreads / 32];
+  const int64_t band = blockIdx.x;
+  const int64_t rows = p.band_rows;
+  const int64_t offset = p.seqlen_k - p.seqlen_q;
+  const int64_t row0 = band * rows;
+  const int64_t row_end = min(p.seqlen_q, row0 + rows) - 1;  // the band's last row
+  const int64_t reach = min(p.seqlen_k, row_end + offset + 1);  // keys its rows can see
+  int64_t band_begin = 0;
+  for (int64_t b = 0; b < band; ++b) {
+    band_begin += KeyBands::capacity(b, p.seqlen_q, p.seqlen_k, rows);
+  }
+  const int64_t capacity = KeyBands::capacity(band, p.seqlen_q, p.seqlen_k, rows);
+  for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
+    const int64_t out0 = bh * p.stride + band_begin;
+    int64_t count = 0;
+    for (int64_t key0 = 0; key0 < reach; key0 += kThreads) {
+      const int64_t key = key0 + threadIdx.x;
+      int last = -1;
+      bool keep = false;
+      if (key < reach) {
+        last = p.key_last_row[bh * p.seqlen_k + key];
+        const int64_t first_row = max(int64_t{0}, key - offset);
+        keep = last >= row0 && last >= first_row;
+      }
+      int total = 0;
+      const int index = block_exclusive_scan<kThreads>(keep ? 1 : 0, total, s_scan);
+      if (keep) {
+        p.span_sorted_key[out0 + count + index] = static_cast<int32_t>(key);
+        p.span_last_row[out0 + count + index] =
+            static_cast<int32_t>(min(int64_t{last}, row_end));
+      }
+      count += total;
+    }
+    for (int64_t i = count + threadIdx.x; i < capacity; i += kThreads) {
+      p.span_sorted_key[out0 + i] = -1;
+      p.span_last_row[out0 + i] = -1;
+      p.span_sorted_u[out0 + i] = -INFINITY;
+    }
+  }
+}
+
 // kd order (sort_key_spans.h; bench/sparsek_bwd_visit_model.py's kd_order is the
 // specification). The tree over a span's n keys: a node of `size` entries that is not a leaf
 // (more than kKdLeaf) splits into its first floor(ceil(size / kKdLeaf) / 2) kKdLeaf entries
@@ -248,7 +309,12 @@ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 // and the sort is by (leaf, last row descending, position). The entries stay in registers,
 // kPer consecutive ones a thread. Shared memory: each position's last row [kSpan] and the
 // sort's exchange [kSpan] (96 KB at 8192).
-template <int kSpan>
+//
+// kBands (row bands): the span is kSpan entries of a band's list (band_pieces_kernel: its
+// pieces first, in position order, then padding), sorted in place; an entry's first
+// coordinate is its first row within the band (max of the key's first row and the band's),
+// not its place in the span, and its last row is the list's (clipped to the band).
+template <int kSpan, bool kBands>
 __global__ void __launch_bounds__(KeySpans::kSortThreads)
     sort_key_spans_kd_kernel(SortKeySpansParams p, int64_t span_stride) {
   constexpr int kThreads = KeySpans::kSortThreads;
@@ -264,27 +330,62 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
                 "the sort key's fields hold a span's positions and nodes");
   extern __shared__ uint64_t s_exchange[];                     // [kSpan]
   int* s_last = reinterpret_cast<int*>(s_exchange + kSpan);  // [kSpan], by position
+  int* s_start = s_last + kSpan;  // [kSpan], by position (kBands: first row in the band)
+  int* s_key = s_start + kSpan;   // [kSpan], by position (kBands: the key)
   __shared__ int s_lo[2][kNodes], s_hi[2][kNodes];            // extents: position, last row
+  __shared__ int s_pieces;                                     // kBands: the span's pieces
   const int t = threadIdx.x;
   const int lane = t % 32;
   const int first = kPer * t;  // the thread's first entry
   const int64_t span_begin = static_cast<int64_t>(blockIdx.x) * kSpan;
-  const int n = static_cast<int>(min(int64_t{kSpan}, p.seqlen_k - span_begin));
+  int n = static_cast<int>(min(int64_t{kSpan}, p.seqlen_k - span_begin));
+  int64_t band_row0 = 0;
+  if constexpr (kBands) {
+    int64_t band_begin = 0;
+    band_row0 = KeyBands::band_of(span_begin, p.seqlen_q, p.seqlen_k, p.band_rows, band_begin) *
+                p.band_rows;
+  }
+  // An entry's first coordinate: its place in the span (position order), or with bands its
+  // first row within the band.
+  auto start_of = [&](int pos) { return kBands ? s_start[pos] : pos; };
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
     __syncthreads();  // the previous (batch, head) is done with the buffers
     int key[kPer], last[kPer];
-    float u[kPer];
+    if constexpr (kBands) {
+      // The band's pieces lead its list: n counts them.
+      const int64_t entry0 = bh * span_stride + span_begin + first;
+      int pieces = 0;
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int i = first + j;
-      key[j] = static_cast<int>(span_begin) + min(i, n - 1);
-      u[j] = i < n ? p.key_u[bh * p.key_u_stride + key[j]] : -INFINITY;
+      for (int j = 0; j < kPer; ++j) {
+        key[j] = p.span_sorted_key[entry0 + j];
+        last[j] = p.span_last_row[entry0 + j];
+        pieces += key[j] >= 0 ? 1 : 0;
+      }
+      if (t == 0) s_pieces = 0;
+      __syncthreads();
+      if (pieces > 0) atomicAdd(&s_pieces, pieces);
+      __syncthreads();
+      n = s_pieces;
+      if (n == 0) continue;  // padding only (written by band_pieces_kernel)
+    } else {
+      float u[kPer];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int i = first + j;
+        key[j] = static_cast<int>(span_begin) + min(i, n - 1);
+        u[j] = i < n ? p.key_u[bh * p.key_u_stride + key[j]] : -INFINITY;
+      }
+      last_attending_rows<kPer>(p, p.tau + bh * p.seqlen_q, key, u, last);
     }
-    last_attending_rows<kPer>(p, p.tau + bh * p.seqlen_q, key, u, last);
     uint64_t v[kPer];  // entry first + j's sort key; its position in the low bits
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       s_last[first + j] = first + j < n ? last[j] : -1;
+      if constexpr (kBands) {
+        s_key[first + j] = key[j];
+        s_start[first + j] = static_cast<int>(
+            max(band_row0, max(int64_t{0}, int64_t{key[j]} - (p.seqlen_k - p.seqlen_q))));
+      }
       v[j] = static_cast<uint64_t>(first + j);  // position order before the first sort
     }
     for (int depth = 0; depth <= kDepth; ++depth) {
@@ -306,8 +407,8 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
           if (first + j < n && !leaf && !pair) {
             const int pos = KdSortKey::pos(v[j]);
             const int row = s_last[pos];
-            ext[0] = min(ext[0], pos);
-            ext[1] = max(ext[1], pos);
+            ext[0] = min(ext[0], start_of(pos));
+            ext[1] = max(ext[1], start_of(pos));
             ext[2] = min(ext[2], row);
             ext[3] = max(ext[3], row);
           }
@@ -338,7 +439,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         } else {
           const uint32_t row = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
           const uint32_t value = leaf          ? KdSortKey::kLeafValueMax - row
-                                 : by_position ? static_cast<uint32_t>(pos)
+                                 : by_position ? static_cast<uint32_t>(start_of(pos))
                                                : row;
           v[j] = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
         }
@@ -356,8 +457,9 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       const int pos = KdSortKey::pos(v[j]);
       const int64_t out = bh * span_stride + span_begin + first + j;
       const bool valid = pos < n;
-      p.span_sorted_u[out] = valid ? p.key_u[bh * p.key_u_stride + span_begin + pos] : -INFINITY;
-      p.span_sorted_key[out] = valid ? static_cast<int32_t>(span_begin + pos) : -1;
+      const int64_t key = kBands ? s_key[pos] : span_begin + pos;
+      p.span_sorted_u[out] = valid ? p.key_u[bh * p.key_u_stride + key] : -INFINITY;
+      p.span_sorted_key[out] = valid ? static_cast<int32_t>(key) : -1;
       p.span_last_row[out] = valid ? s_last[pos] : -1;
     }
   }
@@ -391,6 +493,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
         p.slice_order[bh * slices_stride + rank] = rank;
       }
+      if (p.visiting_slices && threadIdx.x == 0) p.visiting_slices[bh] = slices;
       continue;
     }
     __syncthreads();  // the previous (batch, head) is done with s_order
@@ -404,7 +507,13 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
           if (key_pos >= 0) min_key = min(min_key, key_pos);
         }
         min_key = __reduce_min_sync(0xffffffffu, min_key);
-        const int64_t first_row = max(int64_t{0}, int64_t{min_key} - offset);
+        int64_t first_row = max(int64_t{0}, int64_t{min_key} - offset);
+        if (p.band_rows > 0) {  // the slice's rows start no earlier than its band
+          int64_t band_begin = 0;
+          first_row = max(first_row, KeyBands::band_of(int64_t{slice} * kLeaf, p.seqlen_q,
+                                                       p.seqlen_k, p.band_rows, band_begin) *
+                                         p.band_rows);
+        }
         const int last_row = p.span_last_row[entry0];
         const bool visits_rows = min_key != INT_MAX && last_row >= first_row;
         const uint64_t first_field =
@@ -418,10 +527,18 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
     }
     block_sort<KeySpans::kSortThreads>(s_order, run,
                                        [](uint64_t a, uint64_t b) { return a < b; });
-    for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
-      p.slice_order[bh * slices_stride + rank] =
-          static_cast<int32_t>(s_order[rank] & SliceOrderKey::kFieldMax);
+    int visiting = 0;  // the slices that visit rows lead the order
+    for (int rank0 = 0; rank0 < slices; rank0 += blockDim.x) {
+      const int rank = rank0 + static_cast<int>(threadIdx.x);
+      const bool visits = rank < slices && (s_order[rank] >> (2 * SliceOrderKey::kBits)) !=
+                                               SliceOrderKey::kFieldMax;
+      visiting += __syncthreads_count(visits);
+      if (rank < slices) {
+        p.slice_order[bh * slices_stride + rank] =
+            static_cast<int32_t>(s_order[rank] & SliceOrderKey::kFieldMax);
+      }
     }
+    if (p.visiting_slices && threadIdx.x == 0) p.visiting_slices[bh] = visiting;
   }
 }
 
@@ -440,11 +557,33 @@ template <int kSpan>
 std::string launch_span_sort_of_width(const SortKeySpansParams& p, dim3 grid, int64_t stride,
                                       cudaStream_t stream) {
   if (p.order == KeyOrder::kKd) {
-    return launch_span_sort(sort_key_spans_kd_kernel<kSpan>,
+    return launch_span_sort(sort_key_spans_kd_kernel<kSpan, false>,
                             kSpan * (sizeof(uint64_t) + sizeof(int)), grid, p, stride, stream);
   }
   return launch_span_sort(sort_key_spans_kernel<kSpan>, kSpan * sizeof(SpanEntry), grid, p,
                           stride, stream);
+}
+
+// Row bands: each key's last row, the bands' piece lists, then the kd sort of every
+// KeyBands::kSpan entries of them in place.
+std::string launch_band_sort(const SortKeySpansParams& p, cudaStream_t stream) {
+  const unsigned heads = static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535));
+  key_last_rows_kernel<<<dim3(static_cast<unsigned>((p.seqlen_k + KeySpans::kSortThreads - 1) /
+                                                    KeySpans::kSortThreads),
+                              heads),
+                         KeySpans::kSortThreads, 0, stream>>>(p);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  band_pieces_kernel<<<dim3(static_cast<unsigned>(KeyBands::count(p.seqlen_q, p.band_rows)),
+                            heads),
+                       KeySpans::kSortThreads, 0, stream>>>(p);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  constexpr int kSpan = KeyBands::kSpan;
+  const dim3 grid(
+      static_cast<unsigned>(KeyBands::stride(p.seqlen_q, p.seqlen_k, p.band_rows) / kSpan),
+      heads);
+  return launch_span_sort(sort_key_spans_kd_kernel<kSpan, true>,
+                          kSpan * (sizeof(uint64_t) + 3 * sizeof(int)), grid, p, p.stride,
+                          stream);
 }
 
 std::string check_params(const SortKeySpansParams& p) {
@@ -456,12 +595,26 @@ std::string check_params(const SortKeySpansParams& p) {
   }
   if (p.window < 0) return "window must be >= 0";
   if (!valid_key_span_width(p.key_span)) return "key_span must be 1024, 2048, 4096 or 8192";
-  if (p.order != KeyOrder::kKd && p.order != KeyOrder::kLastRow) {
-    return "order must be KeyOrder::kKd or KeyOrder::kLastRow";
+  if (p.order != KeyOrder::kKd && p.order != KeyOrder::kLastRow && p.order != KeyOrder::kBands) {
+    return "order must be KeyOrder::kKd, kLastRow or kBands";
   }
   if (p.key_u_stride < p.seqlen_k) return "key_u_stride must be at least seqlen_k";
   if (p.seqlen_k > (int64_t{1} << 30) || p.seqlen_q > (int64_t{1} << 30)) {
     return "seqlen_q and seqlen_k must be below 2^30";
+  }
+  if (p.stride < key_span_stride(p.seqlen_k)) {
+    return "stride must be at least key_span_stride(seqlen_k) (KeySpanLayout)";
+  }
+  if (p.order == KeyOrder::kBands) {
+    if (!KeyBands::valid_rows(p.band_rows, p.seqlen_q)) {
+      return "band_rows must be a power of two in [1024, 32768], at least half of "
+             "KeyBands::rows(seqlen_q) = " + std::to_string(KeyBands::rows(p.seqlen_q)) +
+             ", in at most 32 bands; got " + std::to_string(p.band_rows);
+    }
+    if (!p.key_last_row) return "row bands need the key_last_row buffer";
+    if (p.stride < KeyBands::stride(p.seqlen_q, p.seqlen_k, p.band_rows)) {
+      return "stride is smaller than the row bands' (KeySpanLayout)";
+    }
   }
   return {};
 }
@@ -470,21 +623,39 @@ std::string check_params(const SortKeySpansParams& p) {
 
 int sparsek_slice_order() { return requested_slice_order(); }
 
-int sparsek_key_order() {
+int sparsek_key_order(bool dq_fused) {
   const int requested = requested_key_order();
-  return requested != 0 ? requested : static_cast<int>(KeyOrder::kKd);
+  if (requested < 0) return requested;
+  const int bands = static_cast<int>(KeyOrder::kBands);
+  if (requested == 0 || requested == bands) {
+    // Bands need the dk/dv kernel that adds dq (its atomics); the deterministic path keeps kd.
+    return dq_fused ? bands : static_cast<int>(KeyOrder::kKd);
+  }
+  return requested;
 }
 
-int sparsek_key_span_width(int64_t seqlen_k) {
-  const int requested = requested_key_span();
+int sparsek_key_band_rows(int64_t seqlen_q) {
+  const int requested = requested_key_band_rows();
+  if (requested < 0) return requested;
+  if (requested == 0) {  // the default height, where T fits in kMaxBands bands of it
+    const int rows = KeyBands::rows(seqlen_q);
+    return KeyBands::valid_rows(rows, seqlen_q) ? rows : 0;
+  }
+  return KeyBands::valid_rows(requested, seqlen_q) ? requested : -1;
+}
+
+int sparsek_key_span_width(int64_t seqlen_k, int key_order) {
+  const int requested = requested_key_span();  // a bad value is an error in every order
+  if (requested < 0) return requested;
+  if (key_order == static_cast<int>(KeyOrder::kBands)) return KeyBands::kSpan;
   if (requested != 0) return requested;
-  return sparsek_key_order() == static_cast<int>(KeyOrder::kLastRow)
-             ? key_span_width(seqlen_k)
-             : kd_key_span_width(seqlen_k);
+  return key_order == static_cast<int>(KeyOrder::kLastRow) ? key_span_width(seqlen_k)
+                                                           : kd_key_span_width(seqlen_k);
 }
 
-int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_k, int64_t heads_kv) {
-  return KeySpanLayout::make(batch * heads_kv, seqlen_k).workspace_bytes;
+int64_t sparsek_key_span_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                         int64_t heads_kv) {
+  return KeySpanLayout::make(batch * heads_kv, seqlen_q, seqlen_k).workspace_bytes;
 }
 
 std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr) {
@@ -492,7 +663,7 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
   ScopedDevice scoped_device;
   if (std::string error = scoped_device.enter(p.device); !error.empty()) return error;
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int64_t stride = key_span_stride(p.seqlen_k);
+  const int64_t stride = p.stride;
   if (poison_outputs_requested()) {
     const size_t bytes = static_cast<size_t>(p.batch_heads * stride) * 4;
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.span_sorted_u, 0xFF, bytes, stream));
@@ -506,24 +677,30 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
   const dim3 grid(static_cast<unsigned>(key_span_count(p.seqlen_k, p.key_span)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)));
   std::string error;
-  switch (p.key_span) {
-    case 1024:
-      error = launch_span_sort_of_width<1024>(p, grid, stride, stream);
-      break;
-    case 2048:
-      error = launch_span_sort_of_width<2048>(p, grid, stride, stream);
-      break;
-    case 4096:
-      error = launch_span_sort_of_width<4096>(p, grid, stride, stream);
-      break;
-    default:
-      error = launch_span_sort_of_width<8192>(p, grid, stride, stream);
-      break;
+  if (p.order == KeyOrder::kBands) {
+    error = launch_band_sort(p, stream);
+  } else {
+    switch (p.key_span) {
+      case 1024:
+        error = launch_span_sort_of_width<1024>(p, grid, stride, stream);
+        break;
+      case 2048:
+        error = launch_span_sort_of_width<2048>(p, grid, stride, stream);
+        break;
+      case 4096:
+        error = launch_span_sort_of_width<4096>(p, grid, stride, stream);
+        break;
+      default:
+        error = launch_span_sort_of_width<8192>(p, grid, stride, stream);
+        break;
+    }
   }
   if (!error.empty() || !p.slice_order) return error;
-  const int slices = static_cast<int>(key_span_count(p.seqlen_k, p.key_span) * p.key_span /
-                                      KeySpans::kKdLeaf);
-  const bool by_start = p.order == KeyOrder::kKd && slices <= KeySpans::kMaxOrderedSlices;
+  const int64_t used = p.order == KeyOrder::kBands
+                           ? KeyBands::stride(p.seqlen_q, p.seqlen_k, p.band_rows)
+                           : key_span_count(p.seqlen_k, p.key_span) * p.key_span;
+  const int slices = static_cast<int>(used / KeySpans::kKdLeaf);
+  const bool by_start = p.order != KeyOrder::kLastRow && slices <= KeySpans::kMaxOrderedSlices;
   int run = 0;  // the identity sorts nothing
   if (by_start) {
     for (run = 1; run < slices; run <<= 1) {

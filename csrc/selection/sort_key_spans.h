@@ -1,7 +1,7 @@
 // A backward-only ordering of the keys: within spans of key_span_width(S) key positions, the
-// keys in kd order (KeyOrder::kKd, the default) or sorted by the last row that attends them
+// keys in kd order (KeyOrder::kKd) or sorted by the last row that attends them
 // (KeyOrder::kLastRow: descending, then by position), with each entry's score, position and
-// last row.
+// last row; or the pieces of the keys in row bands (KeyOrder::kBands, the default, below).
 //
 // A key's last row is the later of the last row whose window band holds it (p(i) < j + W)
 // and the last row whose tau lies below its score (tau never decreases down the rows): no
@@ -43,12 +43,35 @@
 // Layout: [batch_heads, key_span_stride(S)] with key_span_stride(S) = S rounded up to the
 // widest span, whatever the width (so that the workspace does not depend on it); the first
 // key_span_count(S, width) * width entries of a row are used, and those past S hold
-// u = -inf, key = -1, last row -1. Memory: O(S) per (batch, kv head), no T-dependence.
+// u = -inf, key = -1, last row -1.
+//
+// Row bands (KeyOrder::kBands, the default where the dk/dv kernel adds dq): the rows are cut
+// into bands of KeyBands::rows(T) (a power of two, at least 2048, about T / 16), and each
+// key's rows [its first row, its last row] into one piece a band they meet. A band's pieces
+// (every key that some row of the band attends: the band's own keys and the keys carried in
+// from earlier bands) are listed in position order, then kd-ordered in spans of
+// KeyBands::kSpan entries over (first row in the band, last row in the band); each
+// kKdLeaf-entry slice visits only its band's rows. Why: a kd slice of the whole sequence
+// must hold 128 keys whose (first row, last row) points spread in both coordinates, so its
+// rows run from the earliest start to the latest end; cut at band edges, the keys carried
+// through a band share both ends (the band's), and only the keys that start or end inside it
+// spread. bench/sparsek_bwd_visit_model.py (--bands): 1.08x the attended pairs at 32k sigma
+// 1 with 2048-row bands (kd: 1.24x), 1.12x at 128k with 8192 (kd: 1.31x). Measured
+// (bench/NOTES.md, eighteenth session): the SparseK backward -15% at 32k, -19 to -23% at
+// 128k; 1024-row bands at 32k +6-7% (more CTAs, each with its fixed costs), 4096 within 1%.
+// The price: a key reached by several bands is in several CTAs, so dk, dv and du are added
+// (float32 atomics into the backward's workspace, then converted), and the layout holds each
+// band's capacity (every key up to its last row's position, rounded up to kSpan entries:
+// about S (C + 1) / 2 entries for C bands), of which the dk/dv grid's CTAs past a band's
+// pieces leave at once (the slice order counts those that visit rows).
+//
+// Memory: O(S) per (batch, kv head) in the span orders; O(S C) with bands (C <= 32).
 #pragma once
 
 #include <cstdint>
 
 #include "runtime/workspace_align.h"
+#include "selection/selection_params.h"  // SPARSEK_HOST_DEVICE
 
 namespace sparsek {
 
@@ -62,7 +85,79 @@ struct KeySpans {
   static constexpr int kMaxOrderedSlices = 16384;
 };
 
-enum class KeyOrder { kLastRow = 1, kKd = 2 };
+enum class KeyOrder { kLastRow = 1, kKd = 2, kBands = 3 };
+
+// The row bands of KeyOrder::kBands. Band b holds rows [b rows, min(T, (b + 1) rows)); its
+// pieces are listed at offset(b) of a (batch, kv head) row of the sort's results, in
+// capacity(b) entries: every key position that a row of the band can reach (p(i) = i + S - T),
+// rounded up to kSpan. Host and device code (the dk/dv visit finds its band by the offsets).
+struct KeyBands {
+  static constexpr int kSpan = 4096;      // entries a kd span of a band's pieces
+  static constexpr int kMinRows = 1024;   // the least band height JAX_SPARSEK_KEY_BAND_ROWS takes
+  static constexpr int kMaxRows = 32768;
+  static constexpr int kMaxBands = 32;
+
+  // The default band height for T rows: a power of two, at least 2048, about T / 16.
+  static inline int rows(int64_t seqlen_q) {
+    int r = 2048;
+    while (r < kMaxRows && int64_t{r} * 16 < seqlen_q) r *= 2;
+    return r;
+  }
+  // Whether a band height (the default's or JAX_SPARSEK_KEY_BAND_ROWS) is allowed for T rows:
+  // a power of two in [kMinRows, kMaxRows], at least half the default (the workspace holds
+  // that many bands' capacity).
+  static inline bool valid_rows(int64_t band_rows, int64_t seqlen_q) {
+    if (band_rows < kMinRows || band_rows > kMaxRows || (band_rows & (band_rows - 1)) != 0) {
+      return false;
+    }
+    return 2 * band_rows >= rows(seqlen_q) && count(seqlen_q, band_rows) <= kMaxBands;
+  }
+  SPARSEK_HOST_DEVICE static inline int64_t count(int64_t seqlen_q, int64_t band_rows) {
+    return (seqlen_q + band_rows - 1) / band_rows;
+  }
+  SPARSEK_HOST_DEVICE static inline int64_t capacity(int64_t band, int64_t seqlen_q,
+                                                     int64_t seqlen_k, int64_t band_rows) {
+    const int64_t last_row = (band + 1) * band_rows < seqlen_q ? (band + 1) * band_rows - 1
+                                                               : seqlen_q - 1;
+    const int64_t keys = last_row + (seqlen_k - seqlen_q) + 1 < seqlen_k
+                             ? last_row + (seqlen_k - seqlen_q) + 1
+                             : seqlen_k;
+    return (keys + kSpan - 1) / kSpan * kSpan;
+  }
+  // Entries of all bands (a (batch, kv head) row of the results).
+  SPARSEK_HOST_DEVICE static inline int64_t stride(int64_t seqlen_q, int64_t seqlen_k,
+                                                   int64_t band_rows) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < count(seqlen_q, band_rows); ++b) {
+      total += capacity(b, seqlen_q, seqlen_k, band_rows);
+    }
+    return total;
+  }
+  // The band of entry `entry` of a row (below stride), and its first entry.
+  SPARSEK_HOST_DEVICE static inline int64_t band_of(int64_t entry, int64_t seqlen_q,
+                                                    int64_t seqlen_k, int64_t band_rows,
+                                                    int64_t& band_begin) {
+    band_begin = 0;
+    int64_t b = 0;
+    for (;; ++b) {
+      const int64_t cap = capacity(b, seqlen_q, seqlen_k, band_rows);
+      if (entry < band_begin + cap || b + 1 >= count(seqlen_q, band_rows)) break;
+      band_begin += cap;
+    }
+    return b;
+  }
+  // The widest row any allowed band height needs (the workspace's): half the default height.
+  static inline int64_t max_stride(int64_t seqlen_q, int64_t seqlen_k) {
+    const int64_t least = rows(seqlen_q) / 2 < kMinRows ? kMinRows : rows(seqlen_q) / 2;
+    int64_t widest = 0;
+    for (int64_t r = least; r <= kMaxRows; r *= 2) {
+      if (count(seqlen_q, r) > kMaxBands) continue;
+      const int64_t s = stride(seqlen_q, seqlen_k, r);
+      widest = s > widest ? s : widest;
+    }
+    return widest;
+  }
+};
 
 // The span width for S keys in last-row order (about S / 32, within 1024..4096).
 inline int key_span_width(int64_t seqlen_k) {
@@ -99,36 +194,53 @@ struct SortKeySpansParams {
   int64_t window = 0;  // W >= 0
   int32_t key_span = 0;  // the span width (valid_key_span_width; sparsek_key_span_width)
   KeyOrder order = KeyOrder::kKd;
-  // Results, [batch_heads, key_span_stride(seqlen_k)] each.
+  // KeyOrder::kBands: the band height (KeyBands::valid_rows; sparsek_key_band_rows), and
+  // each key's last row [batch_heads, seqlen_k] (the layout's key_last_row: written, then read).
+  int32_t band_rows = 0;
+  int32_t* key_last_row = nullptr;
+  // Results, [batch_heads, stride] each: stride = KeySpanLayout::make(...).stride.
+  int64_t stride = 0;
   float* span_sorted_u = nullptr;
   int32_t* span_sorted_key = nullptr;
   int32_t* span_last_row = nullptr;
-  // CTA rank -> slice, [batch_heads, key_span_stride(seqlen_k) / kKdLeaf] (the slice order
-  // above; the first key_span_count(S, key_span) * key_span / kKdLeaf of a row); not written
-  // where null.
+  // CTA rank -> slice, [batch_heads, stride / kKdLeaf] (the slice order above; the first
+  // key_span_count(S, key_span) * key_span / kKdLeaf of a row, or with bands
+  // KeyBands::stride / kKdLeaf); not written where null.
   int32_t* slice_order = nullptr;
+  // With the slice order by first row: how many of a (batch, kv head)'s slices visit rows
+  // (they come first in it), [batch_heads]; not written where null.
+  int32_t* visiting_slices = nullptr;
   int32_t device = -1;
 };
 
 // Where the result arrays (and the slice order) sit in a workspace of the sort's own (the launcher,
 // sparsek_sort_key_spans, and sparsek_key_span_workspace_bytes are in sparsek_api.h).
 struct KeySpanLayout {
-  int64_t stride = 0;                    // key_span_stride(seqlen_k)
+  int64_t stride = 0;                    // entries a (batch, kv head): every order's
   int64_t span_sorted_u_offset = 0;      // bytes, multiples of 256
   int64_t span_sorted_key_offset = 0;
   int64_t span_last_row_offset = 0;
   int64_t slice_order_offset = 0;
+  int64_t key_last_row_offset = 0;       // [batch_heads, seqlen_k] (bands)
+  int64_t visiting_slices_offset = 0;    // [batch_heads] (the slice order's count)
   int64_t workspace_bytes = 0;
 
-  static KeySpanLayout make(int64_t batch_heads, int64_t seqlen_k) {
+  // The widest of key_span_stride(S) and the bands' (KeyBands::max_stride), so that the
+  // workspace does not depend on the order or the width.
+  static KeySpanLayout make(int64_t batch_heads, int64_t seqlen_q, int64_t seqlen_k) {
     KeySpanLayout l;
-    l.stride = key_span_stride(seqlen_k);
+    const int64_t spans = key_span_stride(seqlen_k);
+    const int64_t bands = KeyBands::max_stride(seqlen_q, seqlen_k);
+    l.stride = spans > bands ? spans : bands;
     const int64_t entries = batch_heads * l.stride;
     l.span_sorted_u_offset = 0;
     l.span_sorted_key_offset = align256(entries * 4);
     l.span_last_row_offset = l.span_sorted_key_offset + align256(entries * 4);
     l.slice_order_offset = l.span_last_row_offset + align256(entries * 4);
-    l.workspace_bytes = l.slice_order_offset + align256(entries / KeySpans::kKdLeaf * 4);
+    l.key_last_row_offset =
+        l.slice_order_offset + align256(entries / KeySpans::kKdLeaf * 4);
+    l.visiting_slices_offset = l.key_last_row_offset + align256(batch_heads * seqlen_k * 4);
+    l.workspace_bytes = l.visiting_slices_offset + align256(batch_heads * 4);
     return l;
   }
 };
