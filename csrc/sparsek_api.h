@@ -51,11 +51,12 @@ SPARSEK_API int64_t sparsek_workspace_bytes(int64_t batch, int64_t seqlen_q, int
 // mode.
 SPARSEK_API std::string sparsek_sort_key_spans(const SortKeySpansParams& params, void* stream);
 
-// The order of the backward's keys (KeyOrder's value: 1 last-row, 2 kd, 3 bands):
+// The order of the backward's keys for T rows (KeyOrder's value: 1 last-row, 2 kd, 3 bands):
 // JAX_SPARSEK_KEY_ORDER where set (read at every call; -1 if it is not "bands", "kd" or
 // "last-row"), else bands. Bands need the dk/dv kernel that adds dq (dq_fused:
-// attention_bwd_reads_plan false); without it, unset and "bands" give kd.
-SPARSEK_API int sparsek_key_order(bool dq_fused);
+// attention_bwd_reads_plan false) and T <= 2^20 (KeyBands::kMaxBands of the default
+// height); without them, unset and "bands" give kd.
+SPARSEK_API int sparsek_key_order(bool dq_fused, int64_t seqlen_q);
 
 // The height of the backward's row bands for T rows: JAX_SPARSEK_KEY_BAND_ROWS where set
 // (read at every call; -1 where it is not KeyBands::valid_rows for T), else KeyBands::rows(T),

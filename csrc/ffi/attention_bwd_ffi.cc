@@ -163,16 +163,13 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   }
   // The key order, read before attention_bwd_prepare: with row bands it zeroes the dk, dv
   // and du accumulators the dk/dv kernel adds into.
-  int order = sparsek::sparsek_key_order(/*dq_fused=*/!reads_plan);
+  const int order = sparsek::sparsek_key_order(/*dq_fused=*/!reads_plan, p.seqlen_q);
   if (order < 0) {
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_ORDER must be bands, kd or last-row");
   }
   // A bad band height is an error in every order, as a bad span width is.
   int band_rows = sparsek::sparsek_key_band_rows(p.seqlen_q);
-  if (band_rows == 0 && order == static_cast<int>(sparsek::KeyOrder::kBands)) {
-    order = static_cast<int>(sparsek::KeyOrder::kKd);  // T too long for the default bands
-  }
   if (band_rows < 0) {
     return ffi::Error::InvalidArgument(
         "jax_sparsek_sparsek_bwd: JAX_SPARSEK_KEY_BAND_ROWS must be a power of two in [1024, "

@@ -160,10 +160,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   const int64_t row0 = band * rows;
   const int64_t row_end = min(p.seqlen_q, row0 + rows) - 1;  // the band's last row
   const int64_t reach = min(p.seqlen_k, row_end + offset + 1);  // keys its rows can see
-  int64_t band_begin = 0;
-  for (int64_t b = 0; b < band; ++b) {
-    band_begin += KeyBands::capacity(b, p.seqlen_q, p.seqlen_k, rows);
-  }
+  const int64_t band_begin = KeyBands::offset(band, p.seqlen_q, p.seqlen_k, rows);
   const int64_t capacity = KeyBands::capacity(band, p.seqlen_q, p.seqlen_k, rows);
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
     const int64_t out0 = bh * p.stride + band_begin;
@@ -623,13 +620,15 @@ std::string check_params(const SortKeySpansParams& p) {
 
 int sparsek_slice_order() { return requested_slice_order(); }
 
-int sparsek_key_order(bool dq_fused) {
+int sparsek_key_order(bool dq_fused, int64_t seqlen_q) {
   const int requested = requested_key_order();
   if (requested < 0) return requested;
   const int bands = static_cast<int>(KeyOrder::kBands);
   if (requested == 0 || requested == bands) {
-    // Bands need the dk/dv kernel that adds dq (its atomics); the deterministic path keeps kd.
-    return dq_fused ? bands : static_cast<int>(KeyOrder::kKd);
+    // Bands need the dk/dv kernel that adds dq (its atomics), and a T that the default height
+    // cuts into at most kMaxBands bands; otherwise kd.
+    const bool fits = KeyBands::valid_rows(KeyBands::rows(seqlen_q), seqlen_q);
+    return dq_fused && fits ? bands : static_cast<int>(KeyOrder::kKd);
   }
   return requested;
 }

@@ -124,14 +124,18 @@ struct KeyBands {
                              : seqlen_k;
     return (keys + kSpan - 1) / kSpan * kSpan;
   }
+  // Band `band`'s first entry in a (batch, kv head) row of the results (the capacities of the
+  // bands before it).
+  SPARSEK_HOST_DEVICE static inline int64_t offset(int64_t band, int64_t seqlen_q,
+                                                   int64_t seqlen_k, int64_t band_rows) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < band; ++b) total += capacity(b, seqlen_q, seqlen_k, band_rows);
+    return total;
+  }
   // Entries of all bands (a (batch, kv head) row of the results).
   SPARSEK_HOST_DEVICE static inline int64_t stride(int64_t seqlen_q, int64_t seqlen_k,
                                                    int64_t band_rows) {
-    int64_t total = 0;
-    for (int64_t b = 0; b < count(seqlen_q, band_rows); ++b) {
-      total += capacity(b, seqlen_q, seqlen_k, band_rows);
-    }
-    return total;
+    return offset(count(seqlen_q, band_rows), seqlen_q, seqlen_k, band_rows);
   }
   // The band of entry `entry` of a row (below stride), and its first entry.
   SPARSEK_HOST_DEVICE static inline int64_t band_of(int64_t entry, int64_t seqlen_q,
