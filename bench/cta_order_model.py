@@ -12,7 +12,16 @@ tiles, batch): the new one for plain causal grids and the SparseK dk/dv grid).
    from bench/sparsek_bwd_visit_model.py (64-key slices of 1024-key spans sorted by last row,
    64-row steps, one kv head's random scores each), work = row steps + 1.
 
-    python bench/cta_order_model.py [--sms 132] [--sparsek]
+ - `--bands`: the row bands' dk/dv grid (sort_key_spans.h, KeyOrder::kBands; 2048-row bands
+   at 8k and 32k, 8192 at 128k), each kv head's slices in the slice order (first row tile,
+   then last row tile descending) from bench/sparsek_bwd_visit_model.py's band_slices, work
+   = 4 (query heads) x row tiles + FIXED (a CTA's fixed costs, in steps) a visiting slice and
+   EMPTY a CTA past a head's visiting slices. Orders: head-major over each head's capacity
+   (the empty CTAs after each head's slices), tile-major, and the CTA list (BandCtas in
+   sort_key_spans.h: every head's visiting slices head by head, the last `--tail` of them
+   longest first, the empty CTAs last), and the whole list longest first.
+
+    python bench/cta_order_model.py [--sms 132] [--sparsek] [--bands [--tail 528]]
 """
 from __future__ import annotations
 
@@ -66,11 +75,45 @@ def sparsek_dkdv_groups(seq, sigma, heads_kv=8, group=4, topk=2048, window=512, 
     return groups
 
 
+FIXED, EMPTY = 2.0, 0.3  # steps: a visiting CTA's fixed costs, an empty CTA's whole time
+
+
+def band_grid_orders(seq, sigma, band_rows, tail, sms, heads_kv=8, group=4, topk=2048,
+                     window=512, seed=0):
+    """makespan / (visiting work / SMs) of the row bands' grid in each order."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import sparsek_bwd_visit_model as visit_model
+    rng = np.random.default_rng(seed)
+    heads, launched = [], 0
+    for _ in range(heads_kv):
+        u = (sigma * rng.standard_normal(seq)).astype(np.float32)
+        tau, _ = visit_model.row_thresholds(u, topk, window, 256)
+        first, last, launched, _ = visit_model.band_slices(u, tau, window, band_rows, 128, 64)
+        order = np.lexsort((-last, first))  # the slice order
+        heads.append(list((last[order] - first[order] + 1) * group + FIXED))
+    empty = [[EMPTY] * (launched - len(h)) for h in heads]
+    ideal = sum(map(sum, heads)) / sms
+    head_major = [w for h, e in zip(heads, empty) for w in h + e]
+    ranks = max(len(h) + len(e) for h, e in zip(heads, empty))
+    padded = [h + e for h, e in zip(heads, empty)]
+    tile_major = [p[r] for r in range(ranks) for p in padded if r < len(p)]
+    listed = [w for h in heads for w in h]
+    cut = max(0, len(listed) - tail)
+    cta_list = listed[:cut] + sorted(listed[cut:], reverse=True) + [w for e in empty for w in e]
+    longest_first = sorted(listed, reverse=True) + [w for e in empty for w in e]
+    return [makespan(order, sms) / ideal
+            for order in (head_major, tile_major, cta_list, longest_first)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sms", type=int, default=132)
     parser.add_argument("--sparsek", action="store_true",
                         help="also the SparseK dk/dv grid (about a minute)")
+    parser.add_argument("--bands", action="store_true",
+                        help="also the row bands' dk/dv grid in its orders (a few minutes)")
+    parser.add_argument("--tail", type=int, default=528,
+                        help="the CTA list's entries at its end longest first (4 waves)")
     args = parser.parse_args()
     print(f"makespan / ideal on {args.sms} SMs")
     print(f"{'grid':62s} {'head-major':>10s} {'tile-major':>10s}")
@@ -82,6 +125,17 @@ def main():
             for sigma in (1.0, 4.0):
                 report(f"SparseK dk/dv S={seq} sigma {sigma:g}",
                        sparsek_dkdv_groups(seq, sigma), 8, args.sms)
+    if args.bands:
+        print(f"\nRow bands' dk/dv grid, makespan / (visiting work / SMs); a visiting CTA "
+              f"{FIXED:g} steps of fixed costs, an empty one {EMPTY:g}")
+        print(f"{'grid':36s} {'head-major':>10s} {'tile-major':>10s} {'CTA list':>10s} "
+              f"{'longest 1st':>11s}")
+        for seq, band_rows in ((8192, 2048), (32768, 2048), (131072, 8192)):
+            for sigma in (1.0, 4.0):
+                ratios = band_grid_orders(seq, sigma, band_rows, args.tail, args.sms)
+                print(f"{f'S={seq} sigma {sigma:g} ({band_rows}-row bands)':36s} " +
+                      " ".join(f"{r:10.3f}" for r in ratios[:3]) + f" {ratios[3]:11.3f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

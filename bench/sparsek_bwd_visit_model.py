@@ -193,22 +193,22 @@ def visited_pairs(u: np.ndarray, tau: np.ndarray, span: int, window: int, block_
     return float((steps * block_m * block_n).sum()), int(sk.shape[0]), num_rows, min_key
 
 
-def band_visited_pairs(u: np.ndarray, tau: np.ndarray, window: int, band_rows: int,
-                       block_n: int, block_m: int, span: int = 4096):
+def band_slices(u: np.ndarray, tau: np.ndarray, window: int, band_rows: int, block_n: int,
+                block_m: int, span: int = 4096):
     """Row bands (selection/sort_key_spans.h, KeyOrder::kBands; T = S): the rows cut into
     bands of band_rows, each key's rows [its position, its last row] into one piece a band
     they meet; a band's pieces in position order, kd_order of (first row in the band, last
     row in the band) in spans of `span` entries, slices of block_n entries, each visiting its
-    pieces' rows in whole block_m steps. Returns the visited pairs, the slices with pieces,
-    the slices the grid launches (every band's capacity: its reach rounded up to `span`,
-    KeyBands::capacity) and the pieces a key (mean)."""
+    pieces' rows in whole block_m steps. Returns each slice's first and last row tile (band
+    by band, in list order), the slices the grid launches (every band's capacity: its reach
+    rounded up to `span`, KeyBands::capacity) and the pieces a key (mean)."""
     seq = u.size
     pos = np.arange(seq)
     sparse_last = np.searchsorted(tau, u, side="left") - 1
     sparse_last = np.where(np.isfinite(u), sparse_last, -1)
     last = np.minimum(np.maximum(sparse_last, pos + window - 1) if window > 0 else sparse_last,
                       seq - 1)
-    visited, slices, launched, pieces = 0, 0, 0, 0
+    first_tiles, last_tiles, launched, pieces = [], [], 0, 0
     for row0 in range(0, seq, band_rows):
         row_end = min(seq, row0 + band_rows) - 1
         keep = (pos <= row_end) & (last >= row0) & (last >= pos)
@@ -221,11 +221,19 @@ def band_visited_pairs(u: np.ndarray, tau: np.ndarray, window: int, band_rows: i
             order = kd_order(st, en, block_n, pairs_by_end=True)
             st, en = st[order], en[order]
             for b in range(0, st.size, block_n):
-                lo = int(st[b:b + block_n].min())
-                lo -= lo % block_m
-                visited += -(-(int(en[b:b + block_n].max()) - lo + 1) // block_m) * block_m * block_n
-                slices += 1
-    return float(visited), slices, launched, pieces / seq
+                first_tiles.append(int(st[b:b + block_n].min()) // block_m)
+                last_tiles.append(int(en[b:b + block_n].max()) // block_m)
+    return np.array(first_tiles), np.array(last_tiles), launched, pieces / seq
+
+
+def band_visited_pairs(u: np.ndarray, tau: np.ndarray, window: int, band_rows: int,
+                       block_n: int, block_m: int, span: int = 4096):
+    """The (key, row) pairs the row bands' slices visit (band_slices), the slices with
+    pieces, the slices the grid launches and the pieces a key (mean)."""
+    first, last, launched, per_key = band_slices(u, tau, window, band_rows, block_n, block_m,
+                                                 span)
+    visited = float(((last - first + 1) * block_m * block_n).sum())
+    return visited, int(first.size), launched, per_key
 
 
 def cluster_tile_reads(row_lo: np.ndarray, num_rows: np.ndarray, cluster: int, block_m: int):

@@ -149,8 +149,13 @@ _SETTING_CASES = [
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
         ("JAX_SPARSEK_BWD_CLUSTER", ["2", "4", "8"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T400_K500_W8_mha_d128"]),
-        # The dk/dv grid tile-major with row bands (head-major is their default).
-        ("JAX_SPARSEK_BWD_GRID", ["tiles"],
+        # The dk/dv grid of every band's capacity, tile-major or head-major, with row bands
+        # (the CTA list is their default).
+        ("JAX_SPARSEK_BWD_GRID", ["tiles", "heads"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
+        # Every step through both warpgroups' products (skipping a warpgroup's steps whose
+        # rows see none of its keys is the default).
+        ("JAX_SPARSEK_BWD_SKIP_HALVES", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
         # Everything on the caller's stream (the side stream is the default).
         ("JAX_SPARSEK_SIDE_STREAM", ["0"],
@@ -201,14 +206,17 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
      "T300_K40_W16_gqa4_d128"),
     ("JAX_SPARSEK_BWD_CLUSTER", "3", "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8",
      "T1100_S2600_K96_W40_gqa8_d128"),
-    ("JAX_SPARSEK_BWD_GRID", "rows", "JAX_SPARSEK_BWD_GRID must be tiles or heads",
+    ("JAX_SPARSEK_BWD_GRID", "rows", "JAX_SPARSEK_BWD_GRID must be list, tiles or heads",
+     "T1100_S2600_K96_W40_gqa8_d128"),
+    ("JAX_SPARSEK_BWD_SKIP_HALVES", "yes", "JAX_SPARSEK_BWD_SKIP_HALVES must be 1 or 0",
      "T1100_S2600_K96_W40_gqa8_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
     """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER or
     JAX_SPARSEK_SLICE_ORDER that is not an order it has, a JAX_SPARSEK_KEY_BAND_ROWS that is
     not a band height it takes, a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the
-    launcher takes, or a JAX_SPARSEK_BWD_GRID that is not a grid order: an error naming it."""
+    launcher takes, a JAX_SPARSEK_BWD_GRID that is not a grid order, or a
+    JAX_SPARSEK_BWD_SKIP_HALVES that is not 1 or 0: an error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)

@@ -2,10 +2,11 @@
 visit model's orders (bench/sparsek_bwd_visit_model.py: kd_order with pairs_by_end, and last
 row descending), entry for entry, and its slice order (sort_key_spans.h: the slices by first
 row tile, then last row tile descending, in kd order; the identity in last-row order); and
-the row bands' lists (each band's pieces, kd-ordered by first and last row in the band). The gradients do not depend on the order (test_backward_gpu.py covers
-them under both), so this is where a sort that loses the kd order, or a slice whose first
-entry does not hold its latest last row, fails. Skipped without a CUDA GPU visible to torch
-and the compiled kernels.
+the row bands' lists (each band's pieces, kd-ordered by first and last row in the band) and
+the dk/dv grid's CTA list over them. The gradients do not depend on the order
+(test_backward_gpu.py covers them under both), so this is where a sort that loses the kd
+order, or a slice whose first entry does not hold its latest last row, fails. Skipped
+without a CUDA GPU visible to torch and the compiled kernels.
 """
 from __future__ import annotations
 
@@ -42,11 +43,16 @@ def last_rows(u, tau, window, seqlen_k):
     return last
 
 
-def run_sort(u, tau, window, span, order, band_rows=0):
+def run_sort(u, tau, window, span, order, band_rows=0, tail_ctas=None):
+    """The sort's results; with tail_ctas (row bands) also the visiting slices' counts and
+    the CTA list (its length, then its entries), tail_ctas of it longest first."""
     ext = _C.extension()
     bh, seqlen_k = u.shape
     stride = ext.key_span_stride(tau.shape[1], seqlen_k)
     key_last_row = torch.empty((bh, seqlen_k), dtype=torch.int32, device="cuda")
+    visiting = torch.full((bh,), -7, dtype=torch.int32, device="cuda")
+    band_ctas = torch.full((1 + bh * stride // SLICE,), -7, dtype=torch.int32, device="cuda")
+    with_list = tail_ctas is not None
     key_u = torch.from_numpy(u).cuda()
     tau_d = torch.from_numpy(tau).cuda()
     # Poisoned: every entry the sort owns must be written.
@@ -58,18 +64,21 @@ def run_sort(u, tau, window, span, order, band_rows=0):
         key_u.data_ptr(), tau_d.data_ptr(), sorted_u.data_ptr(), sorted_key.data_ptr(),
         last_row.data_ptr(), slice_order.data_ptr(), bh, tau.shape[1], seqlen_k, window, span,
         order, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
-        band_rows, key_last_row.data_ptr())
+        band_rows, key_last_row.data_ptr(), visiting.data_ptr() if with_list else 0,
+        band_ctas.data_ptr() if with_list else 0, tail_ctas if with_list else -1)
     torch.cuda.synchronize()
-    return (sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy(),
-            slice_order.cpu().numpy())
+    results = (sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy(),
+               slice_order.cpu().numpy())
+    if with_list:
+        results += (visiting.cpu().numpy(), band_ctas.cpu().numpy())
+    return results
 
 
-def expected_slice_order(keys, last, seqlen_k, seqlen_q, row_floor=None):
-    """The slices (SLICE entries of the sorted keys and last rows) by first 64-row tile, then
-    last tile descending, then slice; slices that visit no row last. row_floor: each slice's
-    first row at least this (row bands: its band's first row)."""
-    first_tile, last_desc = [], []
-    field_max = (1 << 20) - 1
+def slice_tiles(keys, last, seqlen_k, seqlen_q, row_floor=None):
+    """Each slice's (SLICE entries of the sorted keys and last rows) first and last 64-row
+    tile, None for a slice that visits no row. row_floor: each slice's first row at least
+    this (row bands: its band's first row)."""
+    tiles = []
     for s in range(keys.size // SLICE):
         k = keys[s * SLICE:(s + 1) * SLICE]
         k = k[k >= 0]
@@ -77,12 +86,19 @@ def expected_slice_order(keys, last, seqlen_k, seqlen_q, row_floor=None):
         if first_row is not None and row_floor is not None:
             first_row = max(first_row, int(row_floor[s]))
         end = int(last[s * SLICE])
-        if first_row is None or end < first_row:
-            first_tile.append(field_max)
-            last_desc.append(0)
-        else:
-            first_tile.append(first_row // 64)
-            last_desc.append(field_max - 1 - end // 64)
+        tiles.append(None if first_row is None or end < first_row
+                     else (first_row // 64, end // 64))
+    return tiles
+
+
+def expected_slice_order(keys, last, seqlen_k, seqlen_q, row_floor=None):
+    """The slices by first 64-row tile, then last tile descending, then slice; slices that
+    visit no row last."""
+    first_tile, last_desc = [], []
+    field_max = (1 << 20) - 1
+    for t in slice_tiles(keys, last, seqlen_k, seqlen_q, row_floor):
+        first_tile.append(field_max if t is None else t[0])
+        last_desc.append(0 if t is None else field_max - 1 - t[1])
     slices = np.arange(len(first_tile))
     return np.lexsort((slices, np.array(last_desc), np.array(first_tile)))
 
@@ -164,19 +180,22 @@ def test_band_sort_matches_the_model(seqlen_k, seqlen_q, window, band_rows):
     """Row bands (sort_key_spans.h, KeyOrder::kBands): each band's list holds exactly the keys
     a row of the band attends, each last row clipped to the band, in kd order of (first row
     in the band, last row) span by span (KeyBands::kSpan entries of the list), then padding;
-    and the slices by first row tile, no slice starting before its band."""
+    the slices by first row tile, no slice starting before its band; the visiting slices'
+    count; and the dk/dv grid's CTA list (BandCtas) with its tail longest first."""
     ext = _C.extension()
     rng = np.random.default_rng(seqlen_k + seqlen_q + window + band_rows)
     bh = 2
     u = rng.standard_normal((bh, seqlen_k)).astype(np.float32)
     u[rng.random((bh, seqlen_k)) < 0.1] = -np.inf
     tau = np.sort(rng.uniform(-2.5, 3.0, (bh, seqlen_q)).astype(np.float32), axis=1)
-    got_u, got_key, got_last, got_order = run_sort(u, tau, window, BAND_SPAN, "bands",
-                                                   band_rows)
+    tail = 5 + band_rows // 1024  # fewer than the visiting slices: the list's tail sorts
+    got_u, got_key, got_last, got_order, got_visiting, got_list = run_sort(
+        u, tau, window, BAND_SPAN, "bands", band_rows, tail_ctas=tail)
     capacities = ext.key_band_layout(seqlen_q, seqlen_k, band_rows)
     offset = seqlen_k - seqlen_q
     positions = np.arange(seqlen_k)
     first_rows = np.maximum(0, positions - offset)
+    slice_rows = []  # each head's visiting slices' row tiles, in the slice order
     for b in range(bh):
         last = last_rows(u[b], tau[b], window, seqlen_k)
         begin = 0
@@ -213,3 +232,22 @@ def test_band_sort_matches_the_model(seqlen_k, seqlen_q, window, band_rows):
                                     seqlen_q, row_floor=np.array(row_floor))
         np.testing.assert_array_equal(got_order[b, :begin // SLICE], want,
                                       err_msg=f"batch head {b}: slice order")
+        tiles = slice_tiles(got_key[b, :begin], got_last[b, :begin], seqlen_k, seqlen_q,
+                            row_floor=np.array(row_floor))
+        visits = [tiles[slice] is not None for slice in want]
+        count = sum(visits)
+        assert all(visits[:count]) and not any(visits[count:]), f"batch head {b}"
+        assert got_visiting[b] == count, f"batch head {b}: visiting slices"
+        slice_rows.append([tiles[slice][1] - tiles[slice][0] + 1 for slice in want[:count]])
+    # The CTA list: every head's visiting ranks head by head, the last `tail` of them by row
+    # tiles descending (ties in list order).
+    slices_stride = got_order.shape[1]
+    entries = [b * slices_stride + r for b in range(bh) for r in range(len(slice_rows[b]))]
+    rows = [n for b in range(bh) for n in slice_rows[b]]
+    cut = max(0, len(entries) - tail)
+    last = sorted(range(cut, len(entries)), key=lambda i: (-rows[i], i))
+    want_list = entries[:cut] + [entries[i] for i in last]
+    assert got_list[0] == len(want_list), "the CTA list's length"
+    np.testing.assert_array_equal(got_list[1:1 + len(want_list)], want_list,
+                                  err_msg="the CTA list")
+    assert len(set(rows[cut:])) > 1, "the case sorts nothing in the list's tail"

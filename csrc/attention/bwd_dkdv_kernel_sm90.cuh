@@ -72,6 +72,9 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   static_assert(!Cfg::kFuseDq || Cfg::kWarpSpecialized,
                 "the fused kernel hands dS between its warpgroups by mbarriers");
   constexpr bool kSumRows = Cfg::kRowPartialsInSmem;  // SparseK with dq fused
+  // SparseK with dq fused: steps whose rows see none of a warpgroup's keys skip its work
+  // (p.skip_idle_halves).
+  constexpr bool kSkipIdleHalves = kSumRows && Cfg::kPingPong;
 #ifdef SPARSEK_SM90_KERNEL_BODY
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -99,8 +102,14 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   uint64_t* ds_empty = ds_full + Cfg::kDsStages;
   constexpr bool kWs = Cfg::kWarpSpecialized;
 
-  // Key tiles in order: under causal masking the first tiles see the most query rows.
-  const CtaCoords cta = cta_coords<QueryVisit::kGridOrder>(p);
+  // Key tiles in order: under causal masking the first tiles see the most query rows. Row
+  // bands: the CTA list's entry, where the launcher runs it (the CTAs past it leave).
+  CtaCoords cta;
+  if (QueryVisit::kSparseK && p.band_ctas) {
+    if (!band_list_coords(p, p.band_ctas, p.key_span_stride / KeySpans::kKdLeaf, cta)) return;
+  } else {
+    cta = cta_coords<QueryVisit::kGridOrder>(p);
+  }
   const int tile = cta.rank;
   const int kv_head = cta.head;
   const int64_t batch = cta.batch;
@@ -123,9 +132,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_batch_stride +
                      kv_head * p.v_head_stride;
 
-  // Row bands: the ranks past the slices that visit rows (the slice order puts them last)
-  // add nothing to the zeroed accumulators: the CTA leaves before any other load.
-  if (QueryVisit::kSparseK && p.key_band_rows > 0 && p.visiting_slices &&
+  // Row bands on a grid of every band's capacity: the ranks past the slices that visit rows
+  // (the slice order puts them last) add nothing to the zeroed accumulators: the CTA leaves
+  // before any other load (the CTA list holds no such rank).
+  if (QueryVisit::kSparseK && p.key_band_rows > 0 && p.visiting_slices && !p.band_ctas &&
       tile >= p.visiting_slices[batch_head]) {
     return;
   }
@@ -395,6 +405,45 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     float dpt[Cfg::kMTiles][Cfg::kNTilesS][4];
     if constexpr (Cfg::kPingPong) {
       sm90::named_barrier_sync<Cfg::kNConsumerThreads>(kTurnBarrier0 + wg);
+    }
+    if constexpr (kSkipIdleHalves) {
+      // A step none of whose rows sees this warpgroup's keys (the visit's halves): P^T and
+      // dS^T are 0 there, and du gains nothing. The warpgroup issues no product and computes
+      // no gate; it writes the zeros that dq's dS and the row partials expect of it, issues
+      // its half of the previous step's dq, and keeps every barrier of the step.
+      if (p.skip_idle_halves && !visit.half_sees_rows(wg, row0, Cfg::kBlockM)) {
+        hand_over_turn(step);
+        wait_ds_stage_free(step);
+        float* s_partials =
+            s_row_partials + (step % Cfg::kDsStages) * Cfg::kBlockM * Cfg::kRowPartialsPitch;
+#pragma unroll
+        for (int nt = 0; nt < Cfg::kNTilesS; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = nt * 8 + (lane & 3) * 2 + c;
+            s_partials[col * Cfg::kRowPartialsPitch + warp * 8 + (lane >> 2)] = 0.f;
+          }
+        }
+        const int ds_stage = step % Cfg::kDsStages;
+        const uint32_t zero_ds[Cfg::kKStepsPV][4] = {};
+        sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(
+            sdS + ds_stage * Cfg::kSmemDsStageElems, zero_ds, warp * 16, lane);
+        sm90::fence_async_shared();
+        sm90::mbarrier_arrive(ds_full + ds_stage);
+        if (step > 0) {
+          float acc_dq[Cfg::kDqDims / 8][4];
+          issue_dq(acc_dq, step - 1);
+          sum_row_partials(prev, step - 1);
+          sm90::wgmma_wait<0>();
+          sm90::fence_registers(acc_dq);
+          sm90::release_to_producer(ds_empty + (step - 1) % Cfg::kDsStages, lane);
+          add_dq(acc_dq, prev);
+        }
+        sm90::release_to_producer(q_empty + stage, lane);
+        prev = at;
+        at = next;
+        continue;
+      }
     }
     sm90::wgmma_fence();
     sm90::issue_kmajor_product<Element, Cfg::kBlockM, Cfg::kKStepsQK,

@@ -156,18 +156,27 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
           : key_span_count(p.seqlen_k, p.key_span) * (p.key_span / DkDvCfg::kBlockN);
   int sms = 0;
   SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
-  // The SparseK dk/dv grid's order (cta_order.h): tile-major for the span orders, head-major
-  // with row bands, unless JAX_SPARSEK_BWD_GRID says which.
+  // The SparseK dk/dv grid's order (cta_order.h): tile-major for the span orders, the CTA
+  // list with row bands (head-major where there is none), unless JAX_SPARSEK_BWD_GRID says
+  // which.
   bool sparsek_tile_major = p.key_band_rows == 0;
+  bool band_cta_list = p.sparsek && p.key_band_rows > 0 && p.band_ctas && dq_accum;
   if (p.sparsek) {
     const int requested = requested_bwd_grid();
-    if (requested < 0) return "JAX_SPARSEK_BWD_GRID must be tiles or heads";
-    if (requested != 0) sparsek_tile_major = requested == 1;
+    if (requested < 0) return "JAX_SPARSEK_BWD_GRID must be list, tiles or heads";
+    if (requested == 1 || requested == 2) {
+      sparsek_tile_major = requested == 1;
+      band_cta_list = false;
+    }
   }
   // SparseK with dq fused (the Hopper kernel; only it takes dq_accum): the dk/dv grid in
-  // clusters along its tiles.
+  // clusters along its tiles, and the warpgroups' idle steps skipped unless asked not to.
   int cluster = 1;
+  bool skip_idle_halves = false;
   if (p.sparsek && dq_accum) {
+    const int skip = requested_bwd_skip_halves();
+    if (skip < 0) return "JAX_SPARSEK_BWD_SKIP_HALVES must be 1 or 0";
+    skip_idle_halves = skip == 1;
     const int requested = requested_bwd_cluster();
     if (requested < 0) return "JAX_SPARSEK_BWD_CLUSTER must be 1, 2, 4 or 8";
     cluster = requested > 0 ? requested : kSparseKDkDvClusterCtas;
@@ -175,11 +184,23 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
       return "the SparseK dk/dv cluster must divide a key span's slices";
     }
   }
+  if (band_cta_list) {
+    // One 1-D grid of every (batch, kv head)'s capacity (the list fits int32: BandCtas::fits),
+    // in clusters along it.
+    AttentionBwdParams whole = p;
+    whole.tile_major_grid = false;
+    whole.skip_idle_halves = skip_idle_halves;
+    return launch_dkdv(dkdv_kernel, dim3(static_cast<unsigned>(p.batch * p.heads_kv * key_tiles)),
+                       /*tile_major=*/false, cluster, DkDvCfg::kNThreads, dkdv_smem, stream,
+                       whole, delta, mean, dq_accum);
+  }
   // gridDim.y and z are at most 65535: larger batches go in several launches.
   constexpr int64_t kMaxBatchPerLaunch = 65535;
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxBatchPerLaunch) {
     const int64_t count = std::min(kMaxBatchPerLaunch, p.batch - b0);
     AttentionBwdParams chunk = batch_slice<Element>(p, b0, count);
+    chunk.band_ctas = nullptr;  // the grids below, not the CTA list
+    chunk.skip_idle_halves = skip_idle_halves;
     // Each grid picks its CTA order from its own tile count: the flag is set per launch.
     const int64_t rows = b0 * p.heads_q * p.seqlen_q;
     float* chunk_delta = delta + rows;

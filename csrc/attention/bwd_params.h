@@ -63,6 +63,10 @@ struct AttentionBwdParams {
   // With slice_order: how many of a (batch, kv head)'s ranks take slices that visit rows,
   // [B * Hkv] (sort_key_spans.h); with row bands the CTAs past it leave at once. May be null.
   const int32_t* visiting_slices = nullptr;
+  // Row bands: the dk/dv grid's CTA list (sort_key_spans.h, BandCtas: its length, then
+  // bh * (key_span_stride / kKdLeaf) + rank a CTA), which the launcher runs as one 1-D grid
+  // unless JAX_SPARSEK_BWD_GRID asks for the tiles or heads grid. May be null.
+  const int32_t* band_ctas = nullptr;
   int64_t key_span = 0;         // the span width (1024, 2048, 4096 or 8192)
   int64_t key_span_stride = 0;  // KeySpanLayout::make(B * Hkv, T, S).stride
   // Row bands (sort_key_spans.h, KeyOrder::kBands): the band height, 0 for spans. The entries
@@ -74,8 +78,11 @@ struct AttentionBwdParams {
   float* dk_accum = nullptr;
   float* dv_accum = nullptr;
 
-  // Set by the launcher, not by callers: the grids' CTA order (cta_order.h).
+  // Set by the launcher, not by callers: the grids' CTA order (cta_order.h); whether the
+  // SparseK dk/dv kernel that adds dq skips a warpgroup's work on the steps whose rows see
+  // none of its keys (JAX_SPARSEK_BWD_SKIP_HALVES, on by default).
   bool tile_major_grid = false;
+  bool skip_idle_halves = false;
 
   // workspace_bytes (at least attention_bwd_min_workspace_bytes(...); 0 means that many) of
   // device memory, 256-byte aligned, for the backward's own intermediates (row sums such as

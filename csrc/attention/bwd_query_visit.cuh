@@ -113,17 +113,22 @@ struct SparseKQueryVisit {
   static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
   static_assert(KeySpans::kMinKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
-  // Shared memory: key [kBlockN], u [kBlockN], then 2 ints for the reductions.
+  // Shared memory: key [kBlockN], u [kBlockN], then 4 ints for the reductions.
   int* s_key;
   float* s_u;
   int window;
   int row_offset;
   int max_key;  // the tile's largest key position (-1: padding entries only)
   int row_lo, num_rows;
+  // Each half's (kBlockN / 2 entries: a warpgroup's keys in the Hopper kernel) first row (its
+  // smallest key's, clipped as row_lo) and last row (its first entry's: the sort puts a
+  // slice's latest last rows first, so the second half's first entry holds its latest);
+  // rows outside see none of the half's keys. A half of padding only: first > last.
+  int half_first_row0, half_first_row1, half_last_row0, half_last_row1;
 
   template <typename Params>
   static size_t smem_bytes(const Params&) {
-    return 2 * Cfg::kBlockN * sizeof(int) + 2 * sizeof(int);
+    return 2 * Cfg::kBlockN * sizeof(int) + 4 * sizeof(int);
   }
 
   template <typename Params>
@@ -133,7 +138,7 @@ struct SparseKQueryVisit {
         s_u(reinterpret_cast<float*>(s_key + Cfg::kBlockN)),
         window(static_cast<int>(p.window)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
-    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key, max key
+    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key of each half, max key, (unused)
     // The slice this CTA takes: the span sort's slice order where given (128-entry tiles).
     int slice = tile;
     if constexpr (Cfg::kBlockN == KeySpans::kKdLeaf) {
@@ -150,36 +155,61 @@ struct SparseKQueryVisit {
       s_key[t] = key;
       s_u[t] = p.span_sorted_u[entry0 + t];
     }
+    constexpr int kHalf = Cfg::kBlockN / 2;
     if (t == 0) {
-      s_bounds[0] = INT_MAX;
-      s_bounds[1] = -1;
+      s_bounds[0] = s_bounds[1] = INT_MAX;
+      s_bounds[2] = -1;
     }
     __syncthreads();
     if (key >= 0) {
-      atomicMin(&s_bounds[0], key);
-      atomicMax(&s_bounds[1], key);
+      atomicMin(&s_bounds[t / kHalf], key);
+      atomicMax(&s_bounds[2], key);
     }
     const int64_t last_row = p.span_last_row[entry0];  // the tile's latest, at most T - 1
+    const int64_t half_last = p.span_last_row[entry0 + kHalf];  // the second half's
     __syncthreads();
-    const int64_t min_key = s_bounds[0];
-    max_key = s_bounds[1];
+    const int64_t half_min_key[2] = {s_bounds[0], s_bounds[1]};
+    const int64_t min_key = min(half_min_key[0], half_min_key[1]);
+    max_key = s_bounds[2];
+    half_first_row0 = half_first_row1 = 1;
+    half_last_row0 = half_last_row1 = 0;
     if (max_key < 0) {  // a tile of padding entries only
       row_lo = 0;
       num_rows = 0;
       return;
     }
     const int64_t offset = p.seqlen_k - p.seqlen_q;
-    int64_t lo = max(int64_t{0}, min_key - offset);
+    // Row bands: the slice's pieces cover its band's rows only (the sort clipped their last
+    // rows to the band's).
+    int64_t band_row0 = 0;
     if (p.key_band_rows > 0) {
-      // Row bands: the slice's pieces cover its band's rows only (the sort clipped their last
-      // rows to the band's).
       int64_t band_begin = 0;
-      lo = max(lo, KeyBands::band_of(int64_t{slice} * Cfg::kBlockN, p.seqlen_q, p.seqlen_k,
-                                     p.key_band_rows, band_begin) *
-                       p.key_band_rows);
+      band_row0 = KeyBands::band_of(int64_t{slice} * Cfg::kBlockN, p.seqlen_q, p.seqlen_k,
+                                    p.key_band_rows, band_begin) *
+                  p.key_band_rows;
     }
+    const int64_t lo = max(max(int64_t{0}, min_key - offset), band_row0);
     row_lo = static_cast<int>(lo);
     num_rows = static_cast<int>(max(int64_t{0}, last_row - lo + 1));
+    auto first_row_of = [&](int64_t key) {
+      return static_cast<int>(max(max(int64_t{0}, key - offset), band_row0));
+    };
+    if (half_min_key[0] != INT_MAX) {
+      half_first_row0 = first_row_of(half_min_key[0]);
+      half_last_row0 = static_cast<int>(last_row);
+    }
+    if (half_min_key[1] != INT_MAX) {
+      half_first_row1 = first_row_of(half_min_key[1]);
+      half_last_row1 = static_cast<int>(half_last);
+    }
+  }
+
+  // Whether any row of [row0, row0 + rows) sees a key of half h (a warpgroup's keys; scalar
+  // members and selects, so that a runtime h indexes no local memory).
+  __device__ __forceinline__ bool half_sees_rows(int h, int row0, int rows) const {
+    const int first = h == 0 ? half_first_row0 : half_first_row1;
+    const int last = h == 0 ? half_last_row0 : half_last_row1;
+    return row0 + rows > first && row0 <= last;
   }
 
   template <typename Element>

@@ -108,6 +108,20 @@ __device__ __forceinline__ CtaCoords cta_coords(const Params& p) {
   return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
           static_cast<int>(blockIdx.y), static_cast<int64_t>(blockIdx.z)};
 }
+
+// The row bands' CTA list (selection/sort_key_spans.h, BandCtas; a 1-D grid): this CTA's
+// entry, bh * slices_stride + rank, as coordinates. False for a CTA at or past the list's
+// length, which has nothing to do.
+template <typename Params>
+__device__ __forceinline__ bool band_list_coords(const Params& p, const int32_t* band_ctas,
+                                                 int64_t slices_stride, CtaCoords& cta) {
+  if (static_cast<int64_t>(blockIdx.x) >= band_ctas[0]) return false;
+  const int64_t entry = band_ctas[1 + blockIdx.x];
+  const int64_t bh = entry / slices_stride;
+  cta = {static_cast<int>(entry - bh * slices_stride), static_cast<int>(slices_stride),
+         static_cast<int>(bh % p.heads_kv), bh / p.heads_kv};
+  return true;
+}
 #endif
 
 }  // namespace sparsek

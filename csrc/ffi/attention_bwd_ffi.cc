@@ -216,6 +216,12 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       slice_order
           ? reinterpret_cast<int32_t*>(span_workspace + span_layout.visiting_slices_offset)
           : nullptr;
+  // Row bands: the dk/dv grid's CTA list (needs the slice order's counts).
+  spans.band_ctas =
+      slice_order && order == static_cast<int>(sparsek::KeyOrder::kBands) &&
+              sparsek::BandCtas::fits(p.batch * p.heads_kv, span_layout.stride)
+          ? reinterpret_cast<int32_t*>(span_workspace + span_layout.band_ctas_offset)
+          : nullptr;
   spans.tau = row_tau;
   spans.seqlen_q = p.seqlen_q;
   spans.window = window;
@@ -242,6 +248,7 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   p.span_last_row = spans.span_last_row;
   p.slice_order = spans.slice_order;
   p.visiting_slices = spans.visiting_slices;
+  p.band_ctas = spans.band_ctas;
   p.key_span = spans.key_span;
   p.key_span_stride = span_layout.stride;
   if (std::string error = sparsek::attention_bwd_finish(p, stream); !error.empty()) {

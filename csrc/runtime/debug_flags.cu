@@ -76,7 +76,11 @@ int requested_key_band_rows() {
 
 int requested_slice_order() { return env_switch("JAX_SPARSEK_SLICE_ORDER", "start", "spans"); }
 
-int requested_bwd_grid() { return env_name_choice("JAX_SPARSEK_BWD_GRID", {"tiles", "heads"}); }
+int requested_bwd_grid() {
+  return env_name_choice("JAX_SPARSEK_BWD_GRID", {"tiles", "heads", "list"});
+}
+
+int requested_bwd_skip_halves() { return env_switch("JAX_SPARSEK_BWD_SKIP_HALVES", "1", "0"); }
 
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 

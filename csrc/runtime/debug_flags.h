@@ -49,10 +49,17 @@ int requested_slice_order();
 // holds anything else.
 int requested_bwd_cluster();
 
-// JAX_SPARSEK_BWD_GRID=tiles|heads: the SparseK dk/dv grid's CTA order (cta_order.h) instead
-// of tile-major for the span orders and head-major with row bands; read at every call
-// (benchmarks compare both). 0 when unset, 1 tiles, 2 heads, -1 when it holds anything else.
+// JAX_SPARSEK_BWD_GRID=list|tiles|heads: the SparseK dk/dv grid's CTA order (cta_order.h):
+// with row bands the CTA list (sort_key_spans.h, BandCtas; the default), or a tile-major or
+// head-major grid of every band's capacity; for the span orders tile-major (the default) or
+// head-major ("list" is their default). Read at every call (benchmarks compare them). 0 when
+// unset, 1 tiles, 2 heads, 3 list, -1 when it holds anything else.
 int requested_bwd_grid();
+
+// JAX_SPARSEK_BWD_SKIP_HALVES=1|0: the SparseK dk/dv kernel that adds dq skips a warpgroup's
+// products and gates on the steps whose rows see none of its 64 keys (1, the default), or
+// computes them (0: the comparison); read at every call. -1 when it holds anything else.
+int requested_bwd_skip_halves();
 
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "attention/cta_order.h"  // CtaOrder::sm_count
 #include "runtime/cuda_check.h"
 #include "runtime/debug_flags.h"
 #include "runtime/scoped_device.h"
@@ -462,9 +463,44 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   }
 }
 
+// The dk/dv kernel's row tile (kBlockM): the slice order and the CTA list count in it.
+constexpr int kRowTile = 64;
+
+// The rows a slice of (batch, kv head) bh visits in the dk/dv kernel: from the first row that
+// reaches its smallest key (max(0, key - (S - T)); with row bands no earlier than its band's
+// first row) to its first entry's last row; visits: whether that holds a row. A whole warp
+// calls it, and every lane gets the same.
+struct SliceRows {
+  int64_t first;
+  int64_t last;
+  bool visits;
+};
+__device__ __forceinline__ SliceRows slice_rows(const SortKeySpansParams& p,
+                                                int64_t span_stride, int64_t bh, int slice,
+                                                int lane) {
+  constexpr int kLeaf = KeySpans::kKdLeaf;
+  const int64_t entry0 = bh * span_stride + int64_t{slice} * kLeaf;
+  int min_key = INT_MAX;
+  for (int k = lane; k < kLeaf; k += 32) {
+    const int key_pos = p.span_sorted_key[entry0 + k];
+    if (key_pos >= 0) min_key = min(min_key, key_pos);
+  }
+  min_key = __reduce_min_sync(0xffffffffu, min_key);
+  SliceRows rows;
+  rows.first = max(int64_t{0}, int64_t{min_key} - (p.seqlen_k - p.seqlen_q));
+  if (p.band_rows > 0) {
+    int64_t band_begin = 0;
+    rows.first = max(rows.first, KeyBands::band_of(int64_t{slice} * kLeaf, p.seqlen_q,
+                                                   p.seqlen_k, p.band_rows, band_begin) *
+                                     p.band_rows);
+  }
+  rows.last = p.span_last_row[entry0];
+  rows.visits = min_key != INT_MAX && rows.last >= rows.first;
+  return rows;
+}
+
 // The slice order (sort_key_spans.h): one block a (batch, kv head). Each warp takes a slice at
-// a time: its smallest key (the first row that reaches it: max(0, key - (S - T))) and its
-// first entry's last row give its first and last 64-row tiles; then one bitonic sort of the
+// a time: its rows (slice_rows) give its first and last 64-row tiles; then one bitonic sort of the
 // keys (first tile | last tile, descending | slice; 20 bits each, tiles clamped) in shared
 // memory. Slices that visit no row (padding, or keys no row attends) go last. by_start false
 // (last-row order): the identity.
@@ -480,11 +516,9 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
     order_slices_kernel(SortKeySpansParams p, int64_t span_stride, int slices, int run,
                         bool by_start) {
   extern __shared__ uint64_t s_order[];  // [run], a power of two >= slices (by_start only)
-  constexpr int kLeaf = KeySpans::kKdLeaf;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warps = blockDim.x / 32;
-  const int64_t offset = p.seqlen_k - p.seqlen_q;
-  const int64_t slices_stride = span_stride / kLeaf;
+  const int64_t slices_stride = span_stride / KeySpans::kKdLeaf;
   for (int64_t bh = blockIdx.x; bh < p.batch_heads; bh += gridDim.x) {
     if (!by_start) {
       for (int rank = threadIdx.x; rank < slices; rank += blockDim.x) {
@@ -497,26 +531,12 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
     for (int slice = warp; slice < run; slice += warps) {
       uint64_t key = ~uint64_t{0};  // past the slices: last
       if (slice < slices) {
-        const int64_t entry0 = bh * span_stride + int64_t{slice} * kLeaf;
-        int min_key = INT_MAX;
-        for (int k = lane; k < kLeaf; k += 32) {
-          const int key_pos = p.span_sorted_key[entry0 + k];
-          if (key_pos >= 0) min_key = min(min_key, key_pos);
-        }
-        min_key = __reduce_min_sync(0xffffffffu, min_key);
-        int64_t first_row = max(int64_t{0}, int64_t{min_key} - offset);
-        if (p.band_rows > 0) {  // the slice's rows start no earlier than its band
-          int64_t band_begin = 0;
-          first_row = max(first_row, KeyBands::band_of(int64_t{slice} * kLeaf, p.seqlen_q,
-                                                       p.seqlen_k, p.band_rows, band_begin) *
-                                         p.band_rows);
-        }
-        const int last_row = p.span_last_row[entry0];
-        const bool visits_rows = min_key != INT_MAX && last_row >= first_row;
-        const uint64_t first_field =
-            visits_rows ? SliceOrderKey::field(first_row / 64) : SliceOrderKey::kFieldMax;
+        const SliceRows rows = slice_rows(p, span_stride, bh, slice, lane);
+        const uint64_t first_field = rows.visits ? SliceOrderKey::field(rows.first / kRowTile)
+                                                 : SliceOrderKey::kFieldMax;
         const uint64_t last_field =
-            visits_rows ? SliceOrderKey::kFieldMax - 1 - SliceOrderKey::field(last_row / 64) : 0;
+            rows.visits ? SliceOrderKey::kFieldMax - 1 - SliceOrderKey::field(rows.last / kRowTile)
+                        : 0;
         key = (first_field << (2 * SliceOrderKey::kBits)) |
               (last_field << SliceOrderKey::kBits) | static_cast<uint64_t>(slice);
       }
@@ -536,6 +556,70 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       }
     }
     if (p.visiting_slices && threadIdx.x == 0) p.visiting_slices[bh] = visiting;
+  }
+}
+
+// The row bands' CTA list (BandCtas, sort_key_spans.h), one block: band_ctas[0] the count,
+// then every (batch, kv head)'s visiting ranks of the slice order, head by head (a chunk of
+// kSortThreads heads' counts scanned at a time; each entry finds its head by a binary search
+// of the chunk's offsets); then the last `tail` entries re-sorted by row tiles descending,
+// ties in list order (a bitonic sort of `run` >= tail keys in shared memory).
+__global__ void __launch_bounds__(KeySpans::kSortThreads)
+    order_band_ctas_kernel(SortKeySpansParams p, int64_t span_stride, int slices, int tail,
+                           int run) {
+  constexpr int kThreads = KeySpans::kSortThreads;
+  extern __shared__ uint64_t s_tail[];  // [run] sort keys, then [run] entries
+  int32_t* s_entry = reinterpret_cast<int32_t*>(s_tail + run);
+  __shared__ int s_scan[kThreads / 32];
+  __shared__ int s_begin[kThreads + 1];  // the chunk's heads' first entries, then its end
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t slices_stride = span_stride / KeySpans::kKdLeaf;
+  int32_t* list = p.band_ctas + 1;
+  int written = 0;  // entries of the chunks before
+  for (int64_t bh0 = 0; bh0 < p.batch_heads; bh0 += kThreads) {
+    const int64_t bh = bh0 + threadIdx.x;
+    const int count = bh < p.batch_heads ? min(p.visiting_slices[bh], slices) : 0;
+    int total = 0;
+    const int before = block_exclusive_scan<kThreads>(count, total, s_scan);
+    s_begin[threadIdx.x] = written + before;
+    if (threadIdx.x == 0) s_begin[kThreads] = written + total;
+    __syncthreads();
+    for (int i = written + static_cast<int>(threadIdx.x); i < written + total; i += kThreads) {
+      int lo = 0, hi = kThreads;  // the last head whose first entry is at or before i
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (s_begin[mid] <= i) lo = mid; else hi = mid;
+      }
+      list[i] = static_cast<int32_t>((bh0 + lo) * slices_stride + (i - s_begin[lo]));
+    }
+    written += total;
+    __syncthreads();  // s_begin is rewritten by the next chunk
+  }
+  if (threadIdx.x == 0) p.band_ctas[0] = written;
+  const int n = min(tail, written);
+  if (n <= 1) return;
+  const int first = written - n;
+  __syncthreads();  // the list's entries, written by other threads, are visible to the block
+  for (int j = warp; j < run; j += kThreads / 32) {
+    uint64_t key = ~uint64_t{0};  // past the tail: last
+    int32_t entry = -1;
+    if (j < n) {
+      entry = list[first + j];
+      const int64_t bh = entry / slices_stride;
+      const int slice = p.slice_order[bh * slices_stride + (entry - bh * slices_stride)];
+      const SliceRows rows = slice_rows(p, span_stride, bh, slice, lane);
+      const int64_t tiles = rows.visits ? rows.last / kRowTile - rows.first / kRowTile + 1 : 0;
+      key = (static_cast<uint64_t>(int64_t{0x7fffffff} - tiles) << 32) |
+            static_cast<uint64_t>(j);
+    }
+    if (lane == 0) {
+      s_tail[j] = key;
+      s_entry[j] = entry;
+    }
+  }
+  block_sort<kThreads>(s_tail, run, [](uint64_t a, uint64_t b) { return a < b; });
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    list[first + j] = s_entry[s_tail[j] & 0xffffffffu];
   }
 }
 
@@ -601,6 +685,14 @@ std::string check_params(const SortKeySpansParams& p) {
   }
   if (p.stride < key_span_stride(p.seqlen_k)) {
     return "stride must be at least key_span_stride(seqlen_k) (KeySpanLayout)";
+  }
+  if (p.band_ctas) {
+    if (!BandCtas::fits(p.batch_heads, p.stride)) {
+      return "the row bands' CTA list needs batch_heads * stride / 128 below 2^31";
+    }
+    if (p.tail_ctas > BandCtas::kMaxTail) {
+      return "tail_ctas must be at most " + std::to_string(BandCtas::kMaxTail);
+    }
   }
   if (p.order == KeyOrder::kBands) {
     if (!KeyBands::valid_rows(p.band_rows, p.seqlen_q)) {
@@ -672,6 +764,10 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
       SPARSEK_RETURN_IF_CUDA_ERROR(
           cudaMemsetAsync(p.slice_order, 0xFF, bytes / KeySpans::kKdLeaf, stream));
     }
+    if (p.band_ctas) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(
+          cudaMemsetAsync(p.band_ctas, 0xFF, bytes / KeySpans::kKdLeaf + 4, stream));
+    }
   }
   const dim3 grid(static_cast<unsigned>(key_span_count(p.seqlen_k, p.key_span)),
                   static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)));
@@ -711,6 +807,20 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
   order_slices_kernel<<<static_cast<unsigned>(std::min<int64_t>(p.batch_heads, 65535)),
                         KeySpans::kSortThreads, smem, stream>>>(p, stride, slices, run,
                                                                 by_start);
+  SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  if (p.order != KeyOrder::kBands || !p.band_ctas || !p.visiting_slices) return {};
+  // The row bands' CTA list: its last `tail` entries longest first.
+  int tail = p.tail_ctas;
+  if (tail < 0) {
+    int sms = 0;  // of the params' device, current here
+    SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
+    tail = BandCtas::tail(sms);
+  }
+  int tail_run = 1;
+  while (tail_run < tail) tail_run <<= 1;
+  order_band_ctas_kernel<<<1, KeySpans::kSortThreads,
+                           static_cast<size_t>(tail_run) * (sizeof(uint64_t) + sizeof(int32_t)),
+                           stream>>>(p, stride, slices, tail, tail_run);
   SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   return {};
 }

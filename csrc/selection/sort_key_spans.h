@@ -65,6 +65,20 @@
 // about S (C + 1) / 2 entries for C bands), of which the dk/dv grid's CTAs past a band's
 // pieces leave at once (the slice order counts those that visit rows).
 //
+// The bands' CTA list (band_ctas): the dk/dv grid's CTAs in one list over every (batch, kv
+// head): the slices that visit rows, head by head in the slice order; the grid's CTAs past
+// them leave at once. Why: a head-major grid of each band's capacity launches about two empty
+// CTAs a visiting one (2304 ranks a kv head for 762 visiting slices at 32k sigma 1), each a
+// launch and a load, between the heads' work; listed last, they run in the tail, where SMs
+// wait anyway. And the last BandCtas::tail(SMs) entries (four waves) go longest first (row
+// tiles descending, then list order): a head's slices run from a band's full rows to a few
+// tiles, and a head-major grid ends on whatever its last head's last band holds.
+// bench/cta_order_model.py --bands (list scheduling on 132 SMs; a CTA's fixed costs 2 steps,
+// an empty CTA 0.3), makespan over the visiting work: 1.020 / 1.029 head-major at 32k sigma
+// 1 / 4, 1.082 / 1.104 at 8k, 1.014 / 1.025 at 128k; the list 1.006 / 1.010, 1.006 / 1.014,
+// 1.006 / 1.009 (the whole list longest first gains at most 0.3% more, but the CTAs in flight
+// would then mix every head's rows in L2; tile-major, which mixes them too, 1.011 / 1.011).
+//
 // Memory: O(S) per (batch, kv head) in the span orders; O(S C) with bands (C <= 32).
 #pragma once
 
@@ -163,6 +177,24 @@ struct KeyBands {
   }
 };
 
+// The row bands' CTA list (band_ctas above): its length, then an entry a visiting slice,
+// bh * (stride / kKdLeaf) + rank for the slice at `rank` of the slice order of (batch, kv
+// head) bh; the dk/dv grid's CTAs at or past the length leave at once. The list and its
+// entries stay below 2^31 (fits).
+struct BandCtas {
+  static constexpr int kTailWaves = 4;      // waves of CTAs at the list's end, longest first
+  static constexpr int kMaxTail = 2048;     // a block's sort in shared memory
+  // The CTAs sorted longest first at the list's end for `sms` SMs (one dk/dv CTA an SM).
+  static inline int tail(int sms) {
+    const int64_t n = int64_t{kTailWaves} * sms;
+    return static_cast<int>(n < kMaxTail ? n : kMaxTail);
+  }
+  // Whether a list of batch_heads rows of `stride` entries fits int32 entries and a 1-D grid.
+  static inline bool fits(int64_t batch_heads, int64_t stride) {
+    return batch_heads * (stride / KeySpans::kKdLeaf) <= int64_t{0x7fffffff};
+  }
+};
+
 // The span width for S keys in last-row order (about S / 32, within 1024..4096).
 inline int key_span_width(int64_t seqlen_k) {
   return seqlen_k <= 49152 ? 1024 : (seqlen_k <= 98304 ? 2048 : 4096);
@@ -214,6 +246,13 @@ struct SortKeySpansParams {
   // With the slice order by first row: how many of a (batch, kv head)'s slices visit rows
   // (they come first in it), [batch_heads]; not written where null.
   int32_t* visiting_slices = nullptr;
+  // Row bands with the slice order by first row and visiting_slices: the dk/dv grid's CTA
+  // list (BandCtas), [1 + batch_heads * (stride / kKdLeaf)]: its length, then its entries;
+  // not written where null. tail_ctas:
+  // how many CTAs at its end go longest first (at most BandCtas::kMaxTail; -1: BandCtas::tail
+  // of the device's SMs).
+  int32_t* band_ctas = nullptr;
+  int32_t tail_ctas = -1;
   int32_t device = -1;
 };
 
@@ -227,6 +266,7 @@ struct KeySpanLayout {
   int64_t slice_order_offset = 0;
   int64_t key_last_row_offset = 0;       // [batch_heads, seqlen_k] (bands)
   int64_t visiting_slices_offset = 0;    // [batch_heads] (the slice order's count)
+  int64_t band_ctas_offset = 0;          // [1 + batch_heads * stride / kKdLeaf] (bands)
   int64_t workspace_bytes = 0;
 
   // The widest of key_span_stride(S) and the bands' (KeyBands::max_stride), so that the
@@ -244,7 +284,8 @@ struct KeySpanLayout {
     l.key_last_row_offset =
         l.slice_order_offset + align256(entries / KeySpans::kKdLeaf * 4);
     l.visiting_slices_offset = l.key_last_row_offset + align256(batch_heads * seqlen_k * 4);
-    l.workspace_bytes = l.visiting_slices_offset + align256(batch_heads * 4);
+    l.band_ctas_offset = l.visiting_slices_offset + align256(batch_heads * 4);
+    l.workspace_bytes = l.band_ctas_offset + align256((1 + entries / KeySpans::kKdLeaf) * 4);
     return l;
   }
 };
