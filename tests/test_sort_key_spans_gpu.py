@@ -52,6 +52,7 @@ def run_sort(u, tau, window, span, order, band_rows=0, tail_ctas=None):
     key_last_row = torch.empty((bh, seqlen_k), dtype=torch.int32, device="cuda")
     visiting = torch.full((bh,), -7, dtype=torch.int32, device="cuda")
     band_ctas = torch.full((1 + bh * stride // SLICE,), -7, dtype=torch.int32, device="cuda")
+    slice_min_key = torch.full((bh, stride // SLICE), -7, dtype=torch.int32, device="cuda")
     with_list = tail_ctas is not None
     key_u = torch.from_numpy(u).cuda()
     tau_d = torch.from_numpy(tau).cuda()
@@ -65,7 +66,8 @@ def run_sort(u, tau, window, span, order, band_rows=0, tail_ctas=None):
         last_row.data_ptr(), slice_order.data_ptr(), bh, tau.shape[1], seqlen_k, window, span,
         order, torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream,
         band_rows, key_last_row.data_ptr(), visiting.data_ptr() if with_list else 0,
-        band_ctas.data_ptr() if with_list else 0, tail_ctas if with_list else -1)
+        band_ctas.data_ptr() if with_list else 0, tail_ctas if with_list else -1,
+        slice_min_key.data_ptr())
     torch.cuda.synchronize()
     results = (sorted_u.cpu().numpy(), sorted_key.cpu().numpy(), last_row.cpu().numpy(),
                slice_order.cpu().numpy())

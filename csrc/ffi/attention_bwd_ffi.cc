@@ -216,6 +216,9 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
       slice_order
           ? reinterpret_cast<int32_t*>(span_workspace + span_layout.visiting_slices_offset)
           : nullptr;
+  spans.slice_min_key =
+      slice_order ? reinterpret_cast<int32_t*>(span_workspace + span_layout.slice_min_key_offset)
+                  : nullptr;
   // Row bands: the dk/dv grid's CTA list (needs the slice order's counts).
   spans.band_ctas =
       slice_order && order == static_cast<int>(sparsek::KeyOrder::kBands) &&

@@ -66,7 +66,8 @@ void attention_fwd_pointers(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, 
 // [batch_heads, seqlen_q], the results [batch_heads, KeySpanLayout stride (key_span_stride)],
 // and for order "bands" (band_rows) a scratch key_last_row [batch_heads, seqlen_k], and
 // optionally visiting_slices [batch_heads] with the CTA list band_ctas [1 + batch_heads *
-// stride / 128] (tail_ctas of it longest first; -1: the device's default).
+// stride / 128] (tail_ctas of it longest first; -1: the device's default); slice_min_key
+// [batch_heads, stride / 128] scratch, which the kd orders' slice order needs.
 void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
                              uintptr_t sorted_key, uintptr_t last_row, uintptr_t slice_order,
                              int64_t batch_heads,
@@ -74,7 +75,7 @@ void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
                              int32_t key_span, const std::string& order, int32_t device,
                              uintptr_t stream, int32_t band_rows, uintptr_t key_last_row,
                              uintptr_t visiting_slices, uintptr_t band_ctas,
-                             int32_t tail_ctas) {
+                             int32_t tail_ctas, uintptr_t slice_min_key) {
   sparsek::SortKeySpansParams p;
   p.key_u = reinterpret_cast<const float*>(key_u);
   p.key_u_stride = seqlen_k;
@@ -102,6 +103,7 @@ void sort_key_spans_pointers(uintptr_t key_u, uintptr_t tau, uintptr_t sorted_u,
   p.span_last_row = reinterpret_cast<int32_t*>(last_row);
   p.slice_order = reinterpret_cast<int32_t*>(slice_order);  // 0: not written
   p.visiting_slices = reinterpret_cast<int32_t*>(visiting_slices);
+  p.slice_min_key = reinterpret_cast<int32_t*>(slice_min_key);
   p.band_ctas = reinterpret_cast<int32_t*>(band_ctas);
   p.tail_ctas = tail_ctas;
   p.device = device;
@@ -177,13 +179,14 @@ NB_MODULE(_jax_sparsek_ext, m) {
         nb::arg("slice_order"), nb::arg("batch_heads"), nb::arg("seqlen_q"), nb::arg("seqlen_k"), nb::arg("window"),
         nb::arg("key_span"), nb::arg("order"), nb::arg("device"), nb::arg("stream"),
         nb::arg("band_rows") = 0, nb::arg("key_last_row") = 0, nb::arg("visiting_slices") = 0,
-        nb::arg("band_ctas") = 0, nb::arg("tail_ctas") = -1,
+        nb::arg("band_ctas") = 0, nb::arg("tail_ctas") = -1, nb::arg("slice_min_key") = 0,
         "The SparseK backward's span sort on raw device pointers (float32 key_u [BH, S] and "
         "tau [BH, T]; float32, int32, int32 results [BH, key_span_stride(T, S)], int32 slice "
         "order [BH, key_span_stride(T, S) / 128] or 0; order 'bands' with band_rows and an "
         "int32 key_last_row scratch [BH, S], and optionally int32 visiting_slices [BH] with "
         "the CTA list band_ctas [1 + BH * key_span_stride(T, S) / 128], tail_ctas of it "
-        "longest first); raises "
+        "longest first; slice_min_key [BH, key_span_stride(T, S) / 128] int32 scratch for the "
+        "kd orders' slice order); raises "
         "RuntimeError with the failed check or CUDA call");
   m.def("sparsek_select_handler",
         []() { return nb::capsule(reinterpret_cast<void*>(&jax_sparsek_sparsek_select)); },

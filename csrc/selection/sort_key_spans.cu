@@ -364,7 +364,13 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       if (pieces > 0) atomicAdd(&s_pieces, pieces);
       __syncthreads();
       n = s_pieces;
-      if (n == 0) continue;  // padding only (written by band_pieces_kernel)
+      if (n == 0) {  // padding only (written by band_pieces_kernel)
+        if (p.slice_min_key && t < kNodes) {
+          p.slice_min_key[bh * (span_stride / KeySpans::kKdLeaf) +
+                          span_begin / KeySpans::kKdLeaf + t] = INT_MAX;
+        }
+        continue;
+      }
     } else {
       float u[kPer];
 #pragma unroll
@@ -460,6 +466,32 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       p.span_sorted_key[out] = valid ? static_cast<int32_t>(key) : -1;
       p.span_last_row[out] = valid ? s_last[pos] : -1;
     }
+    if (p.slice_min_key) {
+      // Each slice's (leaf's) smallest key, for the slice order: the lanes of a leaf reduce
+      // theirs, then one lane a group adds it into s_lo[0] (free since the last depth).
+      __syncthreads();
+      if (t < kNodes) s_lo[0][t] = INT_MAX;
+      __syncthreads();
+      int min_key = INT_MAX;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int pos = KdSortKey::pos(v[j]);
+        const int key = kBands ? s_key[pos] : static_cast<int>(span_begin) + pos;
+        if (pos < n) min_key = min(min_key, key);
+      }
+#pragma unroll
+      for (int offset = kGroupLanes / 2; offset > 0; offset /= 2) {
+        min_key = min(min_key, __shfl_xor_sync(0xffffffffu, min_key, offset));
+      }
+      if (lane % kGroupLanes == 0 && min_key != INT_MAX) {
+        atomicMin(&s_lo[0][first / KeySpans::kKdLeaf], min_key);
+      }
+      __syncthreads();
+      if (t < kNodes) {
+        p.slice_min_key[bh * (span_stride / KeySpans::kKdLeaf) +
+                        span_begin / KeySpans::kKdLeaf + t] = s_lo[0][t];
+      }
+    }
   }
 }
 
@@ -467,25 +499,18 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
 constexpr int kRowTile = 64;
 
 // The rows a slice of (batch, kv head) bh visits in the dk/dv kernel: from the first row that
-// reaches its smallest key (max(0, key - (S - T)); with row bands no earlier than its band's
-// first row) to its first entry's last row; visits: whether that holds a row. A whole warp
-// calls it, and every lane gets the same.
+// reaches its smallest key (the kd sort's slice_min_key; max(0, key - (S - T)); with row
+// bands no earlier than its band's first row) to its first entry's last row; visits: whether
+// that holds a row.
 struct SliceRows {
   int64_t first;
   int64_t last;
   bool visits;
 };
 __device__ __forceinline__ SliceRows slice_rows(const SortKeySpansParams& p,
-                                                int64_t span_stride, int64_t bh, int slice,
-                                                int lane) {
+                                                int64_t span_stride, int64_t bh, int slice) {
   constexpr int kLeaf = KeySpans::kKdLeaf;
-  const int64_t entry0 = bh * span_stride + int64_t{slice} * kLeaf;
-  int min_key = INT_MAX;
-  for (int k = lane; k < kLeaf; k += 32) {
-    const int key_pos = p.span_sorted_key[entry0 + k];
-    if (key_pos >= 0) min_key = min(min_key, key_pos);
-  }
-  min_key = __reduce_min_sync(0xffffffffu, min_key);
+  const int min_key = p.slice_min_key[bh * (span_stride / kLeaf) + slice];
   SliceRows rows;
   rows.first = max(int64_t{0}, int64_t{min_key} - (p.seqlen_k - p.seqlen_q));
   if (p.band_rows > 0) {
@@ -494,15 +519,16 @@ __device__ __forceinline__ SliceRows slice_rows(const SortKeySpansParams& p,
                                                    p.seqlen_k, p.band_rows, band_begin) *
                                      p.band_rows);
   }
-  rows.last = p.span_last_row[entry0];
+  rows.last = p.span_last_row[bh * span_stride + int64_t{slice} * kLeaf];
   rows.visits = min_key != INT_MAX && rows.last >= rows.first;
   return rows;
 }
 
-// The slice order (sort_key_spans.h): one block a (batch, kv head). Each warp takes a slice at
-// a time: its rows (slice_rows) give its first and last 64-row tiles; then one bitonic sort of the
-// keys (first tile | last tile, descending | slice; 20 bits each, tiles clamped) in shared
-// memory. Slices that visit no row (padding, or keys no row attends) go last. by_start false
+// The slice order (sort_key_spans.h): one block a (batch, kv head). Each thread takes a slice
+// at a time: its rows (slice_rows: two loads, where reducing a slice's 128 keys took a warp
+// 3 dependent loads a slice, 330 us at 32k for 2304 slices a head) give its first and last
+// 64-row tiles; then one bitonic sort of the keys (first tile | last tile, descending |
+// slice; 20 bits each, tiles clamped) in shared memory. Slices that visit no row (padding, or keys no row attends) go last. by_start false
 // (last-row order): the identity.
 struct SliceOrderKey {
   static constexpr int kBits = 20;
@@ -516,8 +542,6 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
     order_slices_kernel(SortKeySpansParams p, int64_t span_stride, int slices, int run,
                         bool by_start) {
   extern __shared__ uint64_t s_order[];  // [run], a power of two >= slices (by_start only)
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warps = blockDim.x / 32;
   const int64_t slices_stride = span_stride / KeySpans::kKdLeaf;
   for (int64_t bh = blockIdx.x; bh < p.batch_heads; bh += gridDim.x) {
     if (!by_start) {
@@ -528,10 +552,10 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       continue;
     }
     __syncthreads();  // the previous (batch, head) is done with s_order
-    for (int slice = warp; slice < run; slice += warps) {
+    for (int slice = threadIdx.x; slice < run; slice += blockDim.x) {
       uint64_t key = ~uint64_t{0};  // past the slices: last
       if (slice < slices) {
-        const SliceRows rows = slice_rows(p, span_stride, bh, slice, lane);
+        const SliceRows rows = slice_rows(p, span_stride, bh, slice);
         const uint64_t first_field = rows.visits ? SliceOrderKey::field(rows.first / kRowTile)
                                                  : SliceOrderKey::kFieldMax;
         const uint64_t last_field =
@@ -540,7 +564,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         key = (first_field << (2 * SliceOrderKey::kBits)) |
               (last_field << SliceOrderKey::kBits) | static_cast<uint64_t>(slice);
       }
-      if (lane == 0) s_order[slice] = key;
+      s_order[slice] = key;
     }
     block_sort<KeySpans::kSortThreads>(s_order, run,
                                        [](uint64_t a, uint64_t b) { return a < b; });
@@ -563,7 +587,8 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
 // then every (batch, kv head)'s visiting ranks of the slice order, head by head (a chunk of
 // kSortThreads heads' counts scanned at a time; each entry finds its head by a binary search
 // of the chunk's offsets); then the last `tail` entries re-sorted by row tiles descending,
-// ties in list order (a bitonic sort of `run` >= tail keys in shared memory).
+// ties in list order (a bitonic sort of `run` >= tail keys in shared memory). An entry is
+// also its slice's place in the slice order (bh * slices_stride + rank).
 __global__ void __launch_bounds__(KeySpans::kSortThreads)
     order_band_ctas_kernel(SortKeySpansParams p, int64_t span_stride, int slices, int tail,
                            int run) {
@@ -572,7 +597,6 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   int32_t* s_entry = reinterpret_cast<int32_t*>(s_tail + run);
   __shared__ int s_scan[kThreads / 32];
   __shared__ int s_begin[kThreads + 1];  // the chunk's heads' first entries, then its end
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t slices_stride = span_stride / KeySpans::kKdLeaf;
   int32_t* list = p.band_ctas + 1;
   int written = 0;  // entries of the chunks before
@@ -600,22 +624,19 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   if (n <= 1) return;
   const int first = written - n;
   __syncthreads();  // the list's entries, written by other threads, are visible to the block
-  for (int j = warp; j < run; j += kThreads / 32) {
+  for (int j = threadIdx.x; j < run; j += kThreads) {
     uint64_t key = ~uint64_t{0};  // past the tail: last
     int32_t entry = -1;
     if (j < n) {
-      entry = list[first + j];
-      const int64_t bh = entry / slices_stride;
-      const int slice = p.slice_order[bh * slices_stride + (entry - bh * slices_stride)];
-      const SliceRows rows = slice_rows(p, span_stride, bh, slice, lane);
+      entry = list[first + j];  // also the entry's place in the slice order
+      const SliceRows rows =
+          slice_rows(p, span_stride, entry / slices_stride, p.slice_order[entry]);
       const int64_t tiles = rows.visits ? rows.last / kRowTile - rows.first / kRowTile + 1 : 0;
       key = (static_cast<uint64_t>(int64_t{0x7fffffff} - tiles) << 32) |
             static_cast<uint64_t>(j);
     }
-    if (lane == 0) {
-      s_tail[j] = key;
-      s_entry[j] = entry;
-    }
+    s_tail[j] = key;
+    s_entry[j] = entry;
   }
   block_sort<kThreads>(s_tail, run, [](uint64_t a, uint64_t b) { return a < b; });
   for (int j = threadIdx.x; j < n; j += kThreads) {
@@ -685,6 +706,9 @@ std::string check_params(const SortKeySpansParams& p) {
   }
   if (p.stride < key_span_stride(p.seqlen_k)) {
     return "stride must be at least key_span_stride(seqlen_k) (KeySpanLayout)";
+  }
+  if (p.slice_order && p.order != KeyOrder::kLastRow && !p.slice_min_key) {
+    return "the slice order of the kd orders needs the slice_min_key buffer";
   }
   if (p.band_ctas) {
     if (!BandCtas::fits(p.batch_heads, p.stride)) {
@@ -763,6 +787,10 @@ std::string sparsek_sort_key_spans(const SortKeySpansParams& p, void* stream_ptr
     if (p.slice_order) {
       SPARSEK_RETURN_IF_CUDA_ERROR(
           cudaMemsetAsync(p.slice_order, 0xFF, bytes / KeySpans::kKdLeaf, stream));
+    }
+    if (p.slice_min_key) {
+      SPARSEK_RETURN_IF_CUDA_ERROR(
+          cudaMemsetAsync(p.slice_min_key, 0xFF, bytes / KeySpans::kKdLeaf, stream));
     }
     if (p.band_ctas) {
       SPARSEK_RETURN_IF_CUDA_ERROR(

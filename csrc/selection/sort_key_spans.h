@@ -246,6 +246,10 @@ struct SortKeySpansParams {
   // With the slice order by first row: how many of a (batch, kv head)'s slices visit rows
   // (they come first in it), [batch_heads]; not written where null.
   int32_t* visiting_slices = nullptr;
+  // Each kKdLeaf-entry slice's smallest key position (INT_MAX for padding only),
+  // [batch_heads, stride / kKdLeaf]: written by the kd sort, read by the slice order (which
+  // needs it in the kd orders), so that a slice's rows take one load instead of its 128 keys.
+  int32_t* slice_min_key = nullptr;
   // Row bands with the slice order by first row and visiting_slices: the dk/dv grid's CTA
   // list (BandCtas), [1 + batch_heads * (stride / kKdLeaf)]: its length, then its entries;
   // not written where null. tail_ctas:
@@ -266,6 +270,7 @@ struct KeySpanLayout {
   int64_t slice_order_offset = 0;
   int64_t key_last_row_offset = 0;       // [batch_heads, seqlen_k] (bands)
   int64_t visiting_slices_offset = 0;    // [batch_heads] (the slice order's count)
+  int64_t slice_min_key_offset = 0;      // [batch_heads * stride / kKdLeaf] (kd orders)
   int64_t band_ctas_offset = 0;          // [1 + batch_heads * stride / kKdLeaf] (bands)
   int64_t workspace_bytes = 0;
 
@@ -284,7 +289,8 @@ struct KeySpanLayout {
     l.key_last_row_offset =
         l.slice_order_offset + align256(entries / KeySpans::kKdLeaf * 4);
     l.visiting_slices_offset = l.key_last_row_offset + align256(batch_heads * seqlen_k * 4);
-    l.band_ctas_offset = l.visiting_slices_offset + align256(batch_heads * 4);
+    l.slice_min_key_offset = l.visiting_slices_offset + align256(batch_heads * 4);
+    l.band_ctas_offset = l.slice_min_key_offset + align256(entries / KeySpans::kKdLeaf * 4);
     l.workspace_bytes = l.band_ctas_offset + align256((1 + entries / KeySpans::kKdLeaf) * 4);
     return l;
   }
