@@ -366,6 +366,16 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       }
     }
   };
+  // kFuseDq: this thread's dS fragments of step `step` (query rows x the warp's 16 keys,
+  // columns 16 warp of the stage) into its dS stage, published to the async proxy (wgmma);
+  // the stage's full barrier completes with every consumer's dS and row partials of the step.
+  auto publish_ds = [&](int step, const auto& ds) {
+    const int ds_stage = step % Cfg::kDsStages;
+    sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(
+        sdS + ds_stage * Cfg::kSmemDsStageElems, ds, warp * 16, lane);
+    sm90::fence_async_shared();
+    sm90::mbarrier_arrive(ds_full + ds_stage);
+  };
 
   if constexpr (Cfg::kPingPong) {
     // Warpgroup 0 issues first: warpgroup 1 lets it go once before the loop.
@@ -424,12 +434,8 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
             s_partials[col * Cfg::kRowPartialsPitch + warp * 8 + (lane >> 2)] = 0.f;
           }
         }
-        const int ds_stage = step % Cfg::kDsStages;
         const uint32_t zero_ds[Cfg::kKStepsPV][4] = {};
-        sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(
-            sdS + ds_stage * Cfg::kSmemDsStageElems, zero_ds, warp * 16, lane);
-        sm90::fence_async_shared();
-        sm90::mbarrier_arrive(ds_full + ds_stage);
+        publish_ds(step, zero_ds);
         if (step > 0) {
           float acc_dq[Cfg::kDqDims / 8][4];
           issue_dq(acc_dq, step - 1);
@@ -621,18 +627,12 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       sm90::wgmma_commit();
     };
     if constexpr (Cfg::kFuseDq) {
-      // dS (query rows x the CTA's keys) for dq = dS K, into this step's stage; the warp's
-      // keys are columns 16 warp. Each thread publishes its share to the async proxy (wgmma)
-      // and arrives: the stage's full barrier completes with every consumer's dS and row
-      // partials of the step. Then step - 1's dq (both warpgroups' dS of that step are in,
-      // in all but the first steps of a ping-pong long since), issued before dk so that dk's
-      // product runs during its atomics.
-      const int ds_stage = step % Cfg::kDsStages;
+      // dS (query rows x the CTA's keys) for dq = dS K, into this step's stage (publish_ds).
+      // Then step - 1's dq (both warpgroups' dS of that step are in, in all but the first
+      // steps of a ping-pong long since), issued before dk so that dk's product runs during
+      // its atomics.
       if constexpr (!QueryVisit::kSparseK) wait_ds_stage_free(step);
-      sm90::store_a_fragments_transposed<typename Cfg::DsLayout>(
-          sdS + ds_stage * Cfg::kSmemDsStageElems, dst, warp * 16, lane);
-      sm90::fence_async_shared();
-      sm90::mbarrier_arrive(ds_full + ds_stage);
+      publish_ds(step, dst);
       if (step > 0) {
         float acc_dq[Cfg::kDqDims / 8][4];
         issue_dq(acc_dq, step - 1);
