@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
   // bands: the CTA list's entry, where the launcher runs it (the CTAs past it leave).
   CtaCoords cta;
   if (QueryVisit::kSparseK && p.band_ctas) {
-    if (!band_list_coords(p, p.band_ctas, p.key_span_stride / KeySpans::kKdLeaf, cta)) return;
+    if (!band_list_coords(p, p.key_span_stride / KeySpans::kKdLeaf, cta)) return;
   } else {
     cta = cta_coords<QueryVisit::kGridOrder>(p);
   }

@@ -188,7 +188,6 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     // One 1-D grid of every (batch, kv head)'s capacity (the list fits int32: BandCtas::fits),
     // in clusters along it.
     AttentionBwdParams whole = p;
-    whole.tile_major_grid = false;
     whole.skip_idle_halves = skip_idle_halves;
     return launch_dkdv(dkdv_kernel, dim3(static_cast<unsigned>(p.batch * p.heads_kv * key_tiles)),
                        /*tile_major=*/false, cluster, DkDvCfg::kNThreads, dkdv_smem, stream,

@@ -108,12 +108,12 @@ template <typename Cfg>
 struct SparseKQueryVisit {
   static constexpr bool kSparseK = true;
   // Tile-major for the span orders (the top slices of the first spans visit nearly every
-  // row, cta_order.h); with row bands (slices of at most a band's rows) head-major unless
-  // JAX_SPARSEK_BWD_GRID says otherwise: the launcher's flag.
+  // row, cta_order.h); with row bands the CTA list (band_list_coords) unless
+  // JAX_SPARSEK_BWD_GRID asks for a grid: the launcher's flag.
   static constexpr GridOrder kGridOrder = GridOrder::kByFlag;
   static_assert(KeySpans::kMinKeySpan % Cfg::kBlockN == 0, "a key tile lies inside one span");
 
-  // Shared memory: key [kBlockN], u [kBlockN], then 4 ints for the reductions.
+  // Shared memory: key [kBlockN], u [kBlockN], then 3 ints for the reductions.
   int* s_key;
   float* s_u;
   int window;
@@ -128,7 +128,7 @@ struct SparseKQueryVisit {
 
   template <typename Params>
   static size_t smem_bytes(const Params&) {
-    return 2 * Cfg::kBlockN * sizeof(int) + 4 * sizeof(int);
+    return 2 * Cfg::kBlockN * sizeof(int) + 3 * sizeof(int);
   }
 
   template <typename Params>
@@ -138,7 +138,7 @@ struct SparseKQueryVisit {
         s_u(reinterpret_cast<float*>(s_key + Cfg::kBlockN)),
         window(static_cast<int>(p.window)),
         row_offset(static_cast<int>(p.seqlen_k - p.seqlen_q)) {
-    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key of each half, max key, (unused)
+    int* s_bounds = s_key + 2 * Cfg::kBlockN;  // min key of each half, max key
     // The slice this CTA takes: the span sort's slice order where given (128-entry tiles).
     int slice = tile;
     if constexpr (Cfg::kBlockN == KeySpans::kKdLeaf) {

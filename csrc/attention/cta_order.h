@@ -61,10 +61,11 @@ struct CtaOrder {
   }
 
   // The SparseK dk/dv grid (tiles in gridDim.y when tile-major: at most 65535). The span
-  // orders go tile-major. Row bands bound every slice's rows by a band's, so a head's CTAs
-  // do about the same work, and head-major order keeps the CTAs in flight on one kv head's
-  // rows of two or three bands (its query heads' Q, dO and dq tiles: ~8 MB a 2048-row band
-  // at D = 128 and four query heads, against the eight kv heads' ~64 MB tile-major).
+  // orders go tile-major. Row bands run the CTA list (band_list_coords below) unless
+  // JAX_SPARSEK_BWD_GRID asks for this grid; head-major order there keeps the CTAs in flight
+  // on one kv head's rows of two or three bands (its query heads' Q, dO and dq tiles: ~8 MB
+  // a 2048-row band at D = 128 and four query heads, against the eight kv heads' ~64 MB
+  // tile-major), as the list does.
   template <typename Params>
   static Grid make_sparsek_key_grid(const Params& p, int64_t tiles, bool tile_major) {
     return make_grid(tile_major && tiles <= kMaxGridYZ, tiles, p.heads_kv, p.batch);
@@ -109,14 +110,14 @@ __device__ __forceinline__ CtaCoords cta_coords(const Params& p) {
           static_cast<int>(blockIdx.y), static_cast<int64_t>(blockIdx.z)};
 }
 
-// The row bands' CTA list (selection/sort_key_spans.h, BandCtas; a 1-D grid): this CTA's
-// entry, bh * slices_stride + rank, as coordinates. False for a CTA at or past the list's
+// The row bands' CTA list (p.band_ctas: selection/sort_key_spans.h, BandCtas; a 1-D grid):
+// this CTA's entry, bh * slices_stride + rank, as coordinates. False for a CTA at or past the list's
 // length, which has nothing to do.
 template <typename Params>
-__device__ __forceinline__ bool band_list_coords(const Params& p, const int32_t* band_ctas,
-                                                 int64_t slices_stride, CtaCoords& cta) {
-  if (static_cast<int64_t>(blockIdx.x) >= band_ctas[0]) return false;
-  const int64_t entry = band_ctas[1 + blockIdx.x];
+__device__ __forceinline__ bool band_list_coords(const Params& p, int64_t slices_stride,
+                                                 CtaCoords& cta) {
+  if (static_cast<int64_t>(blockIdx.x) >= p.band_ctas[0]) return false;
+  const int64_t entry = p.band_ctas[1 + blockIdx.x];
   const int64_t bh = entry / slices_stride;
   cta = {static_cast<int>(entry - bh * slices_stride), static_cast<int>(slices_stride),
          static_cast<int>(bh % p.heads_kv), bh / p.heads_kv};

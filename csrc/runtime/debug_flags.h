@@ -51,8 +51,8 @@ int requested_bwd_cluster();
 
 // JAX_SPARSEK_BWD_GRID=list|tiles|heads: the SparseK dk/dv grid's CTA order (cta_order.h):
 // with row bands the CTA list (sort_key_spans.h, BandCtas; the default), or a tile-major or
-// head-major grid of every band's capacity; for the span orders tile-major (the default) or
-// head-major ("list" is their default). Read at every call (benchmarks compare them). 0 when
+// head-major grid of every band's capacity; for the span orders tile-major (the default, which
+// "list" keeps) or head-major. Read at every call (benchmarks compare them). 0 when
 // unset, 1 tiles, 2 heads, 3 list, -1 when it holds anything else.
 int requested_bwd_grid();
 

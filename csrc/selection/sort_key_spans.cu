@@ -528,8 +528,8 @@ __device__ __forceinline__ SliceRows slice_rows(const SortKeySpansParams& p,
 // at a time: its rows (slice_rows: two loads, where reducing a slice's 128 keys took a warp
 // 3 dependent loads a slice, 330 us at 32k for 2304 slices a head) give its first and last
 // 64-row tiles; then one bitonic sort of the keys (first tile | last tile, descending |
-// slice; 20 bits each, tiles clamped) in shared memory. Slices that visit no row (padding, or keys no row attends) go last. by_start false
-// (last-row order): the identity.
+// slice; 20 bits each, tiles clamped) in shared memory. Slices that visit no row (padding, or
+// keys no row attends) go last. by_start false (last-row order): the identity.
 struct SliceOrderKey {
   static constexpr int kBits = 20;
   static constexpr uint64_t kFieldMax = (uint64_t{1} << kBits) - 1;
