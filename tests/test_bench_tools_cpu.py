@@ -125,6 +125,32 @@ def test_kd_order_pairs_by_end():
     assert m.kd_order(start, end, 1, pairs_by_end=True).tolist() == [1, 0, 3, 2]
 
 
+def test_kd_order_aligned_tree():
+    """kd_order's tree is a whole span's, cut at the entries: a node is an aligned run of
+    span >> depth places and splits into its halves, so five entries in a span of eight
+    split 4 | 1 (halves of whole slices would split 2 | 3); a node whose entries fit its
+    first half splits into that half alone; span must be block_n times a power of two."""
+    import numpy as np
+    import pytest
+    import sparsek_bwd_visit_model as m
+
+    # Slices of 1. Starts spread over 4, ends over 10: the root (8 places) splits by end,
+    # ascending: keys 1, 3, 2, 4 | 0. Then {1, 3, 2, 4} by end again (starts 3, ends 7):
+    # 1, 3 | 2, 4; {1, 3} by start (2 against 1), {2, 4} by start on the tie (2 and 2).
+    start = np.arange(5)
+    end = np.array([10, 0, 5, 1, 7])
+    assert m.kd_order(start, end, 1).tolist() == [1, 3, 2, 4, 0]
+    assert m.kd_order(start, end, 1, span=8).tolist() == [1, 3, 2, 4, 0]
+    # In a span of 16 the root's entries fit its first half: the same tree one level down.
+    assert m.kd_order(start, end, 1, span=16).tolist() == [1, 3, 2, 4, 0]
+    for bad in (4, 6, 12):
+        with pytest.raises(ValueError, match="span must be"):
+            m.kd_order(start, end, 1, span=bad)
+    # Slices of 2 in a span of 8 (4 slices): 5 entries split 4 | 1, then 2 | 2; leaves by end
+    # descending.
+    assert m.kd_order(start, end, 2, span=8).tolist() == [3, 1, 4, 2, 0]
+
+
 def test_l2_model():
     """sparsek_bwd_l2_model: slice orders, and the simulation's steps, misses and makespan on
     hand-checked grids."""

@@ -105,11 +105,13 @@ def expected_slice_order(keys, last, seqlen_k, seqlen_q, row_floor=None):
     return np.lexsort((slices, np.array(last_desc), np.array(first_tile)))
 
 
-# (S, T, window, span): whole spans; a ragged last span (every node sorted over the whole
-# span); T < S; the window band; 8192-key spans with a ragged one.
+# (S, T, window, span): whole spans; ragged last spans (the whole span's tree, cut at its
+# keys: 808 keys, and 2904, past half the span); T < S; the window band; 8192-key spans with
+# a ragged one.
 CASES = [
     (8192, 8192, 0, 4096),
     (9000, 9000, 0, 4096),
+    (7000, 7000, 0, 4096),
     (6144, 5000, 0, 2048),
     (8192, 8192, 512, 4096),
     (12288, 12288, 64, 8192),
@@ -135,7 +137,7 @@ def test_span_sort_matches_the_model(seqlen_k, seqlen_q, window, span, order):
             pos = np.arange(n)
             end = last[begin:begin + n]
             if order == "kd":
-                expected = model.kd_order(pos, end, SLICE, pairs_by_end=True)
+                expected = model.kd_order(pos, end, SLICE, pairs_by_end=True, span=span)
             else:
                 expected = np.lexsort((pos, -end))
             where = f"batch head {b}, span at {begin}"
@@ -168,12 +170,16 @@ BAND_SPAN = 4096  # KeyBands::kSpan
 
 
 # (S, T, window, band rows): several bands with keys carried through them; a band list past
-# one kd span; T < S; a ragged last band; the window band only (W > 0, few selected keys).
+# one kd span; T < S; a ragged last band; the window band only (W > 0, few selected keys);
+# band lists of a whole kd span and a ragged second one (1300-2600 pieces, and 66: a span
+# of one slice).
 BAND_CASES = [
     (6000, 6000, 0, 1024),
     (9000, 9000, 64, 2048),
     (7000, 5000, 32, 1024),
     (5000, 5000, 256, 1024),
+    (20000, 20000, 128, 2048),
+    (12000, 12000, 0, 4096),
 ]
 
 
@@ -215,7 +221,7 @@ def test_band_sort_matches_the_model(seqlen_k, seqlen_q, window, band_rows):
             for s0 in range(0, keys.size, BAND_SPAN):
                 n = min(BAND_SPAN, keys.size - s0)
                 order = model.kd_order(starts[s0:s0 + n], ends[s0:s0 + n], SLICE,
-                                       pairs_by_end=True)
+                                       pairs_by_end=True, span=BAND_SPAN)
                 at = slice(begin + s0, begin + s0 + n)
                 np.testing.assert_array_equal(got_key[b, at], keys[s0 + order], err_msg=where)
                 np.testing.assert_array_equal(got_last[b, at], ends[s0 + order],

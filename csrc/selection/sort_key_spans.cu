@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "attention/cta_order.h"  // CtaOrder::sm_count
 #include "runtime/cuda_check.h"
@@ -192,50 +193,36 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   }
 }
 
-// kd order (sort_key_spans.h; bench/sparsek_bwd_visit_model.py's kd_order is the
-// specification). The tree over a span's n keys: a node of `size` entries that is not a leaf
-// (more than kKdLeaf) splits into its first floor(ceil(size / kKdLeaf) / 2) kKdLeaf entries
-// and the rest, so every leaf but the last is a whole slice and the last one ends at n. The
-// node holding index i at `depth`, numbered in left-to-right order; leaf: whether it has at
-// most kKdLeaf entries (a leaf stays one at every later depth, as node 2 x); pair: whether it
-// has two slices' worth (more than kKdLeaf entries, at most 2 kKdLeaf), which split by last row.
-__device__ __forceinline__ int kd_node(int i, int depth, int n, bool& leaf, bool& pair) {
-  constexpr int kLeaf = KeySpans::kKdLeaf;
-  int begin = 0, size = n, node = 0;
-  for (int d = 0; d < depth; ++d) {
-    node *= 2;
-    if (size <= kLeaf) continue;
-    const int left = ((size + kLeaf - 1) / kLeaf / 2) * kLeaf;
-    if (i < begin + left) {
-      size = left;
-    } else {
-      node += 1;
-      begin += left;
-      size -= left;
-    }
-  }
-  leaf = size <= kLeaf;
-  pair = !leaf && size <= 2 * kLeaf;
-  return node;
-}
+// kd order (sort_key_spans.h; bench/sparsek_bwd_visit_model.py's kd_order with span = kSpan
+// is the specification). The tree is the whole kSpan-entry span's, cut at the span's n
+// entries: the node at `depth` is an aligned run of kSpan >> depth entries, and it splits
+// into its halves; the entries past n are padding, last in every run. A node holding at most
+// kKdLeaf of the n entries is a leaf (it then lies in its first slice); one of more than
+// kKdLeaf and at most 2 kKdLeaf is a pair, which splits by last row; a node whose entries
+// all fit its first half splits into that half alone. Why aligned runs: every depth then
+// sorts only its runs (308 bitonic passes at 4096 entries), where halves of whole slices of a
+// ragged span (a band's second span) cut nodes anywhere and sorted the whole span at every
+// depth (6 x 78 passes); the model's visited pairs are the same within 0.3% (bench/NOTES.md).
 
-// An entry's sort key at one depth: node (7 bits; padding past S gets the last), then the
-// value (31 bits: the coordinate + 1, or for leaves 2^30 - 1 - (last row + 1), last row
-// descending), then the span position (13 bits: ties by position, and the entry itself).
+// An entry's sort key at one depth: the value (the coordinate the node splits by, or for
+// leaves the last row descending), then the span position (ties by position, and the entry
+// itself); padding has the largest value. Row bands' coordinates are rows within the band
+// (below KeyBands::kMaxRows), so 20 bits of value and 12 of position (kSpan 4096) fit 32
+// bits, which halve a pass's shuffles and take one min or max an exchange; whole-sequence
+// spans (rows below 2^30, up to 8192 positions) take 64.
+template <bool kBands>
 struct KdSortKey {
-  static constexpr int kPosBits = 13;
-  static constexpr int kValueBits = 31;
-  static constexpr uint64_t kPosMask = (uint64_t{1} << kPosBits) - 1;
-  static constexpr uint64_t kPaddingNode = 127;
-  static constexpr uint32_t kLeafValueMax = (uint32_t{1} << 30) - 1;
+  using Key = std::conditional_t<kBands, uint32_t, uint64_t>;
+  static constexpr int kPosBits = kBands ? 12 : 13;
+  static constexpr int kValueBits = kBands ? 20 : 31;
+  static constexpr Key kPosMask = (Key{1} << kPosBits) - 1;
+  static constexpr uint32_t kPadding = (uint32_t{1} << kValueBits) - 1;  // the largest value
+  static constexpr uint32_t kLeafValueMax = kPadding - 1;  // leaves: this - (row + 1)
 
-  static __device__ __forceinline__ uint64_t make(uint64_t node, uint32_t value, int pos) {
-    return (node << (kPosBits + kValueBits)) | (uint64_t{value} << kPosBits) |
-           static_cast<uint64_t>(pos);
+  static __device__ __forceinline__ Key make(uint32_t value, int pos) {
+    return (Key{value} << kPosBits) | static_cast<Key>(pos);
   }
-  static __device__ __forceinline__ int pos(uint64_t key) {
-    return static_cast<int>(key & kPosMask);
-  }
+  static __device__ __forceinline__ int pos(Key key) { return static_cast<int>(key & kPosMask); }
 };
 
 // Sorts every run of `run` entries of a span of kThreads x kPer entries ascending (run a power
@@ -245,10 +232,11 @@ struct KdSortKey {
 // the thread for strides below kPer, between the lanes of a warp (shuffles) below 32 kPer,
 // and through `exchange` (kThreads x kPer entries of shared memory, a barrier on either side)
 // above: 15 of the 78 passes of a whole 4096-entry sort, where every pass of a sort in shared
-// memory cost a barrier of the 1024 threads and a round trip (bench/NOTES.md).
-template <int kPer, int kThreads>
-__device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
-                                                            uint64_t* exchange, int run) {
+// memory cost a barrier of the 1024 threads and a round trip (bench/NOTES.md). For strides of
+// kPer or more, whether an entry keeps the smaller of its pair depends on the thread alone.
+template <int kPer, int kThreads, typename Key>
+__device__ __forceinline__ void bitonic_sort_runs_ascending(Key (&v)[kPer], Key* exchange,
+                                                            int run) {
   const int t = threadIdx.x;
   // Whether entry i's run of `size` is merged ascending (every run of the last merge).
   auto ascending = [&](int i, int size) { return size == run || (i & size) == 0; };
@@ -260,22 +248,22 @@ __device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
   for (int size = 2; size <= run; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
       if (stride >= 32 * kPer) {
+        const bool take_min = keeps_min(kPer * t, size, stride);
         __syncthreads();  // every thread is done reading the previous pass's exchange
 #pragma unroll
         for (int j = 0; j < kPer; ++j) exchange[kPer * t + j] = v[j];
         __syncthreads();
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
-          const int i = kPer * t + j;
-          const uint64_t other = exchange[i ^ stride];
-          v[j] = keeps_min(i, size, stride) ? min(v[j], other) : max(v[j], other);
+          const Key other = exchange[(kPer * t + j) ^ stride];
+          v[j] = take_min ? min(v[j], other) : max(v[j], other);
         }
       } else if (stride >= kPer) {
+        const bool take_min = keeps_min(kPer * t, size, stride);
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
-          const int i = kPer * t + j;
-          const uint64_t other = __shfl_xor_sync(0xffffffffu, v[j], stride / kPer);
-          v[j] = keeps_min(i, size, stride) ? min(v[j], other) : max(v[j], other);
+          const Key other = __shfl_xor_sync(0xffffffffu, v[j], stride / kPer);
+          v[j] = take_min ? min(v[j], other) : max(v[j], other);
         }
       } else {
         // Within the thread: the stride as a constant, so that v stays in registers.
@@ -285,12 +273,10 @@ __device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
 #pragma unroll
           for (int j = 0; j < kPer; ++j) {
             if ((j & local) == 0) {
-              const int i = kPer * t + j;
-              const uint64_t a = v[j], b = v[j + local];
-              if (ascending(i, size) == (b < a)) {
-                v[j] = b;
-                v[j + local] = a;
-              }
+              const bool up = ascending(kPer * t + j, size);
+              const Key a = v[j], b = v[j + local];
+              v[j] = up ? min(a, b) : max(a, b);
+              v[j + local] = up ? max(a, b) : min(a, b);
             }
           }
         }
@@ -302,19 +288,23 @@ __device__ __forceinline__ void bitonic_sort_runs_ascending(uint64_t (&v)[kPer],
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
 // One block per span of kSpan key positions and (batch, kv head): at each depth of the tree
-// the splitting nodes' extents (shared-memory atomics), then one sort of the span by (node,
-// coordinate of the node's larger extent, position); at the last depth every node is a leaf
-// and the sort is by (leaf, last row descending, position). The entries stay in registers,
-// kPer consecutive ones a thread. Shared memory: each position's last row [kSpan] and the
-// sort's exchange [kSpan] (96 KB at 8192).
+// the splitting nodes' extents (shared-memory atomics), then one sort of each node's run by
+// (coordinate of the node's larger extent, position); at the last depth every node is a leaf
+// and the sort is by (last row descending, position). A depth whose only node with entries
+// fits in its first half (n at most half a run) is skipped: the next depth sorts the same
+// entries again. The entries stay in registers, kPer consecutive ones a thread. Shared
+// memory: each position's last row [kSpan] and the sort's exchange [kSpan] (96 KB at 8192).
 //
 // kBands (row bands): the span is kSpan entries of a band's list (band_pieces_kernel: its
 // pieces first, in position order, then padding), sorted in place; an entry's first
 // coordinate is its first row within the band (max of the key's first row and the band's),
-// not its place in the span, and its last row is the list's (clipped to the band).
+// not its place in the span, and its last row is the list's (clipped to the band); the sort
+// keys count both from the band's first row.
 template <int kSpan, bool kBands>
 __global__ void __launch_bounds__(KeySpans::kSortThreads)
     sort_key_spans_kd_kernel(SortKeySpansParams p, int64_t span_stride) {
+  using SortKey = KdSortKey<kBands>;
+  using Key = typename SortKey::Key;
   constexpr int kThreads = KeySpans::kSortThreads;
   constexpr int kPer = kSpan / kThreads;
   constexpr int kNodes = kSpan / KeySpans::kKdLeaf;
@@ -324,9 +314,12 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   static_assert(kSpan % kThreads == 0 && KeySpans::kKdLeaf % kPer == 0,
                 "whole entries a thread, inside one kKdLeaf block");
   static_assert((kSpan & (kSpan - 1)) == 0, "a bitonic network sorts a power of two");
-  static_assert(kSpan <= (1 << KdSortKey::kPosBits) && kNodes < KdSortKey::kPaddingNode,
-                "the sort key's fields hold a span's positions and nodes");
-  extern __shared__ uint64_t s_exchange[];                     // [kSpan]
+  static_assert(kSpan <= (1 << SortKey::kPosBits), "the sort key's field holds a position");
+  static_assert(!kBands || KeyBands::kMaxRows + 1 < SortKey::kLeafValueMax,
+                "the sort key's field holds a row within a band");
+  // One raw buffer for every instantiation (an extern array's type must agree across them).
+  extern __shared__ __align__(16) unsigned char s_kd_raw[];
+  Key* s_exchange = reinterpret_cast<Key*>(s_kd_raw);        // [kSpan]
   int* s_last = reinterpret_cast<int*>(s_exchange + kSpan);  // [kSpan], by position
   int* s_start = s_last + kSpan;  // [kSpan], by position (kBands: first row in the band)
   int* s_key = s_start + kSpan;   // [kSpan], by position (kBands: the key)
@@ -346,6 +339,8 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
   // An entry's first coordinate: its place in the span (position order), or with bands its
   // first row within the band.
   auto start_of = [&](int pos) { return kBands ? s_start[pos] : pos; };
+  // The rows the sort keys count from: the band's first (a piece's rows lie in its band).
+  const int row_base = static_cast<int>(band_row0);
   for (int64_t bh = blockIdx.y; bh < p.batch_heads; bh += gridDim.y) {
     __syncthreads();  // the previous (batch, head) is done with the buffers
     int key[kPer], last[kPer];
@@ -381,7 +376,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       }
       last_attending_rows<kPer>(p, p.tau + bh * p.seqlen_q, key, u, last);
     }
-    uint64_t v[kPer];  // entry first + j's sort key; its position in the low bits
+    Key v[kPer];  // entry first + j's sort key; its position in the low bits
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       s_last[first + j] = first + j < n ? last[j] : -1;
@@ -390,13 +385,17 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
         s_start[first + j] = static_cast<int>(
             max(band_row0, max(int64_t{0}, int64_t{key[j]} - (p.seqlen_k - p.seqlen_q))));
       }
-      v[j] = static_cast<uint64_t>(first + j);  // position order before the first sort
+      v[j] = static_cast<Key>(first + j);  // position order before the first sort
     }
     for (int depth = 0; depth <= kDepth; ++depth) {
+      const int run = kSpan >> depth;  // the nodes at this depth
+      if (depth < kDepth && 2 * n <= run) continue;  // node 0 splits into its first half
       __syncthreads();  // s_last written; the previous depth's extents read
-      // The thread's entries lie in one node (its bounds fall on multiples of kKdLeaf).
-      bool leaf = true, pair = false;
-      const int node = first < n ? kd_node(first, depth, n, leaf, pair) : 0;
+      // The thread's entries lie in one node, and the node's entries below n are the real ones.
+      const int node = first / run;
+      const int real = min(run, n - node * run);
+      const bool leaf = real <= KeySpans::kKdLeaf;
+      const bool pair = !leaf && real <= 2 * KeySpans::kKdLeaf;
       if (depth < kDepth) {
         if (t < kNodes) {
           s_lo[0][t] = s_lo[1][t] = INT_MAX;
@@ -409,7 +408,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
 #pragma unroll
         for (int j = 0; j < kPer; ++j) {
           if (first + j < n && !leaf && !pair) {
-            const int pos = KdSortKey::pos(v[j]);
+            const int pos = SortKey::pos(v[j]);
             const int row = s_last[pos];
             ext[0] = min(ext[0], start_of(pos));
             ext[1] = max(ext[1], start_of(pos));
@@ -437,28 +436,24 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
           s_hi[0][node] - s_lo[0][node] >= s_hi[1][node] - s_lo[1][node];
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
-        const int pos = KdSortKey::pos(v[j]);
+        const int pos = SortKey::pos(v[j]);
         if (first + j >= n) {
-          v[j] = KdSortKey::make(KdSortKey::kPaddingNode, 0, pos);
+          v[j] = SortKey::make(SortKey::kPadding, pos);
         } else {
-          const uint32_t row = static_cast<uint32_t>(s_last[pos] + 1);  // >= 0
-          const uint32_t value = leaf          ? KdSortKey::kLeafValueMax - row
-                                 : by_position ? static_cast<uint32_t>(start_of(pos))
+          const uint32_t row = static_cast<uint32_t>(s_last[pos] + 1 - row_base);  // >= 0
+          const uint32_t value = leaf          ? SortKey::kLeafValueMax - row
+                                 : by_position ? static_cast<uint32_t>(start_of(pos) - row_base)
                                                : row;
-          v[j] = KdSortKey::make(static_cast<uint64_t>(node), value, pos);
+          v[j] = SortKey::make(value, pos);
         }
       }
-      // The entries of a node at this depth lie in its index range (the keys lead with the
-      // node, numbered left to right), which the previous depth's sort made contiguous. In a
-      // whole span every node is an aligned run of kSpan >> depth entries, and only the runs
-      // are sorted (308 bitonic passes at 4096 instead of 468); a ragged last span sorts
-      // the whole span at every depth.
-      bitonic_sort_runs_ascending<kPer, kThreads>(v, s_exchange,
-                                                  n == kSpan ? kSpan >> depth : kSpan);
+      // The entries of a node lie in its run (the previous depth's sort made them
+      // contiguous), the real ones first.
+      bitonic_sort_runs_ascending<kPer, kThreads>(v, s_exchange, run);
     }
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      const int pos = KdSortKey::pos(v[j]);
+      const int pos = SortKey::pos(v[j]);
       const int64_t out = bh * span_stride + span_begin + first + j;
       const bool valid = pos < n;
       const int64_t key = kBands ? s_key[pos] : span_begin + pos;
@@ -475,7 +470,7 @@ __global__ void __launch_bounds__(KeySpans::kSortThreads)
       int min_key = INT_MAX;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
-        const int pos = KdSortKey::pos(v[j]);
+        const int pos = SortKey::pos(v[j]);
         const int key = kBands ? s_key[pos] : static_cast<int>(span_begin) + pos;
         if (pos < n) min_key = min(min_key, key);
       }
@@ -660,7 +655,7 @@ std::string launch_span_sort_of_width(const SortKeySpansParams& p, dim3 grid, in
                                       cudaStream_t stream) {
   if (p.order == KeyOrder::kKd) {
     return launch_span_sort(sort_key_spans_kd_kernel<kSpan, false>,
-                            kSpan * (sizeof(uint64_t) + sizeof(int)), grid, p, stride, stream);
+                            kSpan * (sizeof(KdSortKey<false>::Key) + sizeof(int)), grid, p, stride, stream);
   }
   return launch_span_sort(sort_key_spans_kernel<kSpan>, kSpan * sizeof(SpanEntry), grid, p,
                           stride, stream);
@@ -684,8 +679,8 @@ std::string launch_band_sort(const SortKeySpansParams& p, cudaStream_t stream) {
       static_cast<unsigned>(KeyBands::stride(p.seqlen_q, p.seqlen_k, p.band_rows) / kSpan),
       heads);
   return launch_span_sort(sort_key_spans_kd_kernel<kSpan, true>,
-                          kSpan * (sizeof(uint64_t) + 3 * sizeof(int)), grid, p, p.stride,
-                          stream);
+                          kSpan * (sizeof(KdSortKey<true>::Key) + 3 * sizeof(int)), grid, p,
+                          p.stride, stream);
 }
 
 std::string check_params(const SortKeySpansParams& p) {
