@@ -101,8 +101,9 @@ ffi::Error AttentionBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi:
 
 // SparseK: the forward's tau, the selection's first step (the scores in key order and the
 // sorted chunks), the span sort of the dk/dv kernel's key order, then the backward kernels.
-// The selection and the span sort run on a side stream (sparsek_api.h, side_stream_fork)
-// beside attention_bwd_prepare's Delta and zeroed accumulator, which read neither.
+// The selection and the span sort run on a side stream (sparsek_api.h, side_stream_fork; the
+// device's greatest priority) beside attention_bwd_prepare's Delta and zeroed accumulators,
+// which read neither.
 // Where dq has a kernel of its own (the deterministic path), which walks the forward's plan,
 // the whole selection runs again (it is deterministic: the same tau and plan) into the
 // workspace's own tau. The workspace result holds the selection's buffers, then the span
@@ -180,9 +181,6 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   if (order != static_cast<int>(sparsek::KeyOrder::kBands)) band_rows = 0;
   p.key_band_rows = band_rows;
   p.du = du->typed_data();
-  if (std::string error = sparsek::attention_bwd_prepare(p, stream); !error.empty()) {
-    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
-  }
   sparsek::SelectionLayout layout;
   void* selection_workspace = nullptr;
   if (std::string error = sparsek_ffi::run_selection(
@@ -241,6 +239,11 @@ ffi::Error SparseKBwdImpl(void* stream, int32_t device, ffi::AnyBuffer q, ffi::A
   }
   if (std::string error = sparsek::sparsek_sort_key_spans(spans, side); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: span sort: " + error);
+  }
+  // Delta and the zeroed accumulators on the caller's stream, issued after the side stream's
+  // chain so that its first kernels start first.
+  if (std::string error = sparsek::attention_bwd_prepare(p, stream); !error.empty()) {
+    return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);
   }
   if (std::string error = sparsek::side_stream_join(stream, device, side); !error.empty()) {
     return ffi::Error::Internal("jax_sparsek_sparsek_bwd: " + error);

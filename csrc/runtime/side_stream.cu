@@ -27,8 +27,14 @@ class ThreadSideStreams {
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
     SideStreamResources& r = by_device_[device];
     if (r.stream == nullptr) {
-      // Non-blocking: the side stream must not wait for the legacy default stream.
-      SPARSEK_RETURN_IF_CUDA_ERROR(cudaStreamCreateWithFlags(&r.stream, cudaStreamNonBlocking));
+      // Non-blocking: the side stream must not wait for the legacy default stream. The
+      // greatest priority: its kernels are a latency-bound chain that the caller's stream
+      // waits for at the join, beside the caller's bandwidth-bound grids, which would
+      // otherwise take the SMs as their blocks retire (side_stream.h).
+      int least = 0, greatest = 0;
+      SPARSEK_RETURN_IF_CUDA_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      SPARSEK_RETURN_IF_CUDA_ERROR(
+          cudaStreamCreateWithPriority(&r.stream, cudaStreamNonBlocking, greatest));
     }
     if (r.event == nullptr) {
       SPARSEK_RETURN_IF_CUDA_ERROR(cudaEventCreateWithFlags(&r.event, cudaEventDisableTiming));
