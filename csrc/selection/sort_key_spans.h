@@ -22,15 +22,16 @@
 // forward keeps the selection's chunks and plan (selection_params.h).
 //
 // kd order: sorting a span by last row keeps a slice's ends close but spreads its starts over
-// the span. The kd order splits the span recursively into halves of whole slices
-// (kKdLeaf entries), each node by the coordinate (position, or last row) of the larger extent,
-// ascending; the leaves (the slices) are sorted by last row, descending, so that a slice's
-// first entry still holds its latest last row. A slice's keys then lie close in both.
+// the span. The kd order splits the span recursively into halves (each node an aligned run
+// of the whole span's places, cut at its keys; the leaves kKdLeaf entries), each node by the
+// coordinate (position, or last row) of the larger extent, ascending; the leaves (the slices)
+// are sorted by last row, descending, so that a slice's first entry still holds its latest
+// last row. A slice's keys then lie close in both.
 // bench/sparsek_bwd_visit_model.py (kd_order, the specification; kBlockN = 128, kBlockM = 64):
 // 1.237 / 1.334x the attended pairs at 32k sigma 1 / 4 with 4096-key spans (last-row order
 // at 1024: 1.37 / 1.41), 1.254 / 1.404x at 128k with 8192 (last-row at 4096: 1.35 / 1.50).
 // kd_key_span_width takes 4096 keys up to 48k, 8192 past that. A node of two slices (a
-// cluster pair of the dk/dv grid, in a whole span) splits by last row whatever the extents,
+// cluster pair of the dk/dv grid) splits by last row whatever the extents,
 // so that both slices start on the same rows and walk them in step.
 //
 // The slice order (slice_order, kd only): the dk/dv grid's CTA ranks mapped to the kv head's
