@@ -13,11 +13,11 @@ between the selection and the forward kernel. Here a subprocess without poisonin
 forward (o, lse) and the gradients with each setting on and off in turn: o, lse, dk and dv
 must be bitwise equal (their kernels add in a fixed order in the backward's kd key order,
 which the subprocess sets: the default row bands add dk and dv with atomics), dq and du
-(atomics) equal up to their summation order, and everything within tolerance of implementation='xla'; then one
-program of four calls on two score sets in turn, whose o, dk and dv must match the serial
-launches' bitwise (a read of the selection's results before they are written would see the
-other set's, left in a reused workspace). Also: a bad value of either setting is an error
-naming it.
+(atomics) equal up to their summation order, and everything within tolerance of
+implementation='xla'; then one program of four calls on two score sets in turn, whose o, dk
+and dv must match the serial launches' bitwise (a read of the selection's results before they
+are written would see the other set's, left in a reused workspace). Also: a bad value of
+either setting is an error naming it.
 """
 from __future__ import annotations
 

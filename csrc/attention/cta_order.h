@@ -111,8 +111,8 @@ __device__ __forceinline__ CtaCoords cta_coords(const Params& p) {
 }
 
 // The row bands' CTA list (p.band_ctas: selection/sort_key_spans.h, BandCtas; a 1-D grid):
-// this CTA's entry, bh * slices_stride + rank, as coordinates. False for a CTA at or past the list's
-// length, which has nothing to do.
+// this CTA's entry, bh * slices_stride + rank, as coordinates. False for a CTA at or past the
+// list's length, which has nothing to do.
 template <typename Params>
 __device__ __forceinline__ bool band_list_coords(const Params& p, int64_t slices_stride,
                                                  CtaCoords& cta) {

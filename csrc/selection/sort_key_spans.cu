@@ -287,13 +287,20 @@ __device__ __forceinline__ void bitonic_sort_runs_ascending(Key (&v)[kPer], Key*
 
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
+// sort_key_spans_kd_kernel's dynamic shared memory: the exchange [kSpan] of sort keys and each
+// position's last row [kSpan]; with bands also its first row and key [kSpan each].
+template <int kSpan, bool kBands>
+constexpr size_t kd_sort_smem_bytes() {
+  return kSpan * (sizeof(typename KdSortKey<kBands>::Key) + (kBands ? 3 : 1) * sizeof(int));
+}
+
 // One block per span of kSpan key positions and (batch, kv head): at each depth of the tree
 // the splitting nodes' extents (shared-memory atomics), then one sort of each node's run by
 // (coordinate of the node's larger extent, position); at the last depth every node is a leaf
 // and the sort is by (last row descending, position). A depth whose only node with entries
 // fits in its first half (n at most half a run) is skipped: the next depth sorts the same
 // entries again. The entries stay in registers, kPer consecutive ones a thread. Shared
-// memory: each position's last row [kSpan] and the sort's exchange [kSpan] (96 KB at 8192).
+// memory: kd_sort_smem_bytes (96 KB at 8192).
 //
 // kBands (row bands): the span is kSpan entries of a band's list (band_pieces_kernel: its
 // pieces first, in position order, then padding), sorted in place; an entry's first
@@ -655,7 +662,7 @@ std::string launch_span_sort_of_width(const SortKeySpansParams& p, dim3 grid, in
                                       cudaStream_t stream) {
   if (p.order == KeyOrder::kKd) {
     return launch_span_sort(sort_key_spans_kd_kernel<kSpan, false>,
-                            kSpan * (sizeof(KdSortKey<false>::Key) + sizeof(int)), grid, p, stride, stream);
+                            kd_sort_smem_bytes<kSpan, false>(), grid, p, stride, stream);
   }
   return launch_span_sort(sort_key_spans_kernel<kSpan>, kSpan * sizeof(SpanEntry), grid, p,
                           stride, stream);
@@ -679,8 +686,7 @@ std::string launch_band_sort(const SortKeySpansParams& p, cudaStream_t stream) {
       static_cast<unsigned>(KeyBands::stride(p.seqlen_q, p.seqlen_k, p.band_rows) / kSpan),
       heads);
   return launch_span_sort(sort_key_spans_kd_kernel<kSpan, true>,
-                          kSpan * (sizeof(KdSortKey<true>::Key) + 3 * sizeof(int)), grid, p,
-                          p.stride, stream);
+                          kd_sort_smem_bytes<kSpan, true>(), grid, p, p.stride, stream);
 }
 
 std::string check_params(const SortKeySpansParams& p) {
