@@ -29,7 +29,7 @@ JAX_SPARSEK_BACKWARD_KERNEL=mma_sync; the variables are read at every call (and 
 deterministic choice also when the program is traced, which happens inside its timing). Each
 gets its own rows, each timed against cuDNN again with the reps interleaved.
 
---variant NAME=VALUE (SparseK rows) adds ours again with a setting of the library (an
+--variant NAME=VALUE (dense and SparseK rows) adds ours again with a setting of the library (an
 environment variable read at every call) to the interleaved programs, e.g. --variant
 JAX_SPARSEK_SIDE_STREAM=0 for the backward on the caller's stream alone.
 
@@ -112,7 +112,7 @@ def time_fwd_bwd(impls, reps):
     return [(t[i], t[i + 1], t[i + 1] - t[i]) for i in range(0, len(t), 2)]
 
 
-def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
+def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2, variants=()):
     cfg = CONFIGS[name]
     dtype = DTYPES[dtype_key]
     sets = []
@@ -129,8 +129,9 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
                               implementation="cudnn")
     with backward_kernel_env(kernel):
         g_ours = jax.block_until_ready(jax.jit(grad_program(ours, (0, 1, 2)))(*sets[0]))
-        t_ours, t_cudnn = time_fwd_bwd(
-            [(ours, sets, (0, 1, 2), iters), (cudnn, sets, (0, 1, 2), iters)], reps)
+        t_ours, t_cudnn, *t_variants = time_fwd_bwd(
+            [(ours, sets, (0, 1, 2), iters), (cudnn, sets, (0, 1, 2), iters)]
+            + [(ours, sets, (0, 1, 2), iters, env) for _, env in variants], reps)
     g_ref = jax.jit(grad_program(cudnn, (0, 1, 2)))(*sets[0])
     err = max(rel(a, b) for a, b in zip(g_ours, g_ref))
     ok = err <= TOLERANCE[jnp.dtype(dtype).name]
@@ -142,13 +143,26 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2):
          "ours_bwd_tflops": 2.5 * fwd_flops / t_ours[2] / 1e12,
          "cudnn_bwd_tflops": 2.5 * fwd_flops / t_cudnn[2] / 1e12,
          "bwd_ratio_vs_cudnn": t_cudnn[2] / t_ours[2], "grad_rel_err_vs_cudnn": err,
-         "valid": ok}
+         "valid": ok,
+         "variants": {label: {"ours_fwd_s": t[0], "ours_bwd_s": t[2],
+                              "bwd_ratio_vs_cudnn": t_cudnn[2] / t[2]}
+                      for (label, _), t in zip(variants, t_variants)}}
     print(f"{name:26s} {kernel:13s} {r['dtype']:8s} | bwd ours {t_ours[2] * 1e3:8.3f} ms "
           f"({r['ours_bwd_tflops']:5.1f} TFLOP/s) | cudnn {t_cudnn[2] * 1e3:8.3f} ms "
           f"({r['cudnn_bwd_tflops']:5.1f}) -> {r['bwd_ratio_vs_cudnn']:4.2f}x cudnn | fwd ours "
           f"{t_ours[0] * 1e3:7.3f} cudnn {t_cudnn[0] * 1e3:7.3f} ms | err {err:.1e}"
           f"{'' if ok else ' INVALID'}", flush=True)
+    print_variants(r, t_ours, "bwd_ratio_vs_cudnn", "x cudnn")
     return r
+
+
+def print_variants(r, t_ours, ratio_key, ratio_name):
+    """One line a --variant: its backward, against cuDNN and against the default settings."""
+    for label, v in r["variants"].items():
+        print(f"    with {label}: bwd ours {v['ours_bwd_s'] * 1e3:8.3f} ms -> "
+              f"{v[ratio_key]:5.2f}{ratio_name} ({100 * (v['ours_bwd_s'] / t_ours[2] - 1):+.1f}% "
+              f"against the default settings) | fwd ours {v['ours_fwd_s'] * 1e3:7.3f} ms",
+              flush=True)
 
 
 def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variants=()):
@@ -189,11 +203,7 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variant
           f"| cudnn causal bwd {t_cudnn[2] * 1e3:8.3f} ms ({r['cudnn_bwd_tflops']:5.1f}) -> "
           f"{r['bwd_speedup_vs_cudnn_causal']:5.2f}x | fwd ours {t_ours[0] * 1e3:7.3f} ms"
           f"{'' if finite else ' NON-FINITE GRADIENTS'}", flush=True)
-    for label, v in r["variants"].items():
-        print(f"    with {label}: bwd ours {v['ours_bwd_s'] * 1e3:8.3f} ms -> "
-              f"{v['bwd_speedup_vs_cudnn_causal']:5.2f}x ({100 * (v['ours_bwd_s'] / t_ours[2] - 1):+.1f}% "
-              f"against the default settings) | fwd ours {v['ours_fwd_s'] * 1e3:7.3f} ms",
-              flush=True)
+    print_variants(r, t_ours, "bwd_speedup_vs_cudnn_causal", "x")
     return r
 
 
@@ -209,7 +219,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variant", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
-                    help="SparseK rows: also time ours with these settings (e.g. JAX_SPARSEK_"
+                    help="also time ours with these settings (e.g. JAX_SPARSEK_"
                          "SIDE_STREAM=0), interleaved with the rest; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -226,7 +236,7 @@ def main(argv=None):
     results = []
     for dt in args.dtype:
         for kernel in args.kernels:
-            results += [dense_row(name, dt, args.iters, args.reps, kernel)
+            results += [dense_row(name, dt, args.iters, args.reps, kernel, variants=variants)
                         for name in args.dense]
             results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma, variants)
                         for seq in args.sparse_seq for sigma in args.sigma]

@@ -157,6 +157,10 @@ _SETTING_CASES = [
         # rows see none of its keys is the default).
         ("JAX_SPARSEK_BWD_SKIP_HALVES", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
+        # The consumers fencing the producer's copies for wgmma after their wait (the
+        # producer fencing them before it arrives is the default).
+        ("JAX_SPARSEK_BWD_PRODUCER_FENCE", ["0"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
         # Everything on the caller's stream (the side stream is the default).
         ("JAX_SPARSEK_SIDE_STREAM", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
@@ -210,13 +214,16 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
      "T1100_S2600_K96_W40_gqa8_d128"),
     ("JAX_SPARSEK_BWD_SKIP_HALVES", "yes", "JAX_SPARSEK_BWD_SKIP_HALVES must be 1 or 0",
      "T1100_S2600_K96_W40_gqa8_d128"),
+    ("JAX_SPARSEK_BWD_PRODUCER_FENCE", "yes",
+     "JAX_SPARSEK_BWD_PRODUCER_FENCE must be 1 or 0", "T1100_S2600_K96_W40_gqa8_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
     """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER or
     JAX_SPARSEK_SLICE_ORDER that is not an order it has, a JAX_SPARSEK_KEY_BAND_ROWS that is
     not a band height it takes, a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the
     launcher takes, a JAX_SPARSEK_BWD_GRID that is not a grid order, or a
-    JAX_SPARSEK_BWD_SKIP_HALVES that is not 1 or 0: an error naming it."""
+    JAX_SPARSEK_BWD_SKIP_HALVES or JAX_SPARSEK_BWD_PRODUCER_FENCE that is not 1 or 0: an
+    error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)

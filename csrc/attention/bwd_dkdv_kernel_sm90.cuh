@@ -256,11 +256,21 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
       sm90::release_registers<Cfg::kProducerRegisters>();
       using Producers = std::integral_constant<int, Cfg::kNProducerThreads>;
       const int thread = static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads;
+      // p.producer_fences: each thread waits for its own copies (K and V one commit group,
+      // each step's another), publishes them to the async proxy, then arrives: the
+      // consumers' wgmma reads them with no fence of their own after the wait (a fence there
+      // also waited for the consumer's dq atomics of the step before). Otherwise the thread
+      // arrives as its copies land and every consumer fences after its wait.
+      const bool fences = p.producer_fences;
       if (steps > 0) {
         visit.template load_keys_by<Producers::value>(thread, sK, k, p.k_row_stride, head_dim);
         visit.template load_keys_by<Producers::value>(thread, sV, v, p.v_row_stride, head_dim);
-        sm90::mbarrier_arrive_on_copies(kv_full);
-        sm90::mbarrier_arrive(kv_full);
+        if (fences) {
+          sm80::cp_async_commit();
+        } else {
+          sm90::mbarrier_arrive_on_copies(kv_full);
+          sm90::mbarrier_arrive(kv_full);
+        }
       }
       StepRows at = first_step;
 #pragma unroll 1
@@ -271,8 +281,20 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
                               static_cast<uint32_t>(step / Cfg::kQStages - 1) & 1);
         }
         load_step(at, stage, Producers{}, thread);
-        sm90::mbarrier_arrive_on_copies(q_full + stage);
-        sm90::mbarrier_arrive(q_full + stage);
+        if (fences) {
+          sm80::cp_async_commit();
+          if (step == 0) {
+            sm80::cp_async_wait<1>();  // K and V
+            sm90::fence_async_shared();
+            sm90::mbarrier_arrive(kv_full);
+          }
+          sm80::cp_async_wait<0>();
+          sm90::fence_async_shared();
+          sm90::mbarrier_arrive(q_full + stage);
+        } else {
+          sm90::mbarrier_arrive_on_copies(q_full + stage);
+          sm90::mbarrier_arrive(q_full + stage);
+        }
         at = next_step(at);
       }
       sm90::cp_async_wait_all();
@@ -392,9 +414,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, Cfg::kMinBlocksPerSm)
     const int stage = step % Cfg::kQStages;
     if constexpr (kWs) {
       // Q(step), dO(step) and the rows' vectors have landed (the producers' cp.async and
-      // plain stores); wgmma reads through the async proxy.
+      // plain stores); wgmma reads through the async proxy, to which the producers published
+      // them (p.producer_fences) or this thread does.
       sm90::mbarrier_wait(q_full + stage, static_cast<uint32_t>(step / Cfg::kQStages) & 1);
-      sm90::fence_async_shared();
+      if (!p.producer_fences) sm90::fence_async_shared();
     } else {
       // Q(step), dO(step) (and K, V) have landed and are published to the async proxy; every
       // thread is done with step - 1 (its products were waited on), so its stage is free.

@@ -173,6 +173,8 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
   // clusters along its tiles, and the warpgroups' idle steps skipped unless asked not to.
   int cluster = 1;
   bool skip_idle_halves = false;
+  const int producer_fence = requested_bwd_producer_fence();
+  if (producer_fence < 0) return "JAX_SPARSEK_BWD_PRODUCER_FENCE must be 1 or 0";
   if (p.sparsek && dq_accum) {
     const int skip = requested_bwd_skip_halves();
     if (skip < 0) return "JAX_SPARSEK_BWD_SKIP_HALVES must be 1 or 0";
@@ -189,6 +191,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     // in clusters along it.
     AttentionBwdParams whole = p;
     whole.skip_idle_halves = skip_idle_halves;
+    whole.producer_fences = producer_fence == 1;
     return launch_dkdv(dkdv_kernel, dim3(static_cast<unsigned>(p.batch * p.heads_kv * key_tiles)),
                        /*tile_major=*/false, cluster, DkDvCfg::kNThreads, dkdv_smem, stream,
                        whole, delta, mean, dq_accum);
@@ -200,6 +203,7 @@ std::string launch_attention_bwd(DqKernel dq_kernel, DkDvKernelT dkdv_kernel,
     AttentionBwdParams chunk = batch_slice<Element>(p, b0, count);
     chunk.band_ctas = nullptr;  // the grids below, not the CTA list
     chunk.skip_idle_halves = skip_idle_halves;
+    chunk.producer_fences = producer_fence == 1;
     // Each grid picks its CTA order from its own tile count: the flag is set per launch.
     const int64_t rows = b0 * p.heads_q * p.seqlen_q;
     float* chunk_delta = delta + rows;

@@ -83,6 +83,9 @@ struct AttentionBwdParams {
   // none of its keys (JAX_SPARSEK_BWD_SKIP_HALVES, on by default).
   bool tile_major_grid = false;
   bool skip_idle_halves = false;
+  // Set by the launcher: the warp-specialized dk/dv kernel's producer fences its copies for
+  // the async proxy (JAX_SPARSEK_BWD_PRODUCER_FENCE, on by default).
+  bool producer_fences = false;
 
   // workspace_bytes (at least attention_bwd_min_workspace_bytes(...); 0 means that many) of
   // device memory, 256-byte aligned, for the backward's own intermediates (row sums such as

@@ -82,6 +82,10 @@ int requested_bwd_grid() {
 
 int requested_bwd_skip_halves() { return env_switch("JAX_SPARSEK_BWD_SKIP_HALVES", "1", "0"); }
 
+int requested_bwd_producer_fence() {
+  return env_switch("JAX_SPARSEK_BWD_PRODUCER_FENCE", "1", "0");
+}
+
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
 int requested_dependent_launch() { return env_switch("JAX_SPARSEK_DEPENDENT_LAUNCH", "1", "0"); }

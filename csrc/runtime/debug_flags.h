@@ -61,6 +61,13 @@ int requested_bwd_grid();
 // computes them (0: the comparison); read at every call. -1 when it holds anything else.
 int requested_bwd_skip_halves();
 
+// JAX_SPARSEK_BWD_PRODUCER_FENCE=1|0: in the warp-specialized dk/dv kernel the producer
+// warpgroup waits for its own copies, then publishes them to the async proxy (wgmma) before it
+// arrives on their full barrier (1, the default), or arrives as the copies land and every
+// consumer thread fences after its wait (0: the comparison); read at every call. -1 when it
+// holds anything else.
+int requested_bwd_producer_fence();
+
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/
 // side_stream.h; the default), or runs everything on the caller's stream; read at every call
