@@ -283,18 +283,20 @@ std::string run_attention_bwd_sm90(const AttentionBwdParams& p, const BwdRowBuff
                                      DenseQueryVisit>(p, rows, stream);
   }
   if (p.sparsek) {
-    if (std::string error = sparsek_du_count_fractional_rows(p, rows.row_edges, stream);
-        !error.empty()) {
-      return error;
-    }
     if (std::string error =
             launch_attention_bwd_sm90<Dq, typename Sizes::DkDvSparseKFusedDq, Element,
                                       SparseKKeyVisitBwd, SparseKQueryVisit>(p, rows, stream);
         !error.empty()) {
       return error;
     }
+    // du's row counts read only the scores and tau, and only du's pass reads them: they run
+    // on the side stream too, off the path to the dk/dv kernel (~15 us at 32k).
     cudaStream_t side = stream;
     if (std::string error = fork_side_stream(stream, &side); !error.empty()) return error;
+    if (std::string error = sparsek_du_count_fractional_rows(p, rows.row_edges, side);
+        !error.empty()) {
+      return error;
+    }
     if (std::string error = sparsek_du_subtract_means(p, rows, side); !error.empty()) {
       return error;
     }
