@@ -8,6 +8,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
 import ncu_source_summary  # noqa: E402
+import sass_waits  # noqa: E402
 
 HEADER = ['"Address"', '"Source"', '"Warp Stall Sampling (All Samples)"',
           '"Warp Stall Sampling (Not-issued Samples)"', '"Instructions Executed"',
@@ -249,3 +250,39 @@ def test_forward_profile_dense_specs():
         assert q.shape == (1, 256, 32, 128) and k.shape == v.shape == (1, 256, 8, 128)
         assert str(q.dtype) == "float16" and shape.startswith(f"{kind} causal S=256")
         assert callable(fn)
+
+
+_SASS = """
+		Function : _Z5otherv
+        /*0000*/                   EXIT ;                                                  /* 0x000000000000794d */
+                                                                                           /* 0x000fea0003800000 */
+		Function : _ZN7sparsek30attention_bwd_dkdv_sm90_kernel
+        /*9180*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR46][R4.64], R152 ;         /* 0x00000098040079a6 */
+                                                                                                        /* 0x0005e8000c10f7ae */
+        /*2490*/                   S2R R221, SR_TID.X ;                                                 /* 0x0000000000dd7919 */
+                                                                                                        /* 0x004ea20000002100 */
+"""
+
+
+def test_sass_waits_decodes_control_bits():
+    """The dk/dv kernel's dq atomic sets read scoreboard 2, and the thread index read again at
+    its loop top waits on scoreboard 2 (and sets it for its own result): the atomics of the
+    step before must have read their registers (bench/NOTES.md, the producer's fence)."""
+    entries = sass_waits.read_sass(_SASS.split("\n"), "attention_bwd_dkdv")
+    assert [e[2].split()[0] for e in entries] == ["REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU", "S2R"]
+    red, s2r = entries[0][3], entries[1][3]
+    assert red["rb"] == 2 and red["wb"] is None and red["wait"] == [] and red["stall"] == 4
+    assert s2r["wait"] == [2] and s2r["wb"] == 2 and s2r["rb"] is None
+    assert "W:2" in sass_waits.format_line(entries[1])
+    assert [e[2] for e in sass_waits.read_sass(_SASS.split("\n"), "other")] == ["EXIT"]
+
+
+def test_trace_timeline_marks_every_call(tmp_path):
+    """bench/trace_timeline.py on the CPU (XLA's attention): every forward and grad call is
+    found by its annotation; no GPU events on the CPU."""
+    import trace_timeline
+    assert trace_timeline.main(["--seq", "128", "--impl", "xla", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "timeline_xla.txt").read_text()
+    for i in range(trace_timeline.CALLS):
+        assert f"== fwd_{i}: host" in text and f"== grad_{i}: host" in text
+    assert "no trace annotation" not in text
