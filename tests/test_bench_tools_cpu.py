@@ -254,13 +254,13 @@ def test_forward_profile_dense_specs():
 
 _SASS = """
 		Function : _Z5otherv
-        /*0000*/                   EXIT ;                                                  /* 0x000000000000794d */
-                                                                                           /* 0x000fea0003800000 */
+  /*0000*/  EXIT ;  /* 0x000000000000794d */
+  /* 0x000fea0003800000 */
 		Function : _ZN7sparsek30attention_bwd_dkdv_sm90_kernel
-        /*9180*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR46][R4.64], R152 ;         /* 0x00000098040079a6 */
-                                                                                                        /* 0x0005e8000c10f7ae */
-        /*2490*/                   S2R R221, SR_TID.X ;                                                 /* 0x0000000000dd7919 */
-                                                                                                        /* 0x004ea20000002100 */
+  /*9180*/  REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR46][R4.64], R152 ;  /* 0x00000098040079a6 */
+  /* 0x0005e8000c10f7ae */
+  /*2490*/  S2R R221, SR_TID.X ;  /* 0x0000000000dd7919 */
+  /* 0x004ea20000002100 */
 """
 
 
