@@ -11,6 +11,10 @@ each a jitted program over distinct input sets):
     fwd        o = attention(q, k, v)
     fwd+bwd    jax.grad of sum(o * w) in q, k, v (and the scores, SparseK)
     bwd        fwd+bwd - fwd
+with w random in the attention's dtype, as the cotangent a layer above sends: the attention's
+backward gets w itself (XLA drops the multiplication by the sum's cotangent, 1). Until the
+twenty-second session w was float32 and both programs also cast it to the attention's dtype
+(~0.19 ms at S = 32k, bench/NOTES.md); --float32-cotangent keeps that.
 for ours (sparsek_attention, implementation='cuda') and
 jax.nn.dot_product_attention(implementation='cudnn'), their reps interleaved (ours, cuDNN,
 ours, ...): under load the H200 runs at its power cap and its clocks wander between 1.5 and
@@ -90,8 +94,13 @@ def warm_up(seconds=2.0):
 def grad_program(attn, argnums):
     def loss(*args):
         *inputs, w = args
-        return jnp.sum(attn(*inputs).astype(jnp.float32) * w)
+        return jnp.sum((attn(*inputs) * w).astype(jnp.float32))
     return jax.grad(loss, argnums=argnums)
+
+
+def cotangent_weights(key, shape, dtype, float32_cotangent=False):
+    """w of sum(o * w): in the attention's dtype, or float32 (the earlier harness)."""
+    return jax.random.normal(key, shape, jnp.float32 if float32_cotangent else dtype)
 
 
 def rel(a, b):
@@ -112,7 +121,8 @@ def time_fwd_bwd(impls, reps):
     return [(t[i], t[i + 1], t[i + 1] - t[i]) for i in range(0, len(t), 2)]
 
 
-def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2, variants=()):
+def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2, variants=(),
+              float32_cotangent=False):
     cfg = CONFIGS[name]
     dtype = DTYPES[dtype_key]
     sets = []
@@ -121,7 +131,7 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2, varian
         q = jax.random.normal(kq, (cfg.B, cfg.T, cfg.Hq, cfg.D), dtype)
         k = jax.random.normal(kk, (cfg.B, cfg.S, cfg.Hkv, cfg.D), dtype)
         v = jax.random.normal(kv, (cfg.B, cfg.S, cfg.Hkv, cfg.D), dtype)
-        w = jax.random.normal(kw, q.shape, jnp.float32)
+        w = cotangent_weights(kw, q.shape, dtype, float32_cotangent)
         sets.append((q, k, v, w))
     ours = functools.partial(sparsek_attention, is_causal=cfg.causal, window=cfg.window,
                              implementation="cuda")
@@ -138,6 +148,7 @@ def dense_row(name, dtype_key, iters, reps, kernel="default", num_sets=2, varian
     pairs = cfg.T * (cfg.T + 1) // 2 if cfg.causal else cfg.T * cfg.S
     fwd_flops = 4 * cfg.B * cfg.Hq * cfg.D * pairs
     r = {"config": name, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
+         "cotangent": "float32" if float32_cotangent else jnp.dtype(dtype).name,
          "ours_fwd_s": t_ours[0],
          "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0], "cudnn_bwd_s": t_cudnn[2],
          "ours_bwd_tflops": 2.5 * fwd_flops / t_ours[2] / 1e12,
@@ -165,9 +176,11 @@ def print_variants(r, t_ours, ratio_key, ratio_name):
               flush=True)
 
 
-def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variants=()):
+def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variants=(),
+               float32_cotangent=False):
     dtype = DTYPES[dtype_key]
-    sets = [s + (jax.random.normal(jax.random.PRNGKey(100 + i), s[0].shape, jnp.float32),)
+    sets = [s + (cotangent_weights(jax.random.PRNGKey(100 + i), s[0].shape, dtype,
+                                   float32_cotangent),)
             for i, s in enumerate(skb.make_inputs(seq, dtype, sigma, 2))]
     ours = functools.partial(sparsek_attention, topk=skb.TOPK, window=skb.WINDOW,
                              is_causal=True, implementation="cuda")
@@ -187,6 +200,7 @@ def sparse_row(seq, dtype_key, iters, reps, kernel="default", sigma=1.0, variant
             + [(ours, sets, (0, 1, 2, 3), iters, env) for _, env in variants], reps)
     dense_pairs = skb.B * skb.HQ * seq * (seq + 1) // 2
     r = {"seq": seq, "sigma": sigma, "kernel": kernel, "dtype": jnp.dtype(dtype).name,
+         "cotangent": "float32" if float32_cotangent else jnp.dtype(dtype).name,
          "topk": skb.TOPK, "window": skb.WINDOW,
          "keys_per_row": pairs / (skb.B * skb.HQ * seq),
          "ours_fwd_s": t_ours[0], "ours_bwd_s": t_ours[2], "cudnn_fwd_s": t_cudnn[0],
@@ -221,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also time ours with these settings (e.g. JAX_SPARSEK_"
                          "SIDE_STREAM=0), interleaved with the rest; repeatable")
+    ap.add_argument("--float32-cotangent", action="store_true",
+                    help="w (the cotangent) in float32, cast by both programs, as until the "
+                         "twenty-second session")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     try:
@@ -236,9 +253,11 @@ def main(argv=None):
     results = []
     for dt in args.dtype:
         for kernel in args.kernels:
-            results += [dense_row(name, dt, args.iters, args.reps, kernel, variants=variants)
+            results += [dense_row(name, dt, args.iters, args.reps, kernel, variants=variants,
+                                  float32_cotangent=args.float32_cotangent)
                         for name in args.dense]
-            results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma, variants)
+            results += [sparse_row(seq, dt, args.iters, args.reps, kernel, sigma, variants,
+                                   float32_cotangent=args.float32_cotangent)
                         for seq in args.sparse_seq for sigma in args.sigma]
     if args.json:
         with open(args.json, "w") as f:

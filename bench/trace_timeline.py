@@ -43,7 +43,7 @@ def programs(impl: str, seq: int, sigma: float):
     attention, or XLA's (float32: runs on any platform)."""
     dtype = jnp.float32 if impl == "xla" else jnp.float16
     q, k, v, u = skb.make_inputs(seq, dtype, sigma, 1)[0]
-    w = jax.random.normal(jax.random.PRNGKey(100), q.shape, jnp.float32)
+    w = bb.cotangent_weights(jax.random.PRNGKey(100), q.shape, dtype)
     if impl == "ours":
         attn = functools.partial(sparsek_attention, topk=skb.TOPK, window=skb.WINDOW,
                                  is_causal=True, implementation="cuda")

@@ -57,6 +57,10 @@ SPARSEK_CASES = {
                                           topk=96, window=40),
     "T2100_K200_W64_gqa4_d64": Case(1, 2100, 2100, 8, 2, d=64, is_causal=True, topk=200,
                                     window=64),
+    # One head: the rows' sums of g and du are 301 floats, not a whole number of the
+    # zeroing's 16-byte stores (bwd_preprocess.cu writes the tail one float a thread).
+    "T301_K40_W16_mha1_d128": Case(1, 301, 301, 1, 1, d=128, is_causal=True, topk=40,
+                                   window=16),
     # The Hopper kernels' head dim at T = 2100: two default row bands, three of 1024 rows.
     "T2100_K160_W48_gqa4_d128": Case(1, 2100, 2100, 8, 2, d=128, is_causal=True, topk=160,
                                      window=48),
@@ -76,6 +80,17 @@ def test_dense_backward_kernels(name, dtype):
     api, inputs = _api_grads(case, dtype)
     ref = reference_grads(case, *inputs)
     _check(case, api, ref, dtype, context=name)
+
+
+@pytest.mark.parametrize("name", ["T300_causal_gqa4_d128", "T257_S513_window100_gqa8_d96"])
+def test_dense_backward_prepare_separate(name, monkeypatch):
+    """JAX_SPARSEK_BWD_PREPARE=separate: Delta in a kernel of its own and the dq accumulator
+    zeroed by a memset, the comparison for the fused kernel (the default)."""
+    monkeypatch.setenv("JAX_SPARSEK_BWD_PREPARE", "separate")
+    case = DENSE_CASES[name]
+    api, inputs = _api_grads(case, jnp.float16)
+    ref = reference_grads(case, *inputs)
+    _check(case, api, ref, jnp.float16, context=f"{name} separate")
 
 
 @DTYPE_PARAM
@@ -161,6 +176,10 @@ _SETTING_CASES = [
         # producer fencing them before it arrives is the default).
         ("JAX_SPARSEK_BWD_PRODUCER_FENCE", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T2100_K160_W48_gqa4_d128"]),
+        # Delta in a kernel of its own and a memset an accumulator (one kernel is the
+        # default).
+        ("JAX_SPARSEK_BWD_PREPARE", ["separate"],
+         ["T1100_S2600_K96_W40_gqa8_d128", "T301_K40_W16_mha1_d128"]),
         # Everything on the caller's stream (the side stream is the default).
         ("JAX_SPARSEK_SIDE_STREAM", ["0"],
          ["T1100_S2600_K96_W40_gqa8_d128", "T640_K100_W32_gqa8_d128"]),
@@ -216,14 +235,16 @@ def test_sparsek_backward_span_long_against_xla(order, span, monkeypatch):
      "T1100_S2600_K96_W40_gqa8_d128"),
     ("JAX_SPARSEK_BWD_PRODUCER_FENCE", "yes",
      "JAX_SPARSEK_BWD_PRODUCER_FENCE must be 1 or 0", "T1100_S2600_K96_W40_gqa8_d128"),
+    ("JAX_SPARSEK_BWD_PREPARE", "one", "JAX_SPARSEK_BWD_PREPARE must be fused or separate",
+     "T300_K40_W16_gqa4_d128"),
 ])
 def test_sparsek_backward_bad_setting(variable, value, message, name, monkeypatch):
     """A JAX_SPARSEK_KEY_SPAN that is not a width the sort has, a JAX_SPARSEK_KEY_ORDER or
     JAX_SPARSEK_SLICE_ORDER that is not an order it has, a JAX_SPARSEK_KEY_BAND_ROWS that is
     not a band height it takes, a JAX_SPARSEK_BWD_CLUSTER that is not a cluster size the
     launcher takes, a JAX_SPARSEK_BWD_GRID that is not a grid order, or a
-    JAX_SPARSEK_BWD_SKIP_HALVES or JAX_SPARSEK_BWD_PRODUCER_FENCE that is not 1 or 0: an
-    error naming it."""
+    JAX_SPARSEK_BWD_SKIP_HALVES or JAX_SPARSEK_BWD_PRODUCER_FENCE that is not 1 or 0, or a
+    JAX_SPARSEK_BWD_PREPARE that is not fused or separate: an error naming it."""
     monkeypatch.setenv(variable, value)
     with pytest.raises(Exception, match=message):
         grads, _ = _api_grads(SPARSEK_CASES[name], jnp.float16)

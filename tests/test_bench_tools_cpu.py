@@ -240,6 +240,37 @@ def test_backward_benchmark_interleaves_reps():
     assert fwd > 0 and both > 0 and bwd == both - fwd
 
 
+def test_backward_benchmark_cotangent_reaches_the_backward_uncast():
+    """With w in the attention's dtype, the backward of sum(o * w) hands w itself to the
+    attention's backward (no cast or multiplication in the grad program); with
+    --float32-cotangent's float32 w, the program casts it first."""
+    import jax
+    import jax.numpy as jnp
+    import backward_benchmark
+
+    @jax.custom_vjp
+    def attn(x):
+        return x * 2.0
+
+    # The backward passes its cotangent through an op of its own, so that the program
+    # cannot fold it away.
+    attn.defvjp(lambda x: (x * 2.0, None),
+                lambda _, ct: (jax.lax.reduce_precision(ct, exponent_bits=5,
+                                                        mantissa_bits=10),))
+    x = jnp.ones((4, 8), jnp.float16)
+
+    def ops(float32_cotangent):
+        w = backward_benchmark.cotangent_weights(jax.random.PRNGKey(0), x.shape, x.dtype,
+                                                 float32_cotangent)
+        program = jax.jit(backward_benchmark.grad_program(attn, (0,)))
+        hlo = program.lower(x, w).compile().as_text()
+        assert "reduce-precision" in hlo
+        return {op for op in ("convert", "multiply") if f"{op}(" in hlo}
+
+    assert ops(False) == set()
+    assert ops(True) == {"convert"}
+
+
 def test_forward_profile_dense_specs():
     """`dense:S` and `cudnn:S` build issue 3's dense causal problem at S rows (ours and
     cuDNN's call; neither is run here)."""

@@ -289,28 +289,20 @@ std::string attention_bwd_prepare(const AttentionBwdParams& p, void* stream_ptr)
   }
   BwdCall call;
   if (std::string error = plan_call(p, call); !error.empty()) return error;
-  if (std::string error = launch_bwd_preprocess(p, call.rows.delta, stream); !error.empty()) {
-    return error;
-  }
+  // The buffers the dk/dv kernel adds into start at zero: with dq_accum the dq accumulator
+  // (and in SparseK mode g's row sums), with row bands the dk, dv and du accumulators.
+  BwdZeroRanges zeros;
   if (call.rows.dq_accum) {
-    // The dk/dv kernel adds dq, and in SparseK mode g's row sums, into these.
-    if (std::string error = zero_dq_accumulator(p, call.rows.dq_accum, stream);
-        !error.empty()) {
-      return error;
-    }
-    if (p.sparsek) {
-      SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
-          call.rows.mean, 0, p.batch * p.heads_q * p.seqlen_q * sizeof(float), stream));
-    }
+    zeros.add(call.rows.dq_accum, DqAccumulatorTiles::elems(p.batch, p.seqlen_q, p.heads_q));
+    if (p.sparsek) zeros.add(call.rows.mean, p.batch * p.heads_q * p.seqlen_q);
   }
   if (call.dk_accum) {
-    // Row bands: the dk/dv kernel adds dk, dv and du's first term into these.
-    if (std::string error = zero_kv_accumulators(with_accumulators(p, call), stream);
-        !error.empty()) {
-      return error;
-    }
+    const int64_t kv_elems = KvAccumulator::elems(p.batch, p.seqlen_k, p.heads_kv, p.head_dim);
+    zeros.add(call.dk_accum, kv_elems);
+    zeros.add(call.dv_accum, kv_elems);
+    zeros.add(p.du, p.batch * p.seqlen_k * p.heads_kv);
   }
-  return {};
+  return launch_bwd_preprocess(p, call.rows.delta, zeros, stream);
 }
 
 std::string attention_bwd_finish(const AttentionBwdParams& p, void* stream_ptr) {

@@ -1,10 +1,9 @@
-// Zeroing the dense Hopper backward's float32 dq accumulator and converting it into dq
-// (bwd_dq_accumulator.h). The conversion takes one accumulator tile a CTA: it reads the 32 KB
-// tile with coalesced 16-byte loads (each float4 is two dims of two rows, in the warpgroups'
-// register order), scales and converts it into a row-major tile in shared memory, then writes
-// each row's head dim to dq with 16-byte stores. Measured on gqa_t8192 (268 MB read, 67 MB
-// written): 155 us with a thread a 16-byte store gathering its dims from four float4s, 2 KB
-// apart between neighbouring threads.
+// Converting the Hopper backward's float32 dq accumulator into dq (bwd_dq_accumulator.h):
+// one accumulator tile a CTA. It reads the 32 KB tile with coalesced 16-byte loads (each
+// float4 is two dims of two rows, in the warpgroups' register order), scales and converts it
+// into a row-major tile in shared memory, then writes each row's head dim to dq with 16-byte
+// stores. Measured on gqa_t8192 (268 MB read, 67 MB written): 155 us with a thread a 16-byte
+// store gathering its dims from four float4s, 2 KB apart between neighbouring threads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -91,13 +90,6 @@ std::string launch_store(const AttentionBwdParams& p, const float* dq_accum,
 }
 
 }  // namespace
-
-std::string zero_dq_accumulator(const AttentionBwdParams& p, float* dq_accum,
-                                cudaStream_t stream) {
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
-      dq_accum, 0, Tiles::elems(p.batch, p.seqlen_q, p.heads_q) * sizeof(float), stream));
-  return {};
-}
 
 std::string store_dq_from_accumulator(const AttentionBwdParams& p, const float* dq_accum,
                                       cudaStream_t stream) {

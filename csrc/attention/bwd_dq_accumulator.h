@@ -1,6 +1,6 @@
 // The float32 dq accumulator of the dense Hopper backward, whose dk/dv kernel adds each
-// step's dS K into it (bwd_dkdv_kernel_sm90.cuh, Cfg::kFuseDq): zeroed before that kernel,
-// then scaled and converted into dq.
+// step's dS K into it (bwd_dkdv_kernel_sm90.cuh, Cfg::kFuseDq): zeroed before that kernel
+// (bwd_preprocess.h), then scaled and converted into dq.
 //
 // Layout: one tile of kRows query rows x kDims dims per (batch, query head, row block), the
 // tiles in that order; a tile is two halves of kDims / 2 dims (one per warpgroup), each in
@@ -31,9 +31,6 @@ struct DqAccumulatorTiles {
     return batch * heads_q * row_blocks(seqlen_q) * kTileFloats;
   }
 };
-
-std::string zero_dq_accumulator(const AttentionBwdParams& p, float* dq_accum,
-                                cudaStream_t stream);
 
 // dq = scale * the accumulator, in p.dtype (p.dq is contiguous [B, T, Hq, D]).
 std::string store_dq_from_accumulator(const AttentionBwdParams& p, const float* dq_accum,

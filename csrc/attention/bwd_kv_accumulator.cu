@@ -1,4 +1,4 @@
-// Zeroing the row bands' float32 dk and dv accumulators and converting them into dk and dv
+// Converting the row bands' float32 dk and dv accumulators into dk and dv
 // (bwd_kv_accumulator.h): a bandwidth-bound pass, 8 dims a thread (two 16-byte loads from
 // each accumulator, one 16-byte store to each result).
 #include <cuda_bf16.h>
@@ -58,16 +58,6 @@ std::string launch_store(const AttentionBwdParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-std::string zero_kv_accumulators(const AttentionBwdParams& p, cudaStream_t stream) {
-  const size_t bytes = static_cast<size_t>(
-      KvAccumulator::elems(p.batch, p.seqlen_k, p.heads_kv, p.head_dim) * sizeof(float));
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.dk_accum, 0, bytes, stream));
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.dv_accum, 0, bytes, stream));
-  SPARSEK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(
-      p.du, 0, static_cast<size_t>(p.batch * p.seqlen_k * p.heads_kv) * sizeof(float), stream));
-  return {};
-}
 
 std::string store_kv_from_accumulators(const AttentionBwdParams& p, cudaStream_t stream) {
   if (p.dtype == DType::kBFloat16) return launch_store<__nv_bfloat16>(p, stream);

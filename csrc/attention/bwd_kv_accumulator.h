@@ -1,8 +1,9 @@
 // The float32 dk and dv accumulators of the SparseK backward in row bands
 // (selection/sort_key_spans.h, KeyOrder::kBands): a key reached by rows of several bands has a
 // piece in each, taken by different dk/dv CTAs, which add their dk, dv (and du) into these
-// with atomics (bwd_dkdv_kernel_sm90.cuh). Zeroed before that kernel, then converted: dk =
-// scale * its accumulator, dv = its accumulator, in p.dtype. Layout: [B, S, Hkv, D] float32
+// with atomics (bwd_dkdv_kernel_sm90.cuh). Zeroed before that kernel (bwd_preprocess.h, with
+// du, which it adds its first term into), then converted: dk = scale * its accumulator, dv =
+// its accumulator, in p.dtype. Layout: [B, S, Hkv, D] float32
 // each, as dk and dv (D the head dim, unpadded).
 #pragma once
 
@@ -20,9 +21,6 @@ struct KvAccumulator {
     return batch * seqlen_k * heads_kv * head_dim;
   }
 };
-
-// Zeroes p.dk_accum and p.dv_accum, and du (the kernel adds its first term there).
-std::string zero_kv_accumulators(const AttentionBwdParams& p, cudaStream_t stream);
 
 // dk and dv from p.dk_accum and p.dv_accum.
 std::string store_kv_from_accumulators(const AttentionBwdParams& p, cudaStream_t stream);

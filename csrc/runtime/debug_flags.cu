@@ -86,6 +86,10 @@ int requested_bwd_producer_fence() {
   return env_switch("JAX_SPARSEK_BWD_PRODUCER_FENCE", "1", "0");
 }
 
+int requested_bwd_prepare() {
+  return env_switch("JAX_SPARSEK_BWD_PREPARE", "fused", "separate");
+}
+
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
 int requested_dependent_launch() { return env_switch("JAX_SPARSEK_DEPENDENT_LAUNCH", "1", "0"); }

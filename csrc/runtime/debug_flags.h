@@ -68,6 +68,12 @@ int requested_bwd_skip_halves();
 // holds anything else.
 int requested_bwd_producer_fence();
 
+// JAX_SPARSEK_BWD_PREPARE=fused|separate: the backward computes Delta and zeroes its
+// accumulators in one kernel (attention/bwd_preprocess.h; the default), or computes Delta one
+// row a thread and zeroes each accumulator with a memset (the comparison); read at every
+// call. 1 when unset or "fused", 0 for "separate", -1 when it holds anything else.
+int requested_bwd_prepare();
+
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/
 // side_stream.h; the default), or runs everything on the caller's stream; read at every call
