@@ -1,8 +1,9 @@
-// attention_bwd(): checks the parameters, computes Delta (bwd_preprocess.cu), then runs the dq
-// and dk/dv kernels for the dtype, head dim and device (bwd_launch.cuh), all on the caller's
-// stream; attention_bwd_prepare and attention_bwd_finish are its two parts, for a caller that
-// overlaps other work with the first (the SparseK FFI handler's key sorts). The Hopper backward computes dq inside the dk/dv kernel (atomics into a float32
-// accumulator in the workspace; in SparseK mode du then takes a pass of its own,
+// attention_bwd(): checks the parameters, computes Delta and zeroes the accumulators
+// (bwd_preprocess.cu), then runs the dq and dk/dv kernels for the dtype, head dim and device
+// (bwd_launch.cuh), all on the caller's stream; attention_bwd_prepare and attention_bwd_finish
+// are its two parts, for a caller that overlaps other work with the first (the SparseK FFI
+// handler's key sorts). The Hopper backward computes dq inside the dk/dv kernel (atomics into
+// a float32 accumulator in the workspace; in SparseK mode du then takes a pass of its own,
 // bwd_sparsek_du.h) unless JAX_SPARSEK_DETERMINISTIC_BACKWARD=1 or the workspace has no room
 // for it.
 #include <cuda_bf16.h>

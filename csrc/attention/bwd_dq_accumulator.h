@@ -26,7 +26,9 @@ struct DqAccumulatorTiles {
   static constexpr int kHalfFloats = kRows * kDims / 2;  // one warpgroup's half
   static constexpr int kTileFloats = kRows * kDims;
 
-  __host__ __device__ static int64_t row_blocks(int64_t seqlen_q) { return (seqlen_q + kRows - 1) / kRows; }
+  __host__ __device__ static int64_t row_blocks(int64_t seqlen_q) {
+    return (seqlen_q + kRows - 1) / kRows;
+  }
   __host__ __device__ static int64_t elems(int64_t batch, int64_t seqlen_q, int64_t heads_q) {
     return batch * heads_q * row_blocks(seqlen_q) * kTileFloats;
   }
