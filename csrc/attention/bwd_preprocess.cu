@@ -215,6 +215,7 @@ std::string launch_for_setting(const AttentionBwdParams& p, float* delta,
 
 std::string launch_bwd_preprocess(const AttentionBwdParams& p, float* delta,
                                   const BwdZeroRanges& zeros, cudaStream_t stream) {
+  if (zeros.overflowed) return "more buffers to zero than BwdZeroRanges::kMax";
   for (int r = 0; r < zeros.n; ++r) {
     if (reinterpret_cast<uintptr_t>(zeros.ptr[r]) % 4 != 0) {
       return "the backward's accumulators must be 4-byte aligned";

@@ -12,19 +12,24 @@
 
 namespace sparsek {
 
-// Float buffers to set to zero: at most kMax, each 4-byte aligned.
+// Float buffers to set to zero: at most kMax (more is an error of launch_bwd_preprocess, not
+// a buffer left unzeroed), each 4-byte aligned.
 struct BwdZeroRanges {
   static constexpr int kMax = 6;
   float* ptr[kMax] = {};
   int64_t count[kMax] = {};  // floats
   int n = 0;
+  bool overflowed = false;
 
   void add(float* buffer, int64_t floats) {
-    if (buffer != nullptr && floats > 0 && n < kMax) {
-      ptr[n] = buffer;
-      count[n] = floats;
-      ++n;
+    if (buffer == nullptr || floats <= 0) return;
+    if (n == kMax) {
+      overflowed = true;
+      return;
     }
+    ptr[n] = buffer;
+    count[n] = floats;
+    ++n;
   }
 };
 
