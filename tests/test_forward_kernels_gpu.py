@@ -146,6 +146,76 @@ def test_sparsek(forward_kernel, case):
     assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
 
 
+# (B, T, S, Hq, Hkv, D, dtype, topk, window): GQA groups of 2 to 8 query heads, which a CTA of
+# the Hopper SparseK forward takes in turn (JAX_SPARSEK_FWD_HEADS_PER_CTA asks for the count:
+# the largest that divides the group, up to it): ragged T, T != S, T = 1, W = 0 and W > S,
+# D = 96, and query tiles of up to 20 key tiles (a chain of 8 heads then runs 160 steps
+# through the stages and key slots).
+CHAINED_HEAD_CASES = [
+    (1, 600, 600, 8, 1, 128, jnp.float16, 40, 32),
+    (2, 333, 333, 8, 2, 128, jnp.bfloat16, 100, 0),
+    (1, 1, 900, 4, 1, 128, jnp.bfloat16, 64, 16),
+    (1, 2500, 2500, 8, 1, 128, jnp.bfloat16, 700, 300),
+    (1, 700, 1500, 4, 2, 128, jnp.float16, 200, 520),
+    (1, 300, 1000, 4, 1, 96, jnp.bfloat16, 50, 2000),
+]
+
+
+@pytest.mark.parametrize("heads_per_cta", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("case", CHAINED_HEAD_CASES,
+                         ids=[_sparsek_id(c) for c in CHAINED_HEAD_CASES])
+def test_sparsek_chained_heads(monkeypatch, heads_per_cta, case):
+    if not on_hopper_build():
+        pytest.skip("only the Hopper kernel chains query heads")
+    monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    monkeypatch.setenv("JAX_SPARSEK_FWD_HEADS_PER_CTA", heads_per_cta)
+    b, t, s, hq, hkv, d, dtype, topk, window = case
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-chained", heads_per_cta))
+    rng = rng_for("kernels-chained-scores", *case[:6], topk, window)
+    u = rng.standard_normal((b, s, hkv)).astype(np.float32)
+    u[rng.random(u.shape) < 0.1] = -np.inf
+    u = jnp.asarray(u)
+    out, lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
+                                 implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype,
+                           context=f"heads_per_cta={heads_per_cta} {case}")
+
+
+@pytest.mark.parametrize("heads_per_cta", ["2", "4"])
+def test_sparsek_chained_heads_empty_tile(monkeypatch, heads_per_cta):
+    """Every score -inf and W = 0 over 129 rows and 256 keys: the last query tile (one row at
+    position 255) has no candidates and an empty contiguous range, so its CTA visits no key
+    tile and stores every chained head's rows as empty (o = 0, lse = -inf), as the first
+    tile's CTA does after visiting its range."""
+    if not on_hopper_build():
+        pytest.skip("only the Hopper kernel chains query heads")
+    monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    monkeypatch.setenv("JAX_SPARSEK_FWD_HEADS_PER_CTA", heads_per_cta)
+    q, k, v = make_qkv(1, 129, 256, 4, 1, 128, jnp.float16, seed=("chained-empty",))
+    u = jnp.full((1, 256, 1), -jnp.inf, jnp.float32)
+    out, lse = sparsek_attention(q, k, v, u, topk=40, window=0, is_causal=True,
+                                 implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0)
+    assert np.all(np.asarray(lse) == -np.inf)
+
+
+def test_sparsek_heads_per_cta_bad_setting(monkeypatch):
+    """A JAX_SPARSEK_FWD_HEADS_PER_CTA that is not a count the launcher takes: an error naming
+    it."""
+    if not on_hopper_build():
+        pytest.skip("only the Hopper kernel reads the setting")
+    monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
+    monkeypatch.setenv("JAX_SPARSEK_FWD_HEADS_PER_CTA", "3")
+    q, k, v = make_qkv(1, 300, 300, 4, 1, 128, jnp.float16, seed=("chained-bad",))
+    u = jnp.asarray(rng_for("chained-bad").standard_normal((1, 300, 1)).astype(np.float32))
+    with pytest.raises(Exception, match="JAX_SPARSEK_FWD_HEADS_PER_CTA must be 1, 2, 4 or 8"):
+        jax.block_until_ready(sparsek_attention(q, k, v, u, topk=40, window=16,
+                                                is_causal=True, implementation="cuda"))
+
+
 # (B, T, S, Hq, Hkv, D, dtype, topk, window, sigma): widely spread scores (sigma 8), or
 # domains that fit in K (tau = -inf), make the plan list whole key tiles of full keys (gate 1
 # for every row of a query tile: the Hopper kernel updates them without a gate), with the

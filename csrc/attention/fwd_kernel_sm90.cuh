@@ -1,12 +1,14 @@
 // The attention forward kernel on Hopper tensor cores (wgmma), warp-specialized: one CTA of
-// three warpgroups per (128 query rows, query head, batch).
+// three warpgroups per (128 query rows, query head, batch), or in SparseK per (128 query
+// rows, p.heads_per_cta query heads of one kv group, batch), which it takes in turn.
 //
 // - The producer warpgroup (warps 8-11, with few registers: it hands the rest to the
 //   consumers) copies K and V tiles into stages (two each: FwdSm90TileConfig) with cp.async
 //   (in SparseK it also fetches each tile's key positions and scores into a slot of shared
 //   memory, then gathers the rows; range tiles it copies whole), and signals each stage's
 //   "full" mbarrier when its copies land. Consumers release a stage through its "empty"
-//   mbarrier (one arrival a warp) once their products have read it. No barrier stops the whole CTA inside the mainloop.
+//   mbarrier (one arrival a warp) once their products have read it. No barrier stops the
+//   whole CTA inside the mainloop.
 // - The consumer warpgroups (0 and 1, 64 query rows each; Q stays in shared memory) take
 //   turns issuing their tile products, ordered by two named barriers (FlashAttention-3's
 //   ping-pong): warpgroup 0 issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1), and once
@@ -163,33 +165,45 @@ __device__ __forceinline__ void produce_key_tiles(const AttentionFwdParams& p, K
 // slots tile 3 overwrote tile 0's positions before its mask read them (a T = 2500 GPU test
 // caught it). A gather reads positions other warps stashed a step earlier: the producers'
 // named barrier before each K gather orders the two.
+// A CTA that chains `heads` query heads visits the same num_tiles tiles once a head, in one
+// pipeline of heads * num_tiles steps: stages, phases and key slots count steps (step j
+// visits tile j mod num_tiles), so the next head's first tiles are copied while the
+// consumers finish the last head's.
 // first_k_started: K(0)'s copy and tile 0's stash were made before the CTA's first barrier
 // (start_first_range_tile below); the producer only arrives on K(0)'s stage.
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ void produce_gathered_key_tiles(
     const AttentionFwdParams& p, KeyVisit& visit, const StageBarriers<Cfg>& bars,
     Element* sK0, Element* sV0, const Element* k, const Element* v, int head_dim,
-    int num_tiles, int thread, bool first_k_started) {
+    int num_tiles, int heads, int64_t batch_head, int thread, bool first_k_started) {
   constexpr int kProducers = Cfg::kNProducerThreads;
   static_assert(kProducers == Cfg::kBlockN, "a producer thread fetches one key row a tile");
   static_assert(Cfg::kKeySlots == Cfg::kVStages + 2,
                 "tile it + 2 takes tile it - kVStages's slot, whose mask is done once "
                 "V(it - kVStages) is released (tiles 2 .. kVStages + 1 take fresh ones)");
-  const int64_t key_base = KeyVisit::key_base(p);
+  const int64_t key_base = KeyVisit::key_base(p, batch_head);
+  const int steps = num_tiles * heads;
+  // The visit's tile of step j (heads is small: a few compares).
+  auto tile_of = [num_tiles](int j) {
+    while (j >= num_tiles) j -= num_tiles;
+    return j;
+  };
   // K(j) into its stage once K(j - kKStages) is released (after S(j - kKStages)).
   auto produce_k = [&](int j) {
     const StageOf<Cfg::kKStages> ks(j);
     if (j >= Cfg::kKStages) sm90::mbarrier_wait(bars.k_empty(ks.stage), ks.reuse_parity);
     sm90::named_barrier_sync<kProducers>(kProducerBarrier);
     visit.template load_keys_by<kProducers>(thread, sK0 + ks.stage * Cfg::kSmemKVElems, k,
-                                            p.k_row_stride, j, head_dim);
+                                            p.k_row_stride, tile_of(j), j, head_dim);
     sm90::mbarrier_arrive_on_copies(bars.k_full(ks.stage));
     sm90::mbarrier_arrive(bars.k_full(ks.stage));
   };
   if (!first_k_started) visit.stash_row(0, thread, visit.prefetch_row(p, 0, thread, key_base));
-  if (num_tiles > 1) visit.stash_row(1, thread, visit.prefetch_row(p, 1, thread, key_base));
+  if (steps > 1) {
+    visit.stash_row(1, thread, visit.prefetch_row(p, tile_of(1), thread, key_base));
+  }
   typename KeyVisit::Prefetch next{};
-  if (num_tiles > 2) next = visit.prefetch_row(p, 2, thread, key_base);
+  if (steps > 2) next = visit.prefetch_row(p, tile_of(2), thread, key_base);
   if (first_k_started) {
     sm90::mbarrier_arrive_on_copies(bars.k_full(0));
     sm90::mbarrier_arrive(bars.k_full(0));
@@ -197,16 +211,16 @@ __device__ __forceinline__ void produce_gathered_key_tiles(
     produce_k(0);
   }
 #pragma unroll 1
-  for (int it = 0; it < num_tiles; ++it) {
-    if (it + 1 < num_tiles) produce_k(it + 1);
+  for (int it = 0; it < steps; ++it) {
+    if (it + 1 < steps) produce_k(it + 1);
     const StageOf<Cfg::kVStages> vs(it);
     if (it >= Cfg::kVStages) sm90::mbarrier_wait(bars.v_empty(vs.stage), vs.reuse_parity);
-    if (it + 2 < num_tiles) {
+    if (it + 2 < steps) {
       visit.stash_row(it + 2, thread, next);
-      if (it + 3 < num_tiles) next = visit.prefetch_row(p, it + 3, thread, key_base);
+      if (it + 3 < steps) next = visit.prefetch_row(p, tile_of(it + 3), thread, key_base);
     }
     visit.template load_keys_by<kProducers>(thread, sV0 + vs.stage * Cfg::kSmemKVElems, v,
-                                            p.v_row_stride, it, head_dim);
+                                            p.v_row_stride, tile_of(it), it, head_dim);
     sm90::mbarrier_arrive_on_copies(bars.v_full(vs.stage));
     sm90::mbarrier_arrive(bars.v_full(vs.stage));
   }
@@ -223,12 +237,12 @@ __device__ __forceinline__ void produce_gathered_key_tiles(
 // overlaps them.
 template <typename Cfg, typename Element, typename KeyVisit>
 __device__ __forceinline__ bool start_first_range_tile(const AttentionFwdParams& p,
-                                                       KeyVisit& visit, Element* sK0,
-                                                       const Element* k, int head_dim,
-                                                       int thread) {
+                                                       KeyVisit& visit, int64_t batch_head,
+                                                       Element* sK0, const Element* k,
+                                                       int head_dim, int thread) {
   if (!KeyVisit::kRangeFirst || visit.range_tiles() == 0) return false;
   const typename KeyVisit::Prefetch first =
-      visit.prefetch_row(p, 0, thread, KeyVisit::key_base(p));
+      visit.prefetch_row(p, 0, thread, KeyVisit::key_base(p, batch_head));
   visit.template load_range_tile_by<Cfg::kNProducerThreads>(thread, sK0, k, p.k_row_stride, 0,
                                                              head_dim);
   visit.stash_row(0, thread, first);
@@ -248,7 +262,8 @@ __device__ __forceinline__ KeyVisit begin_key_visit(const AttentionFwdParams& p,
     KeyVisit visit(p, row0, batch_head, visit_smem, DeferPlanCopy{});
     if (producer) {
       first_k_started = start_first_range_tile<Cfg>(
-          p, visit, sK0, k, head_dim, static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads);
+          p, visit, batch_head, sK0, k, head_dim,
+          static_cast<int>(threadIdx.x) - Cfg::kNConsumerThreads);
     }
     // The selection's tile kernel may still run (a dependent launch, fwd_launch.cuh): the
     // copies above need only the scores in key order, the plan and tau need it done.
@@ -269,38 +284,79 @@ __device__ __forceinline__ KeyVisit begin_key_visit(const AttentionFwdParams& p,
 constexpr int kQReadyBarrier = 1;
 constexpr int kSchedulerBarrier0 = 2;
 
+// The shared memory of the second Q buffer of a CTA that chains query heads (SparseK; the
+// kernel below), which lies past the V stages, before the stage barriers, so that the dense
+// layout does not move (Q tiles and stages are whole multiples of 1 KB, as wgmma's swizzle
+// atoms need).
+template <typename Cfg, typename Element>
+__host__ __device__ constexpr size_t chained_q_bytes(int heads_per_cta) {
+  return heads_per_cta > 1 ? size_t{Cfg::kSmemQElems} * sizeof(Element) : 0;
+}
+
+// Query head `head`'s output from the accumulators and the softmax it ended with, staged
+// over this warp's rows of `stage`, a Q buffer no product reads any more.
+template <typename Cfg, typename Element>
+__device__ __forceinline__ void store_head_output(const AttentionFwdParams& p,
+                                                  const float (&acc_o)[1][Cfg::kNTilesO][4],
+                                                  const OnlineSoftmax<1>& softmax,
+                                                  int64_t batch, int64_t head, Element* stage,
+                                                  int warp_row0, int head_dim, int lane) {
+  float inv_sum[1][2], lse[1][2];
+  softmax.finalize(inv_sum, lse);
+  Element* o = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  float* lse_row0 = p.lse + (batch * p.heads_q + head) * p.seqlen_q;
+  store_output_staged<Cfg>(acc_o, inv_sum, lse, stage, warp_row0 % Cfg::kBlockM, o,
+                           p.o_row_stride, lse_row0, warp_row0, static_cast<int>(p.seqlen_q),
+                           head_dim, lane);
+}
+
 template <typename Cfg, typename Element, typename KeyVisit>
 __global__ void __launch_bounds__(Cfg::kNThreads, 1)
     attention_fwd_sm90_kernel(const __grid_constant__ AttentionFwdParams p) {
 #ifdef SPARSEK_SM90_KERNEL_BODY
   constexpr int kConsumers = Cfg::kNConsumerThreads;
+  // SparseK CTAs may take several query heads of one kv group in turn (p.heads_per_cta): the
+  // visit (plan, tau, key positions) is the kv head's, so the producer runs one pipeline
+  // through every head's tiles, and the consumers stage head g's output while head g + 1's
+  // first products run, its Q copied into a second buffer a head ahead.
+  constexpr bool kChainsHeads = KeyVisit::kStashesKeySlots;
+  const int heads = kChainsHeads ? static_cast<int>(p.heads_per_cta) : 1;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   unsigned char* smem = smem_raw + ((Cfg::kSmemAlign - raw_address % Cfg::kSmemAlign) %
                                     Cfg::kSmemAlign);
-  // Q, K stages, V stages, the stage barriers, then the key visit's own.
+  // Q, K stages, V stages, (chained heads: a second Q), the stage barriers, then the key
+  // visit's own.
   Element* sQ = reinterpret_cast<Element*>(smem);
   Element* sK0 = sQ + Cfg::kSmemQElems;
   Element* sV0 = sK0 + Cfg::kKStages * Cfg::kSmemKVElems;
-  const StageBarriers<Cfg> bars{
-      reinterpret_cast<uint64_t*>(sV0 + Cfg::kVStages * Cfg::kSmemKVElems)};
+  Element* sQ_second = sV0 + Cfg::kVStages * Cfg::kSmemKVElems;
+  const StageBarriers<Cfg> bars{reinterpret_cast<uint64_t*>(
+      reinterpret_cast<unsigned char*>(sQ_second) + chained_q_bytes<Cfg, Element>(heads))};
   using Products = Sm90TileProducts<Cfg, Element>;
 
-  const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
-      query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p);
+  const auto [head0, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
+      query_tile_block<Cfg, Element, KeyVisit::kGridOrder>(p, heads);
   if (threadIdx.x == 0) bars.init(Cfg::kNProducerThreads, kConsumers / 32);
   const int role_warp = sm90::uniform_warp_index();
   const bool producer = role_warp >= kConsumers / 32;
   const int64_t batch_head = batch * p.heads_kv + kv_head;
   void* visit_smem = bars.base + Cfg::kNumStageBarriers;
   // Copies that need neither the barriers' init nor the plan start before the CTA's first
-  // barrier: Q (the consumers, who wait for it before their first product) and, in SparseK
-  // with the range first, K(0) (start_first_range_tile). The plan's own loads come after
-  // them in each thread's program.
+  // barrier: Q (the consumers, who wait for it before their first product; with chained
+  // heads also the second head's, each warp its own rows, in a group of its own) and, in
+  // SparseK with the range first, K(0) (start_first_range_tile). The plan's own loads come
+  // after them in each thread's program.
   if (!producer) {
     load_tile_async<Cfg::kBlockM, Cfg::kHeadDim, kConsumers, typename Cfg::QLayout>(
         sQ, q, p.q_row_stride, row0, p.seqlen_q, head_dim);
     sm80::cp_async_commit();
+    if (kChainsHeads && heads > 1) {
+      load_warp_rows_async<Cfg::kWarpRows, Cfg::kHeadDim, typename Cfg::QLayout>(
+          sQ_second, warp_row0 % Cfg::kBlockM, q + p.q_head_stride, p.q_row_stride, warp_row0,
+          p.seqlen_q, head_dim, lane);
+      sm80::cp_async_commit();
+    }
   }
   bool first_k_started = false;
   KeyVisit visit = begin_key_visit<Cfg, KeyVisit>(p, row0, batch_head, visit_smem, producer,
@@ -313,7 +369,7 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
       const int thread = static_cast<int>(threadIdx.x) - kConsumers;
       if constexpr (KeyVisit::kStashesKeySlots) {
         produce_gathered_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles,
-                                        thread, first_k_started);
+                                        heads, batch_head, thread, first_k_started);
       } else {
         produce_key_tiles<Cfg>(p, visit, bars, sK0, sV0, k, v, head_dim, num_tiles, thread);
       }
@@ -323,8 +379,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   sm90::claim_registers<Cfg::kConsumerRegisters>();
 
   const int wg = role_warp / 4;
-  // This warpgroup's 64 rows of Q: whole 8-row atoms, so the descriptors stay aligned.
-  const Element* sQ_rows = sQ + wg * Cfg::kWarpgroupRows * Cfg::QLayout::kRowPitch;
+  // Head g's Q buffer (g even: sQ; odd: sQ_second), and this warpgroup's 64 rows of it:
+  // whole 8-row atoms, so the descriptors stay aligned.
+  auto q_buffer = [sQ, sQ_second](int g) { return kChainsHeads && (g & 1) ? sQ_second : sQ; };
+  const int wg_row_offset = wg * Cfg::kWarpgroupRows * Cfg::QLayout::kRowPitch;
   OnlineSoftmax<1> softmax;
   float acc_o[1][Cfg::kNTilesO][4];
   float s[1][Cfg::kNTilesS][4];
@@ -344,80 +402,135 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   RawScoreSoftmax<1> raw_softmax{softmax, RawScores{scale_log2}};
 
   if (num_tiles > 0) {
-    // Q, whose copy the consumers started before the first barrier.
-    sm80::cp_async_wait<0>();
+    // Q, whose copy the consumers started before the first barrier (a chained second head's
+    // may still be in flight).
+    if (kChainsHeads && heads > 1) {
+      sm80::cp_async_wait<1>();
+    } else {
+      sm80::cp_async_wait<0>();
+    }
     sm90::fence_async_shared();
     sm90::named_barrier_sync<kConsumers>(kQReadyBarrier);
     // Warpgroup 0 issues first.
     if (wg == 1) sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0);
-
-    typename Products::PFragments p_prev;
-    for (int it = 0; it < num_tiles; ++it) {
-      const StageOf<Cfg::kKStages> ks(it);
-      const StageOf<Cfg::kVStages> prev_vs(it - 1);  // (it > 0)
-      const int stage = ks.stage;
-      const int prev_stage = prev_vs.stage;
-      sm90::mbarrier_wait(bars.k_full(stage), ks.full_parity);
-      if (it > 0) sm90::mbarrier_wait(bars.v_full(prev_stage), prev_vs.full_parity);
-      // The copies were made by another thread in the generic proxy; wgmma reads through the
-      // async proxy.
-      sm90::fence_async_shared();
-
-      sm90::named_barrier_sync<kConsumers>(kSchedulerBarrier0 + wg);
-      sm90::fence_registers(acc_o[0]);
-      sm90::wgmma_fence();
-      Products::issue_scores(s[0], sQ_rows, sK0 + stage * Cfg::kSmemKVElems);
-      sm90::wgmma_commit();
-      if (it > 0) {
-        Products::issue_pv(acc_o[0], p_prev, sV0 + prev_stage * Cfg::kSmemKVElems);
-        sm90::wgmma_commit();
-      }
-      if (it > 0) {
-        sm90::wgmma_wait<1>();
-      } else {
-        sm90::wgmma_wait<0>();
-      }
-      // S(it) is done: the other warpgroup's turn (its products queue behind this one's
-      // P V). Warpgroup 1's last turn is handed to nobody: warpgroup 0 waits num_tiles
-      // times and was let go once before the loop.
-      if (wg == 0 || it + 1 < num_tiles) {
-        sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0 + (wg ^ 1));
-      }
-      sm90::fence_registers(s[0]);
-      sm90::release_to_producer(bars.k_empty(stage), lane);
-      DeferredRescale<1> rescale;
-      visit.mask_and_update(p, s, rescale, raw_softmax, it, warp_row0, lane);
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers(acc_o[0]);
-      if (it > 0) sm90::release_to_producer(bars.v_empty(prev_stage), lane);
-      rescale.apply(acc_o);
-      Products::pack_p(p_prev, s[0]);
-    }
-    // The last tile's P V.
-    const int last = num_tiles - 1;
-    const StageOf<Cfg::kVStages> last_vs(last);
-    sm90::mbarrier_wait(bars.v_full(last_vs.stage), last_vs.full_parity);
-    sm90::fence_async_shared();
-    sm90::fence_registers(acc_o[0]);
-    sm90::wgmma_fence();
-    Products::issue_pv(acc_o[0], p_prev, sV0 + last_vs.stage * Cfg::kSmemKVElems);
-    sm90::wgmma_commit();
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers(acc_o[0]);
   } else {
-    // Q's copy, unused: every consumer's lands before the epilogue stages O over it.
+    // Q's copies, unused: every consumer's lands before the epilogue stages O over them.
     sm80::cp_async_wait<0>();
     sm90::named_barrier_sync<kConsumers>(kQReadyBarrier);
   }
 
-  float inv_sum[1][2], lse[1][2];
-  softmax.finalize(inv_sum, lse);
-  Element* o = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
-  float* lse_row0 = p.lse + (batch * p.heads_q + head) * p.seqlen_q;
-  // O is staged over this warp's own rows of Q, which no product reads any more.
-  store_output_staged<Cfg>(acc_o, inv_sum, lse, sQ, warp_row0 % Cfg::kBlockM, o,
-                           p.o_row_stride, lse_row0, warp_row0,
-                           static_cast<int>(p.seqlen_q), head_dim, lane);
+  // The CTA's mainloop steps: num_tiles a head, numbered across its heads (stages, phases and
+  // key slots follow them; the visit's tiles repeat). The turns pass from head to head as
+  // from step to step: warpgroup 1's last turn of a head lets warpgroup 0 start the next one
+  // while it finishes its own.
+  const int steps = num_tiles * heads;
+  int chained_step = 0;  // (chained heads) the step of the head's next tile
+  for (int g = 0; g < heads; ++g) {
+    if (num_tiles > 0) {
+      if (kChainsHeads && g > 0) {
+        // Head g's Q, copied by this warp during head g - 2's end (g = 1: the CTA's start),
+        // has landed; the turn's barrier below makes the warpgroup's four copies visible to
+        // its products. Head g + 1's may still be in flight.
+        if (g + 1 < heads) {
+          sm80::cp_async_wait<1>();
+        } else {
+          sm80::cp_async_wait<0>();
+        }
+      }
+      // This warpgroup's 64 rows of head g's Q: whole 8-row atoms, so the descriptors stay
+      // aligned.
+      const Element* sQ_rows = q_buffer(g) + wg_row_offset;
+      typename Products::PFragments p_prev;
+      for (int tile = 0; tile < num_tiles; ++tile) {
+        // (A second counter only where heads chain: in the dense modes a register more in
+        // the mainloop spilled.)
+        const int it = kChainsHeads ? chained_step : tile;
+        const StageOf<Cfg::kKStages> ks(it);
+        const StageOf<Cfg::kVStages> prev_vs(it - 1);  // (tile > 0)
+        const int stage = ks.stage;
+        const int prev_stage = prev_vs.stage;
+        sm90::mbarrier_wait(bars.k_full(stage), ks.full_parity);
+        if (tile > 0) sm90::mbarrier_wait(bars.v_full(prev_stage), prev_vs.full_parity);
+        // The copies were made by another thread in the generic proxy; wgmma reads through
+        // the async proxy.
+        sm90::fence_async_shared();
+
+        sm90::named_barrier_sync<kConsumers>(kSchedulerBarrier0 + wg);
+        sm90::fence_registers(acc_o[0]);
+        sm90::wgmma_fence();
+        Products::issue_scores(s[0], sQ_rows, sK0 + stage * Cfg::kSmemKVElems);
+        sm90::wgmma_commit();
+        if (tile > 0) {
+          Products::issue_pv(acc_o[0], p_prev, sV0 + prev_stage * Cfg::kSmemKVElems);
+          sm90::wgmma_commit();
+        }
+        if (tile > 0) {
+          sm90::wgmma_wait<1>();
+        } else {
+          sm90::wgmma_wait<0>();
+        }
+        // S(it) is done: the other warpgroup's turn (its products queue behind this one's
+        // P V). Warpgroup 1's last turn is handed to nobody: warpgroup 0 waits `steps`
+        // times and was let go once before the loop.
+        if (wg == 0 || it + 1 < steps) {
+          sm90::named_barrier_arrive<kConsumers>(kSchedulerBarrier0 + (wg ^ 1));
+        }
+        sm90::fence_registers(s[0]);
+        sm90::release_to_producer(bars.k_empty(stage), lane);
+        DeferredRescale<1> rescale;
+        if constexpr (kChainsHeads) {
+          visit.mask_and_update(p, s, rescale, raw_softmax, tile, it, warp_row0, lane);
+        } else {
+          visit.mask_and_update(p, s, rescale, raw_softmax, it, warp_row0, lane);
+        }
+        if constexpr (kChainsHeads) {
+          // A head's first tile: the accumulators still hold the last head's (stored)
+          // output, which its rescale clears (0 times a finite sum). Cleared by moves after
+          // the store instead, they made ptxas wait for every P V before the softmax that
+          // should overlap it (it injects warpgroup waits where it cannot prove registers
+          // free of wgmma).
+          if (tile == 0) rescale.correction[0][0] = rescale.correction[0][1] = 0.f;
+        }
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers(acc_o[0]);
+        if (tile > 0) sm90::release_to_producer(bars.v_empty(prev_stage), lane);
+        rescale.apply(acc_o);
+        Products::pack_p(p_prev, s[0]);
+        if constexpr (kChainsHeads) ++chained_step;
+      }
+      // The head's last P V.
+      const StageOf<Cfg::kVStages> last_vs((kChainsHeads ? chained_step : num_tiles) - 1);
+      sm90::mbarrier_wait(bars.v_full(last_vs.stage), last_vs.full_parity);
+      sm90::fence_async_shared();
+      sm90::fence_registers(acc_o[0]);
+      sm90::wgmma_fence();
+      Products::issue_pv(acc_o[0], p_prev, sV0 + last_vs.stage * Cfg::kSmemKVElems);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers(acc_o[0]);
+      if (kChainsHeads && g + 1 < heads) {
+        sm90::release_to_producer(bars.v_empty(last_vs.stage), lane);
+      }
+    }
+    // O is staged over this warp's own rows of head g's Q, which no product reads any more
+    // (with no key tile, every head's rows are empty: O = 0, LSE = -inf).
+    store_head_output<Cfg>(p, acc_o, softmax, batch, head0 + g, q_buffer(g), warp_row0,
+                           head_dim, lane);
+    if constexpr (kChainsHeads) {
+      if (g + 1 < heads) {
+        // Head g + 2's Q into the same rows, after every lane's read of the staged output.
+        __syncwarp();
+        if (num_tiles > 0 && g + 2 < heads) {
+          load_warp_rows_async<Cfg::kWarpRows, Cfg::kHeadDim, typename Cfg::QLayout>(
+              q_buffer(g), warp_row0 % Cfg::kBlockM, q + (g + 2) * p.q_head_stride,
+              p.q_row_stride, warp_row0, p.seqlen_q, head_dim, lane);
+          sm80::cp_async_commit();
+        }
+        // The accumulators are cleared by the next head's first rescale (in the mainloop).
+        softmax = OnlineSoftmax<1>();
+      }
+    }
+  }
 #endif
 }
 

@@ -50,8 +50,11 @@ struct AttentionFwdParams {
   // grid (runtime/grid_dependency.cuh). Leave false where anything else may run in between.
   bool follows_selection = false;
 
-  // Set by the launcher, not by callers: the grid's CTA order (cta_order.h).
+  // Set by the launcher, not by callers: the grid's CTA order (cta_order.h), and how many
+  // query heads of one kv group a CTA of the Hopper SparseK forward takes in turn (its grid
+  // rows are groups of them; fwd_kernel_sm90.cuh). 1 everywhere else.
   bool tile_major_grid = false;
+  int32_t heads_per_cta = 1;
 
   // Fills the strides of contiguous [B, T, H, D] tensors.
   void set_contiguous_strides() {

@@ -1,5 +1,6 @@
 // Where a CTA of the forward's query-tile grid sits, and the slices of Q, K and V it reads:
-// one CTA per (query tile, query head, batch), started in the order of cta_order.h, in both
+// one CTA per (query tile, query head, batch), or per (query tile, group of query heads, batch)
+// where the Hopper SparseK forward chains heads, started in the order of cta_order.h, in both
 // forward kernels (fwd_kernel.cuh, fwd_kernel_sm90.cuh). Kernels unpack it with a structured
 // binding:
 //   const auto [head, batch, kv_head, warp, lane, row0, warp_row0, head_dim, q, k, v] =
@@ -28,15 +29,17 @@ struct QueryTileBlock {
   const Element* v;
 };
 
+// heads_per_cta: query heads the CTA takes in turn (a CTA of the Hopper SparseK forward may
+// chain those of one kv group); its grid row is a group of them, and `head` is the first.
 template <typename Cfg, typename Element, GridOrder kOrder>
-__device__ __forceinline__ QueryTileBlock<Element> query_tile_block(
-    const AttentionFwdParams& p) {
+__device__ __forceinline__ QueryTileBlock<Element> query_tile_block(const AttentionFwdParams& p,
+                                                                    int heads_per_cta = 1) {
   QueryTileBlock<Element> b;
   // Query tiles in reverse order: under causal masking the last tiles carry the most keys,
   // and starting them first shortens the tail of the grid (cta_order.h).
   const CtaCoords cta = cta_coords<kOrder>(p);
   const int m_block = cta.tiles - 1 - cta.rank;
-  b.head = cta.head;
+  b.head = cta.head * heads_per_cta;
   b.batch = cta.batch;
   b.kv_head = b.head / static_cast<int>(p.heads_q / p.heads_kv);
   b.warp = threadIdx.x / 32;

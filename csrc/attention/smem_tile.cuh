@@ -184,6 +184,33 @@ __device__ __forceinline__ void load_tile_async_by(int thread, Element* tile,
   }
 }
 
+// One warp's copy of kRows rows [row0, row0 + kRows) of a [num_rows, head_dim] slice into
+// rows [local_row0, local_row0 + kRows) of a tile of `Layout` (a whole number of swizzle
+// periods from its start), with the zero-fill of load_tile_async. The chained SparseK
+// forward's next Q rows (fwd_kernel_sm90.cuh): each warp copies its own rows once it has
+// staged its output in them, so no other warp waits for it. A lane takes one chunk column of
+// every (32 / chunks)-th row; the offsets are recomputed each pass (kRows * chunks / 32 copies
+// a lane, once a head).
+template <int kRows, int kHeadDim, typename Layout, typename Element>
+__device__ __forceinline__ void load_warp_rows_async(Element* tile, int local_row0,
+                                                     const Element* gmem, int64_t row_stride,
+                                                     int64_t row0, int64_t num_rows,
+                                                     int head_dim, int lane) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  constexpr int kRowsPerPass = 32 / kChunksPerRow;
+  static_assert(32 % kChunksPerRow == 0 && kRows % kRowsPerPass == 0,
+                "a pass copies whole rows");
+  const int c = lane % kChunksPerRow;
+  const bool column_valid = c * 8 < head_dim;
+#pragma unroll
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int r = i * kRowsPerPass + lane / kChunksPerRow;
+    const bool valid = column_valid && row0 + r < num_rows;
+    const Element* src = valid ? gmem + (row0 + r) * row_stride + c * 8 : gmem;
+    sm80::cp_async_16(tile + Layout::offset(local_row0 + r, c), src, valid);
+  }
+}
+
 // Which 16-byte chunks of which rows `thread` of kThreads copies in a gather (Sw128Layout):
 // eight threads a row, thread q = thread % 8 taking chunk q of each of the row's kHeadDim / 64
 // column blocks (128 bytes each), of rows r, r + kRowsPerPass, ... A warp's copy then reads

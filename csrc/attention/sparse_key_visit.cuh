@@ -150,6 +150,12 @@ struct SparseKKeyVisit {
     const CtaCoords cta = cta_coords<kGridOrder>(p);
     const int64_t batch_head =
         cta.batch * p.heads_kv + cta.head / static_cast<int>(p.heads_q / p.heads_kv);
+    return key_base(p, batch_head);
+  }
+  // The same from the CTA's batch * Hkv + kv head (a CTA that chains query heads, whose grid
+  // row is a group of them: fwd_kernel_sm90.cuh).
+  template <typename Params>
+  __device__ __forceinline__ static int64_t key_base(const Params& p, int64_t batch_head) {
     return batch_head * p.key_chunks * kChunk;
   }
 
@@ -291,9 +297,11 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ void stash(int it, const Prefetch& f) {
     if (static_cast<int>(threadIdx.x) < kBlockN) stash_row(it, threadIdx.x, f);
   }
-  __device__ __forceinline__ void stash_row(int it, int t, const Prefetch& f) {
-    s_key(it)[t] = f.key;
-    s_u(it)[t] = f.u;
+  // Into the key slot of mainloop step `step` (the tile's own index unless the CTA chains
+  // query heads).
+  __device__ __forceinline__ void stash_row(int step, int t, const Prefetch& f) {
+    s_key(step)[t] = f.key;
+    s_u(step)[t] = f.u;
   }
 
   template <typename Params>
@@ -317,9 +325,11 @@ struct SparseKKeyVisit {
   static constexpr bool kSparseK = true;
   // Query-tile grids of SparseK are head-major (cta_order.h).
   static constexpr GridOrder kGridOrder = GridOrder::kHeadMajor;
+  // step: the mainloop step whose key slot holds the tile's positions (`it` itself, unless the
+  // CTA chains query heads: fwd_kernel_sm90.cuh).
   template <int kThreads, typename Element>
   __device__ __forceinline__ void load_keys_by(int thread, Element* tile, const Element* gmem,
-                                               int64_t row_stride, int it,
+                                               int64_t row_stride, int it, int step,
                                                int head_dim) const {
     if (is_range_tile(it)) {
       load_range_tile_by<kThreads>(thread, tile, gmem, row_stride, it, head_dim);
@@ -327,7 +337,7 @@ struct SparseKKeyVisit {
     }
     load_rows_gathered_async_by<kBlockN, Cfg::kHeadDim, kThreads,
                                 typename KVTileLayout<Cfg>::type>(thread, tile, gmem,
-                                                                  row_stride, s_key(it),
+                                                                  row_stride, s_key(step),
                                                                   head_dim);
   }
 
@@ -564,9 +574,10 @@ struct SparseKKeyVisit {
     }
   }
 
-  __device__ __forceinline__ ChunkGate chunk_gate(int it, int local0, int lane) const {
+  // step: the mainloop step whose key slot holds the tile's scores (load_keys_by).
+  __device__ __forceinline__ ChunkGate chunk_gate(int step, int local0, int lane) const {
     ChunkGate gate;
-    gate.u = s_u(it);
+    gate.u = s_u(step);
     gate.lane = lane;
     load_row_taus(gate.tau, local0, lane);
     return gate;
@@ -576,6 +587,15 @@ struct SparseKKeyVisit {
   __device__ __forceinline__ void mask_and_update(const AttentionFwdParams& p, Scores& s,
                                                   Acc& acc_o, Softmax& softmax, int it,
                                                   int warp_row0, int lane) const {
+    mask_and_update(p, s, acc_o, softmax, it, it, warp_row0, lane);
+  }
+
+  // Tile `it` of the visit, whose positions and scores are in the key slot of mainloop step
+  // `step` (load_keys_by).
+  template <typename Softmax, typename Scores, typename Acc>
+  __device__ __forceinline__ void mask_and_update(const AttentionFwdParams& p, Scores& s,
+                                                  Acc& acc_o, Softmax& softmax, int it,
+                                                  int step, int warp_row0, int lane) const {
     const int local0 = warp_row0 % kBlockM;
     const int candidate = candidate_tile(it);
     if (!is_range_tile(it)) {
@@ -585,9 +605,9 @@ struct SparseKKeyVisit {
       } else if (GateAfterExp<Cfg>::value && candidate < unmasked_tiles()) {
         // Every key's gate is above 0 for every row (and no key is padding): weighed, not
         // hidden.
-        softmax.update(s, acc_o, chunk_gate(it, local0, lane));
+        softmax.update(s, acc_o, chunk_gate(step, local0, lane));
       } else {
-        gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(it, local0, lane), s, acc_o,
+        gate_and_update<GateAfterExp<Cfg>::value>(chunk_gate(step, local0, lane), s, acc_o,
                                                   softmax);
       }
     } else if (const int key0 = range_tile_key0(it);
@@ -601,14 +621,14 @@ struct SparseKKeyVisit {
       softmax.update(s, acc_o, UnitGate{});
     } else if constexpr (GateAfterExp<Cfg>::value) {
       RangeGateAfterExp gate;
-      gate.chunk = chunk_gate(it, local0, lane);
+      gate.chunk = chunk_gate(step, local0, lane);
       gate.future = range_key_offset(p, key0, warp_row0, lane);
       gate.outside = range_domain_offset(p, gate.future);
       gate_and_update<true>(gate, s, acc_o, softmax);
     } else {
       RangeGate gate;
-      gate.u = s_u(it);
-      gate.key = s_key(it);
+      gate.u = s_u(step);
+      gate.key = s_key(step);
       gate.window = static_cast<int>(p.window);
       gate.lane = lane;
       gate.pos0 = warp_row0 + (lane >> 2) + static_cast<int>(p.seqlen_k - p.seqlen_q);

@@ -90,6 +90,10 @@ int requested_bwd_prepare() {
   return env_switch("JAX_SPARSEK_BWD_PREPARE", "fused", "separate");
 }
 
+int requested_fwd_heads_per_cta() {
+  return env_choice("JAX_SPARSEK_FWD_HEADS_PER_CTA", {1, 2, 4, 8});
+}
+
 int requested_bwd_cluster() { return env_choice("JAX_SPARSEK_BWD_CLUSTER", {1, 2, 4, 8}); }
 
 int requested_dependent_launch() { return env_switch("JAX_SPARSEK_DEPENDENT_LAUNCH", "1", "0"); }

@@ -74,6 +74,12 @@ int requested_bwd_producer_fence();
 // call. 1 when unset or "fused", 0 for "separate", -1 when it holds anything else.
 int requested_bwd_prepare();
 
+// JAX_SPARSEK_FWD_HEADS_PER_CTA=1|2|4|8: how many query heads of one kv group a CTA of the
+// Hopper SparseK forward takes in turn (the largest count that divides the group, up to this),
+// instead of the launcher's choice (fwd_launch.cuh); read at every call (tests run every
+// count, benchmarks compare them). 0 when unset, -1 when it holds anything else.
+int requested_fwd_heads_per_cta();
+
 // JAX_SPARSEK_SIDE_STREAM=1|0: the SparseK backward overlaps its key sorts with Delta and the
 // zeroed dq accumulator, and du with dq's conversion, on a second stream (runtime/
 // side_stream.h; the default), or runs everything on the caller's stream; read at every call
