@@ -133,9 +133,15 @@ def _sparsek_id(case):
 @pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("case", SPARSEK_CASES, ids=[_sparsek_id(c) for c in SPARSEK_CASES])
 def test_sparsek(forward_kernel, case):
+    _check_sparsek_case(case, "kernels-sparsek", forward_kernel, forward_kernel)
+
+
+def _check_sparsek_case(case, label, setting, context):
+    """One SPARSEK_CASES-style case on the CUDA kernels against the float64 reference: fresh
+    q, k, v and normal scores (a tenth of them -inf) drawn from `label` and `setting`."""
     b, t, s, hq, hkv, d, dtype, topk, window = case
-    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-sparsek", forward_kernel))
-    rng = rng_for("kernels-sparsek-scores", *case[:6], topk, window)
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=(label, setting))
+    rng = rng_for(f"{label}-scores", *case[:6], topk, window)
     u = rng.standard_normal((b, s, hkv)).astype(np.float32)
     u[rng.random(u.shape) < 0.1] = -np.inf
     u = jnp.asarray(u)
@@ -143,7 +149,7 @@ def test_sparsek(forward_kernel, case):
                                  implementation="cuda", return_lse=True)
     out, lse = jax.block_until_ready((out, lse))
     ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
-    assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{forward_kernel} {case}")
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype, context=f"{context} {case}")
 
 
 # (B, T, S, Hq, Hkv, D, dtype, topk, window): GQA groups of 2 to 8 query heads, which a CTA of
@@ -169,18 +175,8 @@ def test_sparsek_chained_heads(monkeypatch, heads_per_cta, case):
         pytest.skip("only the Hopper kernel chains query heads")
     monkeypatch.delenv("JAX_SPARSEK_FORWARD_KERNEL", raising=False)
     monkeypatch.setenv("JAX_SPARSEK_FWD_HEADS_PER_CTA", heads_per_cta)
-    b, t, s, hq, hkv, d, dtype, topk, window = case
-    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("kernels-chained", heads_per_cta))
-    rng = rng_for("kernels-chained-scores", *case[:6], topk, window)
-    u = rng.standard_normal((b, s, hkv)).astype(np.float32)
-    u[rng.random(u.shape) < 0.1] = -np.inf
-    u = jnp.asarray(u)
-    out, lse = sparsek_attention(q, k, v, u, topk=topk, window=window, is_causal=True,
-                                 implementation="cuda", return_lse=True)
-    out, lse = jax.block_until_ready((out, lse))
-    ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window)
-    assert_attention_close(out, lse, ref_o, ref_lse, dtype,
-                           context=f"heads_per_cta={heads_per_cta} {case}")
+    _check_sparsek_case(case, "kernels-chained", heads_per_cta,
+                        f"heads_per_cta={heads_per_cta}")
 
 
 @pytest.mark.parametrize("heads_per_cta", ["2", "4"])

@@ -101,9 +101,8 @@ struct ChainedHeads {
     const int requested = requested_fwd_heads_per_cta();
     if (requested < 0) return "JAX_SPARSEK_FWD_HEADS_PER_CTA must be 1, 2, 4 or 8";
     int device = 0, sms = 0, max_smem = 0;
+    SPARSEK_RETURN_IF_CUDA_ERROR(CtaOrder::sm_count(&sms));
     SPARSEK_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
-    SPARSEK_RETURN_IF_CUDA_ERROR(
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     SPARSEK_RETURN_IF_CUDA_ERROR(
         cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (smem_bytes + second_q_bytes > static_cast<size_t>(max_smem)) return {};
