@@ -317,8 +317,10 @@ __global__ void __launch_bounds__(Cfg::kNThreads, 1)
   constexpr int kConsumers = Cfg::kNConsumerThreads;
   // SparseK CTAs may take several query heads of one kv group in turn (p.heads_per_cta): the
   // visit (plan, tau, key positions) is the kv head's, so the producer runs one pipeline
-  // through every head's tiles, and the consumers stage head g's output while head g + 1's
-  // first products run, its Q copied into a second buffer a head ahead.
+  // through every head's tiles. Each consumer warpgroup ends a head with its last P V and the
+  // head's stores, while warpgroup 0 may already issue the next head's products (warpgroup
+  // 1's last turn of a head hands it over); each head's Q is copied a head ahead, into a
+  // second buffer.
   constexpr bool kChainsHeads = KeyVisit::kStashesKeySlots;
   const int heads = kChainsHeads ? static_cast<int>(p.heads_per_cta) : 1;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
