@@ -20,7 +20,12 @@ program right after every other one equally often: time_interleaved):
     dense     sparsek_attention(q, k, v, is_causal=True, implementation='cuda')
 Effective TFLOP/s count only the pairs attended: 4 * Hq * D * sum_i |{j : m_ij > 0}|, with
 the pairs counted exactly on the GPU from the selection's tau (window keys plus the domain
-keys with u_j > tau_i). The attention-only time is ours - select. --variant NAME=VALUE adds ours again with a
+keys with u_j > tau_i). The attention-only time is ours - select.
+
+--band adds, per sigma, cuDNN's and our dense kernel on a causal sliding window whose rows
+attend as many keys on average as ours (the same pairs, contiguous: what either takes for
+them with no selection, no gather and no gates; cuDNN's causal time over its band time is the
+speedup its own kernel would reach on our pairs). --variant NAME=VALUE adds ours again with a
 setting of the library (an environment variable read at every call) to the interleaved
 programs, e.g. --variant JAX_SPARSEK_DEPENDENT_LAUNCH=0 for the kernels launched one after
 the other.
@@ -169,10 +174,28 @@ def attended_pairs(u, tau, *, seq):
         t = jax.lax.dynamic_slice_in_dim(tau[0], start, rows_per_step, axis=1)  # [Hkv, r]
         inside = keys[None, :] < domain_end[:, None]                      # [r, S]
         selected = (u_heads[:, None, :] > t[:, :, None]) & inside[None]
-        return jnp.sum(selected, dtype=jnp.int32).astype(jnp.float32) + HKV * jnp.sum(window).astype(jnp.float32)
+        return (jnp.sum(selected, dtype=jnp.int32).astype(jnp.float32)
+                + HKV * jnp.sum(window).astype(jnp.float32))
 
     starts = jnp.arange(0, seq, rows_per_step)
     return jnp.sum(jax.lax.map(step, starts))
+
+
+def band_width(keys_per_row, seq):
+    """The causal sliding window w whose rows attend keys_per_row keys on average: row i
+    attends min(i + 1, w), so the rows' total is w seq - w (w - 1) / 2 (at most the causal
+    mean (seq + 1) / 2: w = seq)."""
+    b = 2 * seq + 1
+    w = (b - np.sqrt(max(0.0, b * b - 8.0 * keys_per_row * seq))) / 2
+    return int(min(seq, max(1, round(w))))
+
+
+def band_programs(w):
+    """cuDNN's and our dense causal attention over the window of the last w keys."""
+    return (functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                              implementation="cudnn", local_window_size=(w - 1, 0)),
+            functools.partial(sparsek_attention, is_causal=True, window=w,
+                              implementation="cuda"))
 
 
 def check_rows(q, k, v, u, out, dtype_name, seq):
@@ -197,7 +220,7 @@ def check_rows(q, k, v, u, out, dtype_name, seq):
     return err, err <= TOLERANCE[dtype_name]
 
 
-def run(seq, dtype_key, sigmas, iters, reps, variants=()):
+def run(seq, dtype_key, sigmas, iters, reps, variants=(), band=False):
     dtype = DTYPES[dtype_key]
     dtype_name = jnp.dtype(dtype).name
     set_bytes = seq * (HQ + 2 * HKV) * D * 2 + seq * HQ * D * 2
@@ -218,11 +241,15 @@ def run(seq, dtype_key, sigmas, iters, reps, variants=()):
         dense_sets = [s[:3] for s in sets]
         dense_iters = max(1, iters // 4)
         select_only = lambda q_, k_, v_, u_: select(u_)  # noqa: E731
-        t_ours, t_select, cudnn_s, dense_s, *t_variants = time_interleaved(
+        width = band_width(pairs / (B * HQ * seq), seq) if band else 0
+        band_cases = [(fn, dense_sets, iters) for fn in band_programs(width)] if band else []
+        t_ours, t_select, cudnn_s, dense_s, *t_rest = time_interleaved(
             [(sparse, sets, iters), (select_only, sets, iters),
              (cudnn, dense_sets, dense_iters), (dense, dense_sets, dense_iters)]
+            + band_cases
             + [case for _, env in variants
                for case in ((sparse, sets, iters, env), (select_only, sets, iters, env))], reps)
+        t_band, t_variants = t_rest[:len(band_cases)], t_rest[len(band_cases):]
         baseline = {"cudnn_s": cudnn_s, "dense_s": dense_s}
         flop_per_pair = 4 * D
         t_attn = t_ours - t_select
@@ -240,6 +267,16 @@ def run(seq, dtype_key, sigmas, iters, reps, variants=()):
             "cudnn_tflops": flop_per_pair * dense_pairs / baseline["cudnn_s"] / 1e12,
         }
         r["sparse_vs_dense_efficiency"] = r["sparse_tflops"] / r["dense_tflops"]
+        if band:
+            band_pairs = B * HQ * (width * seq - width * (width - 1) // 2)
+            r["band"] = {
+                "width": width, "keys_per_row": band_pairs / (B * HQ * seq),
+                "cudnn_s": t_band[0], "dense_s": t_band[1],
+                "cudnn_speedup_vs_cudnn_causal": cudnn_s / t_band[0],
+                "cudnn_tflops": flop_per_pair * band_pairs / t_band[0] / 1e12,
+                "dense_tflops": flop_per_pair * band_pairs / t_band[1] / 1e12,
+                "attention_vs_dense_band": t_band[1] / t_attn,
+            }
         r["variants"] = {label: {"ours_s": t, "select_s": t_sel,
                                  "speedup_vs_cudnn": baseline["cudnn_s"] / t}
                          for (label, _), t, t_sel in zip(variants, t_variants[0::2],
@@ -252,6 +289,14 @@ def run(seq, dtype_key, sigmas, iters, reps, variants=()):
               f"{r['sparse_tflops']:5.1f} TFLOP/s = {100 * r['sparse_vs_dense_efficiency']:4.1f}% "
               f"of our dense ({r['dense_tflops']:5.1f}; cudnn {r['cudnn_tflops']:5.1f}) | "
               f"err {err:.1e}{'' if ok else ' INVALID'}", flush=True)
+        if band:
+            bd = r["band"]
+            print(f"    band of {bd['width']} keys ({bd['keys_per_row']:.1f} a row): cudnn "
+                  f"{bd['cudnn_s'] * 1e3:8.3f} ms ({bd['cudnn_tflops']:5.1f} TFLOP/s) -> "
+                  f"{bd['cudnn_speedup_vs_cudnn_causal']:5.2f}x cudnn causal | our dense "
+                  f"{bd['dense_s'] * 1e3:8.3f} ms ({bd['dense_tflops']:5.1f} TFLOP/s); our "
+                  f"attention {100 * bd['attention_vs_dense_band']:5.1f}% of its speed",
+                  flush=True)
         for label, v in r["variants"].items():
             print(f"    with {label}: ours {v['ours_s'] * 1e3:8.3f} ms (select "
                   f"{v['select_s'] * 1e3:7.3f} ms) -> {v['speedup_vs_cudnn']:5.2f}x cudnn "
@@ -270,6 +315,9 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="also time ours with these settings (e.g. JAX_SPARSEK_DEPENDENT_"
                          "LAUNCH=0), interleaved with the rest; repeatable")
+    ap.add_argument("--band", action="store_true",
+                    help="also time cuDNN's and our dense causal attention on a sliding window "
+                         "with as many keys a row as ours attends")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     try:
@@ -285,7 +333,7 @@ def main(argv=None):
     results = []
     for seq in args.seq:
         for dt in args.dtype:
-            results += run(seq, dt, args.sigma, args.iters, args.reps, variants)
+            results += run(seq, dt, args.sigma, args.iters, args.reps, variants, args.band)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev.device_kind, "results": results}, f, indent=1)

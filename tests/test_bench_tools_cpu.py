@@ -192,6 +192,22 @@ def test_balanced_orders():
         assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
 
 
+def test_band_width_matches_keys_per_row():
+    """--band's sliding window: its rows attend as many keys on average as asked (to within
+    the rounding of the width), and it never passes the sequence."""
+    import sparsek_benchmark
+
+    for seq, keys_per_row in [(32768, 4121.3), (131072, 5191.0), (8192, 2754.6), (1000, 500.5),
+                              (1000, 300.2), (4096, 1.0)]:
+        w = sparsek_benchmark.band_width(keys_per_row, seq)
+        assert 1 <= w <= seq
+        mean = sum(min(i + 1, w) for i in range(seq)) / seq
+        slope = 1 - (w - 0.5) / seq  # d mean / d w
+        assert abs(mean - keys_per_row) <= 0.5 * slope + 1e-9, (seq, keys_per_row, w, mean)
+    assert sparsek_benchmark.band_width(999.0, 1000) == 1000  # past the causal mean
+    assert sparsek_benchmark.band_width(500.5, 1000) == 1000
+
+
 def test_backward_benchmark_interleaves_reps():
     """The compared programs' reps alternate in balanced orders (both see the same clocks and
     predecessors), settings apply while their program runs, and bwd is fwd+bwd minus fwd for

@@ -89,6 +89,34 @@ def test_explicit_scale(forward_kernel, scale):
                            context=f"{forward_kernel} scale={scale}")
 
 
+# The Hopper kernel's running max is lazy: it moves only when a tile's max passes it by more
+# than 8 (log2 domain; kMaxSlack, online_softmax.cuh), and a warp skips the output's rescale
+# where none of its rows moved. Keys whose norms step up every 256 positions (scale 0.5 at
+# D = 128: the scores' spread grows by ~5.7 a step) move every row's max by far more than
+# that every other tile and leave it lagging in between: the probabilities reach 2^8.
+@pytest.mark.parametrize("forward_kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("sparsek", [False, True], ids=["causal", "sparsek"])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["fp16", "bf16"])
+def test_growing_row_max(forward_kernel, sparsek, dtype):
+    b, t, s, hq, hkv, d, topk, window, scale = 1, 900, 1300, 4, 2, 128, 300, 100, 0.5
+    q, k, v = make_qkv(b, t, s, hq, hkv, d, dtype, seed=("growing-max", sparsek))
+    steps = 1.0 + np.arange(s, dtype=np.float32) // 256
+    k = (k.astype(jnp.float32) * steps[None, :, None, None]).astype(dtype)
+    u = None
+    if sparsek:
+        u = jnp.asarray(rng_for("growing-max-scores").standard_normal((b, s, hkv), np.float32))
+    out, lse = sparsek_attention(q, k, v, u, topk=topk if sparsek else None,
+                                 window=window if sparsek else None, is_causal=True,
+                                 scale=scale, implementation="cuda", return_lse=True)
+    out, lse = jax.block_until_ready((out, lse))
+    if sparsek:
+        ref_o, ref_lse = numpy_sparsek_attention(q, k, v, u, topk, window, scale=scale)
+    else:
+        ref_o, ref_lse = numpy_attention(q, k, v, is_causal=True, scale=scale)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype,
+                           context=f"{forward_kernel} sparsek={sparsek}")
+
+
 # SparseK with an explicit scale: the mma.sync kernel folds a gate into a score as log2(m);
 # the Hopper kernel takes the raw scores' max and multiplies the gate after exp2(s c - max c),
 # c = scale * log2(e) (a negative scale goes to the mma.sync kernel).

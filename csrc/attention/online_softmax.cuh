@@ -41,11 +41,15 @@ struct UnitGate {
 // scores' max over c). Either way the running max is kept scaled (log2 domain).
 struct PrescaledScores {
   static constexpr bool kPrescaled = true;
+  static constexpr bool kLazyMax = false;
   __device__ __forceinline__ float exponent(float s, float base) const { return s - base; }
 };
 
 struct RawScores {
   static constexpr bool kPrescaled = false;
+  // The exponent's base (the running max) moves only when a tile's max passes it by more
+  // than kMaxSlack (log2 domain): OnlineSoftmax::update_rows.
+  static constexpr bool kLazyMax = true;
   float scale_log2;  // c = scale * log2(e) > 0
 
   __device__ __forceinline__ float scaled(float raw) const { return raw * scale_log2; }
@@ -54,14 +58,28 @@ struct RawScores {
   }
 };
 
+// How far (log2 domain) a lazy running max may lag a row's true max: the unnormalised
+// probabilities exp2(s - max) then stay below 2^8, far inside fp16's and bf16's range, and
+// the row's sum below 2^8 times its key count in float32.
+constexpr float kMaxSlack = 8.f;
+
 // The output accumulator's rescale factors of one update, per row (OnlineSoftmax::update's
-// second form): exp2(previous max - new max).
+// second form): exp2(previous max - new max), exactly 1 where the max stayed.
 template <int kMTiles>
 struct DeferredRescale {
   float correction[kMTiles][2];
 
+  // The warp multiplies its accumulators only if one of its rows' factors is not 1: with a
+  // lazy running max (RawScores) almost no tile after a row's first moves it, and the 64
+  // multiplies a thread (D = 128) are a tenth of a tile's softmax.
   template <int kNTilesO>
   __device__ __forceinline__ void apply(float (&acc_o)[kMTiles][kNTilesO][4]) const {
+    bool moved = false;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      moved |= correction[mt][0] != 1.f || correction[mt][1] != 1.f;
+    }
+    if (!__any_sync(0xffffffffu, moved)) return;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -140,9 +158,24 @@ struct OnlineSoftmax {
           }
           new_max = fmaxf(row_max[mt][h], scaling.scaled(quad_max(tile_max)));
         }
-        const float base = new_max == -INFINITY ? 0.f : new_max;
-        const float correction = fast_exp2(row_max[mt][h] - base);
-        row_max[mt][h] = new_max;
+        float correction;
+        if constexpr (Scaling::kLazyMax) {
+          // The base stays unless the tile's max passes it by more than kMaxSlack (a row's
+          // first keys always move it from -inf; a row with none keeps -inf and base 0).
+          // Exact: the output and the sum are both taken against the same base, and the
+          // LSE adds it back.
+          if (new_max > row_max[mt][h] + kMaxSlack) {
+            correction = fast_exp2(row_max[mt][h] - new_max);
+            row_max[mt][h] = new_max;
+          } else {
+            correction = 1.f;
+          }
+        } else {
+          const float base = new_max == -INFINITY ? 0.f : new_max;
+          correction = fast_exp2(row_max[mt][h] - base);
+          row_max[mt][h] = new_max;
+        }
+        const float base = row_max[mt][h] == -INFINITY ? 0.f : row_max[mt][h];
         float tile_sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
